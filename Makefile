@@ -1,0 +1,30 @@
+# The two commands: `make demo` runs the local stack with a demo request, `make test` runs the tests.
+PYTHON := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test install services slurm-up slurm-down bench
+
+.venv/.installed: pyproject.toml scripts/bootstrap.sh
+	bash scripts/bootstrap.sh
+	touch $@
+
+install: .venv/.installed
+
+services:
+	bash scripts/ensure-services.sh
+
+slurm-up: services
+	bash scripts/slurm-up.sh
+
+slurm-down:
+	bash scripts/slurm-down.sh
+
+test: install slurm-up
+	DJANGO_SETTINGS_MODULE=emg.settings $(PYTHON) manage.py makemigrations --check --dry-run
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+demo: install services
+	$(PYTHON) scripts/demo.py
+
+bench: install slurm-up
+	$(PYTHON) bench/slurm_query.py

@@ -1,0 +1,221 @@
+import re
+
+from django.core.exceptions import ValidationError
+from django.db import models, transaction
+from django.db.models import Q
+
+from emg.accessions import MAX_ACCESSION_LENGTH, validate_study_accession
+from slurm_adapter import JobState
+
+ClusterJobState = models.TextChoices(
+    "ClusterJobState",
+    # Declared: known to us, not yet given to the cluster; then every state the adapter reports.
+    [("DECLARED", ("DECLARED", "Declared"))]
+    + [(state.name, (state.value, state.value.replace("_", " ").capitalize())) for state in JobState],
+)
+FINAL_JOB_STATES = [state.value for state in JobState if state.is_final]
+
+PIPELINE_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+def validate_pipeline_options(value) -> None:
+    """Options reach the pipeline as `--name value` arguments, so names are plain identifiers.
+
+    Values may contain anything (they are passed as single quoted arguments, never pasted
+    into a shell line), but must be scalars so the command line is well defined.
+    """
+    if not isinstance(value, dict):
+        raise ValidationError("Pipeline options must be a mapping of option name to value.", code="invalid_options")
+    for name, option_value in value.items():
+        if not isinstance(name, str) or not PIPELINE_OPTION_NAME.fullmatch(name):
+            raise ValidationError(
+                "Pipeline option name %(name)r must be lowercase letters, digits and underscores.",
+                code="invalid_option_name",
+                params={"name": name},
+            )
+        if isinstance(option_value, bool) or not isinstance(option_value, (str, int, float)):
+            raise ValidationError(
+                "Pipeline option %(name)r must be a string or a number.", code="invalid_option_value", params={"name": name}
+            )
+
+
+class Study(models.Model):
+    accession = models.CharField(max_length=MAX_ACCESSION_LENGTH, unique=True, validators=[validate_study_accession])
+    title = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "studies"
+        ordering = ["accession"]
+
+    def __str__(self) -> str:
+        return self.accession
+
+    def save(self, *args, **kwargs):
+        # Rows are created from flows, commands and the shell as well as forms: validate on every path.
+        self.full_clean()
+        super().save(*args, **kwargs)
+
+
+class AnalysisRequestQuerySet(models.QuerySet):
+    def unfinished(self):
+        return self.exclude(status__in=AnalysisRequest.FINAL_STATUSES)
+
+
+class AnalysisRequest(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "PENDING", "Pending"
+        RUNNING = "RUNNING", "Running"
+        WAITING = "WAITING", "Waiting for the cluster"
+        COMPLETED = "COMPLETED", "Completed"
+        FAILED = "FAILED", "Failed"
+        CANCELLED = "CANCELLED", "Cancelled"
+
+    FINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+    study = models.ForeignKey(Study, on_delete=models.PROTECT, related_name="analysis_requests")
+    pipeline_options = models.JSONField(default=dict, blank=True, validators=[validate_pipeline_options])
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    status_reason = models.TextField(blank=True)
+    current_step = models.CharField(max_length=64, blank=True)
+    # A deliberate re-run bumps the generation, and each generation gets exactly one flow run.
+    generation = models.PositiveIntegerField(default=1)
+    flow_run_id = models.UUIDField(null=True, blank=True, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = AnalysisRequestQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Analysis of {self.study_id and self.study.accession} (#{self.pk})"
+
+    def save(self, *args, **kwargs):
+        self.full_clean()
+        # The post_save receiver writes the run event; one transaction holds both rows.
+        with transaction.atomic():
+            super().save(*args, **kwargs)
+
+
+class OutboxEvent(models.Model):
+    """An event written in the same transaction as the change it announces.
+
+    It is published to Redis after commit; if that fails, or the consumer dies, the sweep
+    publishes it again. `dispatched_at` is set once, by the consumer that started the flow run.
+    """
+
+    class Topic(models.TextChoices):
+        RUN_ANALYSIS = "analysis_request.run", "Run an analysis request"
+
+    id = models.UUIDField(primary_key=True)
+    topic = models.CharField(max_length=64, choices=Topic.choices)
+    request = models.ForeignKey(AnalysisRequest, on_delete=models.CASCADE, related_name="events")
+    generation = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    published_at = models.DateTimeField(null=True, blank=True)
+    publish_attempts = models.PositiveIntegerField(default=0)
+    dispatched_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    last_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["topic", "request", "generation"], name="one_event_per_request_generation"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.topic} #{self.request_id} gen {self.generation}"
+
+
+class ClusterJobQuerySet(models.QuerySet):
+    def live(self):
+        return self.exclude(state__in=FINAL_JOB_STATES)
+
+    def declared(self):
+        return self.filter(state=ClusterJobState.DECLARED)
+
+    def awaited(self):
+        """Submitted jobs whose outcome Slurm has not yet told us."""
+        return self.live().exclude(state=ClusterJobState.DECLARED)
+
+
+class ClusterJob(models.Model):
+    name = models.CharField(max_length=200)
+    fingerprint = models.CharField(max_length=64, db_index=True)
+    spec = models.JSONField()
+    input_hashes = models.JSONField(default=dict, blank=True)
+    state = models.CharField(max_length=16, choices=ClusterJobState.choices, default=ClusterJobState.DECLARED)
+    raw_state = models.CharField(max_length=64, blank=True)
+    slurm_job_id = models.CharField(max_length=32, blank=True, db_index=True)
+    submit_time = models.DateTimeField(null=True, blank=True)
+    # Set just before sbatch runs: if we crash before recording the job id, the next
+    # submitter looks the attempt's tag up in Slurm instead of submitting a twin.
+    submission_started_at = models.DateTimeField(null=True, blank=True)
+    log_path = models.CharField(max_length=1024, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    signal = models.IntegerField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    history = models.JSONField(default=list, blank=True)
+    state_checked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ClusterJobQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            # Two flows declaring the same work at once get one live row: the loser of the
+            # insert race reads the winner's row instead of submitting a twin.
+            models.UniqueConstraint(
+                fields=["fingerprint"], condition=~Q(state__in=FINAL_JOB_STATES), name="one_live_job_per_fingerprint"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.slurm_job_id or 'not submitted'}, {self.state})"
+
+    @property
+    def tag(self) -> str:
+        """Names this attempt in Slurm, so it can be found again even if we never learnt its id."""
+        return f"{self.fingerprint[:20]}-{self.attempts}"
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_JOB_STATES
+
+    @property
+    def outcome(self) -> str:
+        if self.state == JobState.COMPLETED:
+            return f"Slurm job {self.slurm_job_id} completed"
+        detail = f"exit code {self.exit_code}" if self.exit_code is not None else "no exit code"
+        if self.signal:
+            detail += f", signal {self.signal}"
+        return f"Slurm job {self.slurm_job_id} ended {self.raw_state or self.state} ({detail})"
+
+
+class JobWait(models.Model):
+    """A flow run waiting, at one named step, for one cluster job.
+
+    The flow re-runs from the top on every resume; this row is how it finds the job it
+    already declared at that step instead of declaring it again.
+    """
+
+    flow_run_id = models.UUIDField()
+    step = models.CharField(max_length=64)
+    job = models.ForeignKey(ClusterJob, on_delete=models.PROTECT, related_name="waits")
+    request = models.ForeignKey(AnalysisRequest, on_delete=models.CASCADE, null=True, blank=True, related_name="waits")
+    suspensions = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [models.UniqueConstraint(fields=["flow_run_id", "step"], name="one_job_per_flow_step")]
+
+    def __str__(self) -> str:
+        return f"{self.flow_run_id} waits at {self.step} for job #{self.job_id}"

@@ -1,0 +1,123 @@
+"""Settings come from the environment; every one has a default that runs the local demo."""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("EMG_VAR_DIR", BASE_DIR / "var"))
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "insecure-demo-key-set-DJANGO_SECRET_KEY-in-production")
+DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "emg.apps.EmgConfig",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "emg.urls"
+WSGI_APPLICATION = "emg.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ.get("DATABASE_URL", f"sqlite:///{VAR_DIR / 'emg.sqlite3'}"),
+        # Flows and the reconciler live for days: let Django check a connection
+        # before reusing it instead of failing on one the server dropped.
+        conn_max_age=_env_int("DATABASE_CONN_MAX_AGE", 60),
+        conn_health_checks=True,
+    )
+}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+USE_TZ = True
+TIME_ZONE = "UTC"
+LANGUAGE_CODE = "en-gb"
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+# --- Event path: Redis carries events from the database to Celery -------------
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
+# An event not dispatched within this many seconds is published again by the sweep.
+EMG_OUTBOX_GRACE_SECONDS = _env_float("EMG_OUTBOX_GRACE_SECONDS", 30)
+EMG_OUTBOX_SWEEP_SECONDS = _env_float("EMG_OUTBOX_SWEEP_SECONDS", 15)
+# Prefect idempotency keys must be unique across every database that talks to the
+# same Prefect server, or a key from another database returns that database's run.
+EMG_INSTANCE_NAMESPACE = os.environ.get("EMG_INSTANCE_NAMESPACE", str(DATABASES["default"]["NAME"]))
+
+# --- Prefect -------------------------------------------------------------------
+PREFECT_API_URL = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+PREFECT_UI_URL = os.environ.get("PREFECT_UI_URL", PREFECT_API_URL.removesuffix("/api"))
+# A suspended flow waits for a cluster job that can pend for days and run for more:
+# its suspension must outlive the longest job, or Prefect fails the run underneath it.
+EMG_SUSPEND_TIMEOUT_SECONDS = _env_int("EMG_SUSPEND_TIMEOUT_SECONDS", 30 * 24 * 3600)
+
+# --- Cluster -----------------------------------------------------------------------
+EMG_CLUSTER_BACKEND = os.environ.get("EMG_CLUSTER_BACKEND", "auto")  # slurm | local | auto
+EMG_WORK_DIR = Path(os.environ.get("EMG_WORK_DIR", VAR_DIR / "work"))
+EMG_SLURM_PARTITION = os.environ.get("EMG_SLURM_PARTITION") or None
+EMG_SLURM_MIN_QUERY_INTERVAL_SECONDS = _env_float("EMG_SLURM_MIN_QUERY_INTERVAL_SECONDS", 0)
+EMG_SLURM_ACCOUNTING_GRACE_SECONDS = _env_float("EMG_SLURM_ACCOUNTING_GRACE_SECONDS", 60)
+EMG_PIPELINE_COMMAND = os.environ.get("EMG_PIPELINE_COMMAND", f"bash {BASE_DIR / 'pipelines' / 'demo_pipeline.sh'}")
+EMG_PIPELINE_TIME_LIMIT_MINUTES = _env_int("EMG_PIPELINE_TIME_LIMIT_MINUTES", 60)
+EMG_PIPELINE_MEMORY_MB = _env_int("EMG_PIPELINE_MEMORY_MB", 512)
+
+# --- Reconciler (Celery beat) -------------------------------------------------------
+EMG_RECONCILE_INTERVAL_SECONDS = _env_float("EMG_RECONCILE_INTERVAL_SECONDS", 10)
+# The lock outlives a slow tick but not a dead one, so a crashed tick never blocks the next for long.
+EMG_RECONCILE_LOCK_SECONDS = _env_float("EMG_RECONCILE_LOCK_SECONDS", max(60.0, 6 * EMG_RECONCILE_INTERVAL_SECONDS))
+EMG_RESUMES_PER_TICK = _env_int("EMG_RESUMES_PER_TICK", 20)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("EMG_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+# --- Pre-cluster delay: never flood the cluster ---------------------------------------
+# Declared jobs wait (never fail) while this many of ours are pending or running.
+EMG_MAX_ACTIVE_JOBS = _env_int("EMG_MAX_ACTIVE_JOBS", 100)

@@ -1,0 +1,18 @@
+"""The Prefect runner for our deployments: `python -m flows.serve`.
+
+It polls the Prefect API for scheduled and resumed runs of these deployments and runs
+each in a fresh subprocess, so a suspended flow holds no process at all.
+"""
+
+from prefect import serve
+
+from flows.analysis import analyse_study
+from flows.deployments import ANALYSIS_DEPLOYMENT_NAME
+
+
+def main() -> None:
+    serve(analyse_study.to_deployment(name=ANALYSIS_DEPLOYMENT_NAME))
+
+
+if __name__ == "__main__":
+    main()

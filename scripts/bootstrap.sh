@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the project with its test tools, plus the Debian packages
+# the tests use that a fresh machine may lack. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v redis-server >/dev/null || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "bootstrap: installing ${missing[*]} from Debian's packages"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+fi
+
+python=${PYTHON:-python3.11}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+echo "bootstrap: .venv ready ($(.venv/bin/python --version))"

@@ -1,0 +1,110 @@
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+from django.conf import settings
+
+from emg.processes import ROOT, ManagedProcess, python_module, start_prefect_server, venv_script, wait_until
+
+PREFECT_TEST_DATABASE = "emg_prefect_test"
+
+
+@pytest.fixture(scope="session")
+def service_logs() -> Path:
+    """Service logs land where CI and people can read them after a failure."""
+    logs = ROOT / "test-artifacts" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return logs
+
+
+def recreate_postgres_database(name: str) -> None:
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+
+
+@pytest.fixture(scope="session")
+def prefect_api_url(service_logs):
+    """A real Prefect server of this session's own, on PostgreSQL (SQLite locks up under concurrency)."""
+    recreate_postgres_database(PREFECT_TEST_DATABASE)
+    env = dict(os.environ)
+    env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = (
+        f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PREFECT_TEST_DATABASE}"
+    )
+    server = start_prefect_server(env, service_logs, os.environ["PREFECT_API_URL"])
+    yield os.environ["PREFECT_API_URL"]
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The project's single-node Slurm cluster, started by scripts/slurm-up.sh if it is not up."""
+    up = shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    if not up:
+        subprocess.run(["bash", str(ROOT / "scripts" / "slurm-up.sh")], check=True, timeout=600)
+    return "slurm"
+
+
+@dataclass
+class Stack:
+    runner: ManagedProcess
+    worker: ManagedProcess
+    beat: ManagedProcess
+    env: dict[str, str]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in (self.runner, self.worker, self.beat))
+
+
+@pytest.fixture(scope="session")
+def stack(django_db_setup, prefect_api_url, slurm_cluster, service_logs, tmp_path_factory):
+    """Prefect runner, Celery worker and Celery beat, all on the test database."""
+    database = settings.DATABASES["default"]
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="emg.settings",
+        DATABASE_URL=f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}",
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        EMG_CLUSTER_BACKEND=slurm_cluster,
+    )
+    redis.Redis.from_url(settings.REDIS_URL).flushdb()
+    celery = venv_script("celery")
+    beat_dir = tmp_path_factory.mktemp("beat")
+    processes = Stack(
+        runner=ManagedProcess("prefect-runner", python_module("flows.serve"), env=env, log_dir=service_logs),
+        worker=ManagedProcess(
+            "celery-worker",
+            [celery, "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2", "--without-gossip",
+             "--without-mingle", "-n", f"e2e-{os.getpid()}@%h"],
+            env=env, log_dir=service_logs,
+        ),
+        beat=ManagedProcess(
+            "celery-beat",
+            [celery, "-A", "workers", "beat", "-l", "INFO", "--schedule", str(beat_dir / "schedule")],
+            env=env, log_dir=service_logs,
+        ),
+        env=env,
+    )
+    for process in (processes.runner, processes.worker, processes.beat):
+        process.start()
+    try:
+        from prefect.client.orchestration import get_client
+
+        from flows.deployments import ANALYSIS_DEPLOYMENT
+        from workers import app
+
+        def deployment_served() -> bool:
+            with get_client(sync_client=True) as client:
+                return client.read_deployment_by_name(ANALYSIS_DEPLOYMENT) is not None
+
+        wait_until(deployment_served, timeout=90, interval=0.5, message="the Prefect runner served its deployment")
+        wait_until(lambda: app.control.ping(timeout=1), timeout=60, message="the Celery worker answers pings")
+        yield processes
+    finally:
+        for process in (processes.beat, processes.worker, processes.runner):
+            process.stop()

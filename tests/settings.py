@@ -1,0 +1,35 @@
+"""Settings for the test session: real PostgreSQL and Redis, a private Prefect server.
+
+Defaults are put into the environment (not only into Django settings) because the
+processes the tests start (Prefect server and runner, Celery worker and beat) read them
+from there. Anything already set in the environment wins.
+"""
+
+import os
+import tempfile
+import uuid
+
+from tests.ports import free_port
+
+_session = uuid.uuid4().hex[:8]
+_defaults = {
+    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/emg",
+    # The machine's Redis, on a database of our own; tests that restart Redis start their own.
+    "REDIS_URL": "redis://127.0.0.1:6379/15",
+    "EMG_INSTANCE_NAMESPACE": f"pytest-{_session}",
+    "EMG_WORK_DIR": tempfile.mkdtemp(prefix=f"emg-test-{_session}-"),
+    "EMG_RECONCILE_INTERVAL_SECONDS": "1",
+    "EMG_OUTBOX_GRACE_SECONDS": "5",
+    "EMG_OUTBOX_SWEEP_SECONDS": "2",
+    "EMG_SLURM_ACCOUNTING_GRACE_SECONDS": "30",
+    "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
+    "PREFECT_HOME": tempfile.mkdtemp(prefix=f"emg-test-prefect-{_session}-"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+}
+for _name, _value in _defaults.items():
+    os.environ.setdefault(_name, _value)
+os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(os.environ["PREFECT_HOME"], "results"))
+
+from emg.settings import *  # noqa: E402,F403

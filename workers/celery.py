@@ -1,0 +1,51 @@
+"""The Celery app: the event consumer and the beat reconciler run here."""
+
+import os
+
+import django
+from celery import Celery
+from celery.signals import worker_process_init
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emg.settings")
+django.setup()
+
+from django.conf import settings  # noqa: E402  (needs django.setup())
+
+app = Celery("emg-workers")
+app.conf.update(
+    broker_url=settings.CELERY_BROKER_URL,
+    # An event is acknowledged only after its flow run exists; a worker that dies mid-task
+    # gets its event redelivered, and the idempotency key makes the second delivery harmless.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={
+        # Our tasks take seconds; an unacked one is redelivered after this long.
+        "visibility_timeout": int(os.environ.get("EMG_CELERY_VISIBILITY_TIMEOUT", 300)),
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+    },
+    worker_hijack_root_logger=False,
+    beat_schedule={
+        "reconcile-cluster-jobs": {
+            "task": "workers.tasks.reconcile",
+            "schedule": settings.EMG_RECONCILE_INTERVAL_SECONDS,
+            # A tick that waited behind others is stale: the next one does the same work.
+            "options": {"expires": settings.EMG_RECONCILE_INTERVAL_SECONDS},
+        },
+        "sweep-outbox": {
+            "task": "workers.tasks.sweep_outbox",
+            "schedule": settings.EMG_OUTBOX_SWEEP_SECONDS,
+            "options": {"expires": settings.EMG_OUTBOX_SWEEP_SECONDS},
+        },
+    },
+)
+app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+
+
+@worker_process_init.connect
+def import_prefect_before_first_task(**_kwargs) -> None:
+    # Prefect's lazy imports take seconds; pay them when the worker starts, not on the first event.
+    import prefect.deployments  # noqa: F401

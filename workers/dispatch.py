@@ -1,0 +1,49 @@
+"""Turning a run event into exactly one Prefect flow run."""
+
+import logging
+import uuid
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from prefect.deployments import run_deployment
+
+from emg.models import AnalysisRequest, OutboxEvent
+from flows.deployments import ANALYSIS_DEPLOYMENT
+
+logger = logging.getLogger(__name__)
+
+
+def idempotency_key(event: OutboxEvent) -> str:
+    """Same request and generation, same key: Prefect returns the run it already made."""
+    return f"{settings.EMG_INSTANCE_NAMESPACE}:analysis-request:{event.request_id}:generation:{event.generation}"
+
+
+def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
+    """Create (or find) the flow run for an event and record it; safe to call any number of times."""
+    event = OutboxEvent.objects.filter(id=event_id).first()
+    if event is None:
+        logger.warning("event %s does not exist (rolled back or deleted); nothing to dispatch", event_id)
+        return None
+    request = AnalysisRequest.objects.get(id=event.request_id)
+    if event.dispatched_at is not None and request.flow_run_id is not None:
+        return request.flow_run_id
+    if request.generation != event.generation or request.status in AnalysisRequest.FINAL_STATUSES:
+        logger.info("event %s is superseded (request #%s is at generation %s, %s)", event.id, request.id,
+                    request.generation, request.status)
+        OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now())
+        return None
+
+    flow_run = run_deployment(
+        ANALYSIS_DEPLOYMENT,
+        parameters={"request_id": request.id, "generation": event.generation},
+        timeout=0,
+        idempotency_key=idempotency_key(event),
+        flow_run_name=f"{request.study.accession}-request-{request.id}-gen-{event.generation}",
+        tags=["emg", f"request-{request.id}"],
+    )
+    with transaction.atomic():
+        AnalysisRequest.objects.filter(id=request.id, generation=event.generation).update(flow_run_id=flow_run.id)
+        OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now(), last_error="")
+    logger.info("request #%s generation %s -> flow run %s", request.id, event.generation, flow_run.id)
+    return flow_run.id

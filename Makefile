@@ -24,7 +24,7 @@ test: install slurm-up
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 demo: install services
-	$(PYTHON) scripts/demo.py
+	$(PYTHON) manage.py demo
 
 bench: install slurm-up
 	$(PYTHON) bench/slurm_query.py

@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# The application image: web (Django), Celery worker and beat, Flower, the Prefect
+# server and the Prefect runner all run from it (see compose.yaml). Build context:
+# the repository root.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    EMG_VAR_DIR=/var/lib/emg
+
+# The Slurm client (sbatch, squeue, sacct) and munge, so the Celery processes can talk
+# to the slurm service. The key the package generates is removed: the real one comes
+# from the shared munge-key volume (docker/app-entrypoint.sh installs it).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-client munge \
+    && rm -rf /var/lib/apt/lists/* \
+    && rm -f /etc/munge/munge.key \
+    && mkdir -p /var/lib/emg/work /var/lib/emg/prefect-results /var/lib/emg/beat /var/lib/emg/munge
+
+# The source stays in /opt/emg as well as being installed: the Prefect runner imports
+# flows by their path relative to its working directory, and manage.py lives here.
+WORKDIR /opt/emg
+COPY pyproject.toml manage.py ./
+COPY emg ./emg
+COPY workers ./workers
+COPY flows ./flows
+COPY slurm_adapter ./slurm_adapter
+COPY pipelines ./pipelines
+RUN pip install .
+
+COPY --chmod=0755 docker/app-entrypoint.sh /usr/local/bin/emg-entrypoint
+
+ENTRYPOINT ["emg-entrypoint"]
+CMD ["python", "manage.py", "runserver", "--noreload", "0.0.0.0:8000"]

@@ -1,8 +1,9 @@
 import re
 
 from django.core.exceptions import ValidationError
-from django.db import models, transaction
+from django.db import IntegrityError, models, transaction
 from django.db.models import Q
+from django.utils import timezone
 
 from emg.accessions import MAX_ACCESSION_LENGTH, validate_study_accession
 from slurm_adapter import JobState
@@ -85,6 +86,8 @@ class AnalysisRequest(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Set by an operator; the reconciler cancels the flow run and the jobs only this request needs.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
 
     objects = AnalysisRequestQuerySet.as_manager()
 
@@ -93,6 +96,31 @@ class AnalysisRequest(models.Model):
 
     def __str__(self) -> str:
         return f"Analysis of {self.study_id and self.study.accession} (#{self.pk})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in self.FINAL_STATUSES
+
+    def request_cancel(self) -> bool:
+        """Ask the reconciler to cancel this request; False if it has already ended."""
+        return bool(
+            AnalysisRequest.objects.filter(id=self.id, cancel_requested_at__isnull=True)
+            .exclude(status__in=self.FINAL_STATUSES)
+            .update(cancel_requested_at=timezone.now())
+        )
+
+    def rerun(self) -> None:
+        """Start a new generation of an ended request: a new event, so a new flow run."""
+        if not self.is_final:
+            raise ValidationError(f"request #{self.id} is still {self.status}; only an ended request can be re-run")
+        self.generation += 1
+        self.status = self.Status.PENDING
+        self.status_reason = ""
+        self.current_step = ""
+        self.flow_run_id = None
+        self.finished_at = None
+        self.cancel_requested_at = None
+        self.save()
 
     def save(self, *args, **kwargs):
         self.full_clean()
@@ -142,6 +170,18 @@ class ClusterJobQuerySet(models.QuerySet):
         """Submitted jobs whose outcome Slurm has not yet told us."""
         return self.live().exclude(state=ClusterJobState.DECLARED)
 
+    def declare(self, *, name: str, fingerprint: str, spec: dict, input_hashes: dict) -> "ClusterJob":
+        """A new declared job, or the live one with this fingerprint.
+
+        Race-free across processes: the partial unique index on live fingerprints lets
+        exactly one concurrent insert win; the others read the winner's row.
+        """
+        try:
+            with transaction.atomic():
+                return self.create(name=name, fingerprint=fingerprint, spec=spec, input_hashes=input_hashes)
+        except IntegrityError:
+            return self.live().get(fingerprint=fingerprint)
+
 
 class ClusterJob(models.Model):
     name = models.CharField(max_length=200)
@@ -187,6 +227,14 @@ class ClusterJob(models.Model):
     @property
     def is_final(self) -> bool:
         return self.state in FINAL_JOB_STATES
+
+    def resubmit(self) -> "ClusterJob":
+        """Declare this ended job again as a new row (history stays); the live twin if one exists."""
+        if not self.is_final:
+            raise ValidationError(f"cluster job #{self.id} is still {self.state}")
+        return ClusterJob.objects.declare(
+            name=self.name, fingerprint=self.fingerprint, spec=self.spec, input_hashes=self.input_hashes
+        )
 
     @property
     def outcome(self) -> str:

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterable
 
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, transaction
+from django.db import close_old_connections
 from django.db.models import F, Max
 from django.utils import timezone
 from prefect import task
@@ -33,11 +33,7 @@ def current_flow_run_id():
 
 
 def declare_job(spec: JobSpec, inputs: Iterable[str] = ()) -> ClusterJob:
-    """The live job with this fingerprint, an identical completed one, or a new declaration.
-
-    Race-free across processes: the partial unique index on live fingerprints lets exactly
-    one concurrent insert win; the others read the winner's row.
-    """
+    """The live job with this fingerprint, an identical completed one, or a new declaration."""
     input_hashes = hash_inputs(inputs)
     job_fingerprint = fingerprint(spec, input_hashes)
     existing = (
@@ -48,13 +44,9 @@ def declare_job(spec: JobSpec, inputs: Iterable[str] = ()) -> ClusterJob:
     )
     if existing is not None:
         return existing
-    try:
-        with transaction.atomic():
-            return ClusterJob.objects.create(
-                name=spec.name, fingerprint=job_fingerprint, spec=spec.to_dict(), input_hashes=input_hashes
-            )
-    except IntegrityError:
-        return ClusterJob.objects.live().get(fingerprint=job_fingerprint)
+    return ClusterJob.objects.declare(
+        name=spec.name, fingerprint=job_fingerprint, spec=spec.to_dict(), input_hashes=input_hashes
+    )
 
 
 # Idempotent through the database, so Prefect's cache is not needed (nor wanted: it cannot see our rows).

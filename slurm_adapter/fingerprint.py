@@ -31,6 +31,7 @@ def hash_inputs(paths: Iterable[str | Path]) -> dict[str, str]:
 
 def fingerprint(spec: JobSpec, input_hashes: Mapping[str, str]) -> str:
     identity = {key: value for key, value in spec.to_dict().items() if key != "name"}
-    canonical = json.dumps({"spec": identity, "inputs": dict(sorted(input_hashes.items()))}, sort_keys=True,
-                           separators=(",", ":"))
+    canonical = json.dumps(
+        {"spec": identity, "inputs": dict(sorted(input_hashes.items()))}, sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,150 @@
+"""States only a real Slurm cluster produces, and the cost of querying it."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from slurm_adapter import ClusterError, JobState, SlurmCluster, SubmittedJob, make_cluster
+from slurm_adapter.slurm import parse_sbatch_output
+
+pytestmark = pytest.mark.slurm
+
+EATER = ("python3", "-c", "a = bytearray(600 * 1024 * 1024); import time; time.sleep(5)")
+
+
+def test_held_job_is_pending(slurm_cluster, spec, tag, wait_for_state) -> None:
+    job = slurm_cluster.submit(spec("true", extra_options=("--hold",)), tag)
+    status = wait_for_state(slurm_cluster, job, {JobState.PENDING})
+    assert (status.raw_state, status.exit_code, status.start_time) == ("PENDING", None, None)
+    slurm_cluster.cancel(job.job_id)
+
+
+def test_suspend_and_resume(slurm_cluster, slurm_cmd, spec, tag, wait_for_state) -> None:
+    job = slurm_cluster.submit(spec("sleep", "300"), tag)
+    wait_for_state(slurm_cluster, job, {JobState.RUNNING})
+    slurm_cmd("scontrol", "suspend", job.job_id)
+    assert wait_for_state(slurm_cluster, job, {JobState.SUSPENDED}).raw_state == "SUSPENDED"
+    slurm_cmd("scontrol", "resume", job.job_id)
+    wait_for_state(slurm_cluster, job, {JobState.RUNNING})
+    slurm_cluster.cancel(job.job_id)
+
+
+def test_requeued_job_is_pending(slurm_cluster, slurm_cmd, spec, tag, wait_for_state) -> None:
+    job = slurm_cluster.submit(spec("sleep", "300"), tag)
+    wait_for_state(slurm_cluster, job, {JobState.RUNNING})
+    slurm_cmd("scontrol", "requeue", job.job_id)
+    # Slurm holds a requeued job back for a while (Reason=BeginTime) before it runs again.
+    requeued = wait_for_state(slurm_cluster, job, {JobState.PENDING})
+    assert requeued.raw_state in ("REQUEUED", "PENDING")
+    slurm_cluster.cancel(job.job_id)
+
+
+@pytest.mark.parametrize(
+    ("requeue", "expected"), [("--no-requeue", JobState.NODE_FAIL), ("--requeue", JobState.PENDING)]
+)
+def test_node_failure(slurm_cluster, slurm_cmd, spec, tag, wait_for_state, wait_until, requeue, expected) -> None:
+    job = slurm_cluster.submit(spec("sleep", "300", extra_options=(requeue,)), tag)
+    wait_for_state(slurm_cluster, job, {JobState.RUNNING})
+    try:
+        slurm_cmd("scontrol", "update", "nodename=localhost", "state=down", "reason=slurm_adapter test")
+        status = wait_for_state(slurm_cluster, job, {expected})
+    finally:
+        # ReturnToService=2 usually brings the node back by itself; resuming an idle node fails.
+        subprocess.run(
+            ["scontrol", "update", "nodename=localhost", "state=resume"], check=False, capture_output=True, timeout=30
+        )
+        wait_until(
+            lambda: slurm_cmd("sinfo", "-h", "-n", "localhost", "-o", "%t").strip() in ("idle", "mix"), what="node back"
+        )
+    if expected is JobState.NODE_FAIL:
+        assert status.state.retry_with == "as_is"
+    slurm_cluster.cancel(job.job_id)
+
+
+def test_out_of_memory(slurm_cluster, spec, tag, wait_final) -> None:
+    job = slurm_cluster.submit(spec(*EATER, memory_mb=100), tag)
+    status = wait_final(slurm_cluster, job)
+    if Path("/sys/fs/cgroup/memory").is_dir():
+        assert status.state is JobState.OUT_OF_MEMORY
+        assert status.state.retry_with == "memory"
+    else:  # without cgroups the accounting poller kills it
+        assert (status.state, status.signal) == (JobState.FAILED, 9)
+
+
+def test_preempted(slurm_cluster, slurm_cmd, spec, tag, wait_for_state, wait_final) -> None:
+    cpus = int(slurm_cmd("sinfo", "-h", "-n", "localhost", "-o", "%c").strip())
+    victim = slurm_cluster.submit(spec("sleep", "300", cpus=cpus), tag)
+    wait_for_state(slurm_cluster, victim, {JobState.RUNNING})
+    urgent = slurm_cluster.submit(spec("true", cpus=cpus, partition="urgent"), tag)
+    status = wait_final(slurm_cluster, victim)
+    assert (status.state, status.state.retry_with) == (JobState.PREEMPTED, "as_is")
+    assert wait_final(slurm_cluster, urgent).state is JobState.COMPLETED
+
+
+def test_killed_by_signal(slurm_cluster, spec, tag, wait_final) -> None:
+    # Kills the batch script itself, not just a child whose death it would turn into an exit code.
+    job = slurm_cluster.submit(spec("bash", "-c", "kill -9 $PPID"), tag)
+    status = wait_final(slurm_cluster, job)
+    assert (status.state, status.exit_code, status.signal) == (JobState.FAILED, 0, 9)
+
+
+def test_missing_from_accounting_is_submitted_then_lost(slurm_cluster) -> None:
+    now = datetime.now(UTC)
+    fresh = SubmittedJob("99999998", now, "/nonexistent.log")
+    old = SubmittedJob("99999999", now - timedelta(hours=2), "/nonexistent.log")
+    result = slurm_cluster.query([fresh, old])
+    assert (result[fresh.job_id].state, result[fresh.job_id].raw_state) == (JobState.SUBMITTED, "")
+    assert (result[old.job_id].state, result[old.job_id].raw_state) == (JobState.LOST, "")
+    assert slurm_cluster.calls == {"sacct": 1, "squeue": 1}
+
+
+def test_a_reused_id_is_not_our_job(slurm_cluster, spec, tag, wait_final) -> None:
+    """A record submitted before our submission belongs to an earlier job with the same id."""
+    real = wait_final(slurm_cluster, slurm_cluster.submit(spec("true"), tag))
+    ours = SubmittedJob(real.job_id, datetime.now(UTC) + timedelta(hours=1), "/x.log")
+    assert slurm_cluster.query([ours])[real.job_id].state is JobState.SUBMITTED
+
+
+def test_cancel_unknown_job_is_not_an_error(slurm_cluster) -> None:
+    slurm_cluster.cancel("99999997")
+    with pytest.raises(ValueError):
+        slurm_cluster.cancel("12; rm -rf /")
+
+
+def test_500_held_jobs_in_one_query(slurm_cluster, spec, tag) -> None:
+    jobs = [slurm_cluster.submit(spec("true", extra_options=("--hold",)), tag) for _ in range(500)]
+    try:
+        slurm_cluster.calls.clear()
+        result = slurm_cluster.query(jobs)
+        assert set(result) == {j.job_id for j in jobs}
+        assert {s.state for s in result.values()} <= {JobState.PENDING, JobState.SUBMITTED}
+        assert sum(slurm_cluster.calls.values()) <= 2
+    finally:
+        subprocess.run(["scancel", *(j.job_id for j in jobs)], check=True, timeout=60)
+
+
+def test_min_query_interval_is_honoured(slurm_up) -> None:
+    cluster = SlurmCluster(min_query_interval_s=0.5)
+    job = SubmittedJob("99999996", datetime.now(UTC), "/x.log")
+    started = time.monotonic()
+    cluster.query([job])
+    cluster.query([job])
+    assert time.monotonic() - started >= 0.5
+    assert cluster.query([]) == {}
+
+
+def test_sbatch_output_and_factory(tmp_path: Path) -> None:
+    assert parse_sbatch_output("123\n") == "123"
+    assert parse_sbatch_output("123;emg\n") == "123"
+    with pytest.raises(ClusterError):
+        parse_sbatch_output("sbatch: error: Batch job submission failed")
+    assert make_cluster("slurm").name == "slurm"
+    assert make_cluster("local", root_dir=str(tmp_path)).name == "local"
+    assert make_cluster("auto", root_dir=str(tmp_path)).name in ("slurm", "local")
+    with pytest.raises(ValueError):
+        make_cluster("pbs")

@@ -88,6 +88,8 @@ class AnalysisRequest(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     # Set by an operator; the reconciler cancels the flow run and the jobs only this request needs.
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # Times the reconciler re-ran this generation's flow run after it crashed, failed or went silent.
+    flow_reruns = models.PositiveIntegerField(default=0)
 
     objects = AnalysisRequestQuerySet.as_manager()
 
@@ -120,6 +122,7 @@ class AnalysisRequest(models.Model):
         self.flow_run_id = None
         self.finished_at = None
         self.cancel_requested_at = None
+        self.flow_reruns = 0
         self.save()
 
     def save(self, *args, **kwargs):
@@ -170,7 +173,7 @@ class ClusterJobQuerySet(models.QuerySet):
         """Submitted jobs whose outcome Slurm has not yet told us."""
         return self.live().exclude(state=ClusterJobState.DECLARED)
 
-    def declare(self, *, name: str, fingerprint: str, spec: dict, input_hashes: dict) -> "ClusterJob":
+    def declare(self, *, name: str, fingerprint: str, spec: dict, input_hashes: dict, policy: dict) -> "ClusterJob":
         """A new declared job, or the live one with this fingerprint.
 
         Race-free across processes: the partial unique index on live fingerprints lets
@@ -178,7 +181,9 @@ class ClusterJobQuerySet(models.QuerySet):
         """
         try:
             with transaction.atomic():
-                return self.create(name=name, fingerprint=fingerprint, spec=spec, input_hashes=input_hashes)
+                return self.create(
+                    name=name, fingerprint=fingerprint, spec=spec, input_hashes=input_hashes, policy=policy
+                )
         except IntegrityError:
             return self.live().get(fingerprint=fingerprint)
 
@@ -188,6 +193,7 @@ class ClusterJob(models.Model):
     fingerprint = models.CharField(max_length=64, db_index=True)
     spec = models.JSONField()
     input_hashes = models.JSONField(default=dict, blank=True)
+    policy = models.JSONField(default=dict, blank=True, help_text="The ResubmitPolicy this job was declared with.")
     state = models.CharField(max_length=16, choices=ClusterJobState.choices, default=ClusterJobState.DECLARED)
     raw_state = models.CharField(max_length=64, blank=True)
     slurm_job_id = models.CharField(max_length=32, blank=True, db_index=True)
@@ -201,6 +207,7 @@ class ClusterJob(models.Model):
     attempts = models.PositiveIntegerField(default=0)
     history = models.JSONField(default=list, blank=True)
     state_checked_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -233,7 +240,8 @@ class ClusterJob(models.Model):
         if not self.is_final:
             raise ValidationError(f"cluster job #{self.id} is still {self.state}")
         return ClusterJob.objects.declare(
-            name=self.name, fingerprint=self.fingerprint, spec=self.spec, input_hashes=self.input_hashes
+            name=self.name, fingerprint=self.fingerprint, spec=self.spec, input_hashes=self.input_hashes,
+            policy=self.policy,
         )
 
     @property
@@ -267,3 +275,20 @@ class JobWait(models.Model):
 
     def __str__(self) -> str:
         return f"{self.flow_run_id} waits at {self.step} for job #{self.job_id}"
+
+
+class ReconcileTick(models.Model):
+    """One reconciler tick: when it ran, where, and what it did (for operators, and to prove ticks never overlap)."""
+
+    KEEP = 2000
+
+    started_at = models.DateTimeField(db_index=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=200, blank=True)
+    report = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"tick at {self.started_at:%Y-%m-%d %H:%M:%S}"

@@ -120,15 +120,18 @@ EMG_RECONCILE_INTERVAL_SECONDS = _env_float("EMG_RECONCILE_INTERVAL_SECONDS", 10
 EMG_RECONCILE_LOCK_SECONDS = _env_float("EMG_RECONCILE_LOCK_SECONDS", max(60.0, 6 * EMG_RECONCILE_INTERVAL_SECONDS))
 EMG_RESUMES_PER_TICK = _env_int("EMG_RESUMES_PER_TICK", 20)
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("EMG_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
-}
+from emg.log import LOGGING, LOGGING_CONFIG  # noqa: E402,F401  (one masked JSON-lines format everywhere)
 
 # --- Pre-cluster delay: never flood the cluster ---------------------------------------
 # Declared jobs wait (never fail) while this many of ours are pending or running.
 EMG_MAX_ACTIVE_JOBS = _env_int("EMG_MAX_ACTIVE_JOBS", 100)
+# Submissions per minute, whatever the room under EMG_MAX_ACTIVE_JOBS.
+EMG_MAX_SUBMISSIONS_PER_MINUTE = _env_int("EMG_MAX_SUBMISSIONS_PER_MINUTE", 6)
+
+# --- Crashed and zombie flow runs ------------------------------------------------------------
+# Flow runs send a heartbeat this often while they run (Prefect's minimum is 30 s); a suspended
+# run sends none, and is never taken for a zombie.
+EMG_FLOW_HEARTBEAT_SECONDS = _env_int("EMG_FLOW_HEARTBEAT_SECONDS", 30)
+# A run Running this long with no heartbeat in that time is a zombie (its process is gone).
+EMG_ZOMBIE_AFTER_SECONDS = _env_float("EMG_ZOMBIE_AFTER_SECONDS", 3 * EMG_FLOW_HEARTBEAT_SECONDS)
+EMG_MAX_FLOW_RERUNS = _env_int("EMG_MAX_FLOW_RERUNS", 3)

@@ -23,8 +23,9 @@ Status = AnalysisRequest.Status
 
 
 def set_status(request_id: int, status: str, *, step: str = "", reason: str = "") -> None:
+    """Move an unfinished request on; an ended one (say, cancelled meanwhile) stays as it is."""
     finished_at = timezone.now() if status in AnalysisRequest.FINAL_STATUSES else None
-    AnalysisRequest.objects.filter(id=request_id).update(
+    AnalysisRequest.objects.filter(id=request_id).exclude(status__in=AnalysisRequest.FINAL_STATUSES).update(
         status=status, current_step=step, status_reason=reason, finished_at=finished_at
     )
 

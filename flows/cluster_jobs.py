@@ -6,6 +6,7 @@ one), every later call returns that same job. `wait_for_jobs` suspends the flow 
 the reconciler has seen all the jobs end and resumes it.
 """
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 
@@ -19,6 +20,7 @@ from prefect.context import FlowRunContext
 from prefect.flow_runs import suspend_flow_run
 
 from emg.models import ClusterJob, ClusterJobState, JobWait
+from emg.policies import ResubmitPolicy, Reuse
 from slurm_adapter import JobSpec
 from slurm_adapter.fingerprint import fingerprint, hash_inputs
 
@@ -32,31 +34,56 @@ def current_flow_run_id():
     return context.flow_run.id
 
 
-def declare_job(spec: JobSpec, inputs: Iterable[str] = ()) -> ClusterJob:
-    """The live job with this fingerprint, an identical completed one, or a new declaration."""
+def declare_job(spec: JobSpec, inputs: Iterable[str] = (), policy: ResubmitPolicy = ResubmitPolicy()) -> ClusterJob:
+    """The job to wait for: the live identical one, an ended one the policy reuses, or a new declaration."""
     input_hashes = hash_inputs(inputs)
     job_fingerprint = fingerprint(spec, input_hashes)
-    existing = (
-        ClusterJob.objects.live().filter(fingerprint=job_fingerprint).first()
-        or ClusterJob.objects.filter(fingerprint=job_fingerprint, state=ClusterJobState.COMPLETED)
-        .order_by("-created_at")
-        .first()
-    )
-    if existing is not None:
-        return existing
+    identical = ClusterJob.objects.filter(fingerprint=job_fingerprint)
+    live = identical.live().first()
+    if live is not None:
+        return live
+    previous = identical.order_by("-created_at").first()
+    if previous is not None and reusable(previous, policy):
+        return previous
+    if previous is not None and policy.prepare_on_resubmit:
+        spec = with_preparation(spec, policy.prepare_on_resubmit)
     return ClusterJob.objects.declare(
-        name=spec.name, fingerprint=job_fingerprint, spec=spec.to_dict(), input_hashes=input_hashes
+        name=spec.name, fingerprint=job_fingerprint, spec=spec.to_dict(), input_hashes=input_hashes,
+        policy=policy.to_dict(),
     )
+
+
+def reusable(job: ClusterJob, policy: ResubmitPolicy) -> bool:
+    if policy.max_age_seconds is not None and job.ended_at is not None:
+        if (timezone.now() - job.ended_at).total_seconds() > policy.max_age_seconds:
+            return False
+    if policy.reuse == Reuse.ANY:
+        return True
+    if policy.reuse == Reuse.IF_SUCCEEDED:
+        return job.state == ClusterJobState.COMPLETED
+    return False
+
+
+def with_preparation(spec: JobSpec, preparation: str) -> JobSpec:
+    """Run `preparation` (trusted shell from flow code) first, then the job's own argv, unchanged."""
+    wrapped = ("bash", "-c", f'{preparation}\nexec "$@"', "emg-prepared-job", *spec.command)
+    return dataclasses.replace(spec, command=wrapped)
 
 
 # Idempotent through the database, so Prefect's cache is not needed (nor wanted: it cannot see our rows).
 @task(name="require-cluster-job", cache_policy=NO_CACHE)
-def require_job(step: str, spec: JobSpec, inputs: Iterable[str] = (), request_id: int | None = None) -> int:
+def require_job(
+    step: str,
+    spec: JobSpec,
+    inputs: Iterable[str] = (),
+    policy: ResubmitPolicy = ResubmitPolicy(),
+    request_id: int | None = None,
+) -> int:
     """The id of the job this flow run needs at `step`; declared once, found again on every re-run."""
     flow_run_id = current_flow_run_id()
     wait = JobWait.objects.filter(flow_run_id=flow_run_id, step=step).first()
     if wait is None:
-        job = declare_job(spec, inputs)
+        job = declare_job(spec, inputs, policy)
         wait, _ = JobWait.objects.get_or_create(
             flow_run_id=flow_run_id, step=step, defaults={"job": job, "request_id": request_id}
         )

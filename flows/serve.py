@@ -4,6 +4,9 @@ It polls the Prefect API for scheduled and resumed runs of these deployments and
 each in a fresh subprocess, so a suspended flow holds no process at all.
 """
 
+import os
+
+from django.conf import settings
 from prefect import serve
 
 from flows.analysis import analyse_study
@@ -11,6 +14,8 @@ from flows.deployments import ANALYSIS_DEPLOYMENT_NAME
 
 
 def main() -> None:
+    # Flow-run subprocesses inherit this: their heartbeats tell a live run from a zombie.
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(settings.EMG_FLOW_HEARTBEAT_SECONDS))
     serve(analyse_study.to_deployment(name=ANALYSIS_DEPLOYMENT_NAME))
 
 

@@ -11,7 +11,7 @@ from django.conf import settings
 
 from emg.processes import ROOT, ManagedProcess, python_module, start_prefect_server, venv_script, wait_until
 
-PREFECT_TEST_DATABASE = "emg_prefect_test"
+PREFECT_TEST_DATABASE = f"emg_prefect_{settings.TEST_SESSION}"
 
 
 @pytest.fixture(scope="session")
@@ -22,10 +22,24 @@ def service_logs() -> Path:
     return logs
 
 
-def recreate_postgres_database(name: str) -> None:
+def recreate_postgres_database(name: str, *, create: bool = True) -> None:
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
+        if create:
+            connection.execute(f'CREATE DATABASE "{name}"')
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server(service_logs):
+    """This session's own Redis, on the port tests/settings.py chose, keeping nothing on disk."""
+    url = redis.connection.parse_url(settings.REDIS_URL)
+    server = ManagedProcess(
+        "redis", ["redis-server", "--port", str(url["port"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        env=dict(os.environ), log_dir=service_logs,
+    ).start()
+    wait_until(lambda: redis.Redis.from_url(settings.REDIS_URL).ping(), timeout=20, message="Redis answers")
+    yield settings.REDIS_URL
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +53,7 @@ def prefect_api_url(service_logs):
     server = start_prefect_server(env, service_logs, os.environ["PREFECT_API_URL"])
     yield os.environ["PREFECT_API_URL"]
     server.stop()
+    recreate_postgres_database(PREFECT_TEST_DATABASE, create=False)
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +87,6 @@ def stack(django_db_setup, prefect_api_url, slurm_cluster, service_logs, tmp_pat
         PREFECT_RUNNER_POLL_FREQUENCY="1",
         EMG_CLUSTER_BACKEND=slurm_cluster,
     )
-    redis.Redis.from_url(settings.REDIS_URL).flushdb()
     celery = venv_script("celery")
     beat_dir = tmp_path_factory.mktemp("beat")
     processes = Stack(

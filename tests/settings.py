@@ -12,10 +12,14 @@ import uuid
 from tests.ports import free_port
 
 _session = uuid.uuid4().hex[:8]
+# Everything is named per session, so two test sessions on one machine never share a queue,
+# a database or a Prefect server.
+TEST_SESSION = _session
 _defaults = {
-    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/emg",
-    # The machine's Redis, on a database of our own; tests that restart Redis start their own.
-    "REDIS_URL": "redis://127.0.0.1:6379/15",
+    "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/emg_{_session}",
+    # A Redis of this session's own (tests/conftest.py starts it), so a stack never consumes
+    # another session's events and restarting it touches nothing else.
+    "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",
     "EMG_INSTANCE_NAMESPACE": f"pytest-{_session}",
     "EMG_WORK_DIR": tempfile.mkdtemp(prefix=f"emg-test-{_session}-"),
     "EMG_RECONCILE_INTERVAL_SECONDS": "1",

@@ -28,6 +28,13 @@ app.conf.update(
         "socket_connect_timeout": 5,
     },
     worker_hijack_root_logger=False,
+    # RedBeat keeps the schedule in Redis behind a lock: a second beat process waits instead of
+    # sending every task twice.
+    beat_scheduler="redbeat.RedBeatScheduler",
+    redbeat_redis_url=settings.REDIS_URL,
+    redbeat_key_prefix=f"emg:{settings.EMG_INSTANCE_NAMESPACE}:redbeat",
+    redbeat_lock_timeout=max(30, int(5 * settings.EMG_RECONCILE_INTERVAL_SECONDS)),
+    beat_max_loop_interval=max(1, int(settings.EMG_RECONCILE_INTERVAL_SECONDS)),
     beat_schedule={
         "reconcile-cluster-jobs": {
             "task": "workers.tasks.reconcile",

@@ -1,40 +1,53 @@
 """The beat reconciler: the only component that talks to Slurm.
 
 Each tick, in order:
-1. asks the cluster for the state of *every* awaited job in one batched query
-   (`Cluster.query` chunks only when the argument list would be too long), and records
-   each change of state with its time;
-2. submits declared jobs, oldest first, while fewer than `EMG_MAX_ACTIVE_JOBS` of ours
-   are pending or running (one more query); a job whose earlier sbatch may have queued it
-   is first looked up by its tag and adopted;
-3. reads the Prefect state of every flow run with an open wait in one call, and resumes at
-   most `EMG_RESUMES_PER_TICK` suspended runs whose awaited jobs have all ended, oldest
-   wait first. The rest are resumed by later ticks.
+1. carries out cancellations operators asked for: cancels the flow run, and `scancel`s each
+   live job no other live request is waiting for;
+2. asks the cluster for the state of *every* awaited job in one batched query
+   (`Cluster.query` chunks only when the argument list would be too long), and records each
+   change of state with its time. A job that ran out of memory or time, or lost its node, is
+   declared again with more resources (per its ResubmitPolicy) instead of ending;
+3. submits declared jobs, oldest first, while fewer than `EMG_MAX_ACTIVE_JOBS` of ours are
+   pending or running (one more query) and no more than `EMG_MAX_SUBMISSIONS_PER_MINUTE`
+   went out in the last minute. A full queue means waiting, never failing. A job whose
+   earlier sbatch may have queued it is first looked up by its tag and adopted;
+4. reads the Prefect state of every flow run with an open wait or an unfinished request in
+   one call (per 200 runs), resumes at most `EMG_RESUMES_PER_TICK` suspended runs whose
+   awaited jobs have all ended, oldest wait first (the rest go to later ticks), and re-runs
+   in place any run that crashed, failed, or went silent while Running, at most
+   `EMG_MAX_FLOW_RERUNS` times per request generation.
 
 The caller guarantees that one tick runs at a time (see `workers.tasks.reconcile`).
 """
 
+import dataclasses
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
+import httpx
+from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import State, StateType
+from prefect.states import Cancelled, Scheduled
 
-from emg.models import ClusterJob, ClusterJobState, JobWait
+from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait
+from emg.policies import ResubmitPolicy
 from slurm_adapter import Cluster, JobSpec, JobStatus, SubmittedJob
 
 logger = logging.getLogger(__name__)
 
 PREFECT_FILTER_CHUNK = 200
-# A run that ended can no longer be waiting; Crashed runs are left for the zombie sweep,
-# which re-runs them so they re-attach to their jobs.
-RELEASING_STATE_TYPES = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED}
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+# A run that ended can no longer be waiting. Crashed runs are not here: their request is not
+# finished, so the flow-run recovery re-runs them and they re-attach to their jobs.
+ENDED_STATE_TYPES = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED}
+RECOVERABLE_STATE_TYPES = {StateType.CRASHED, StateType.FAILED}
 
 
 @dataclass
@@ -43,21 +56,49 @@ class TickReport:
     changed: dict[str, str] = field(default_factory=dict)
     submitted: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)
     resumed: list[UUID] = field(default_factory=list)
+    rerun: list[UUID] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)
     released: int = 0
     errors: list[str] = field(default_factory=list)
 
 
 class Reconciler:
-    def __init__(self, cluster: Cluster, prefect: SyncPrefectClient, *, max_active_jobs: int, resumes_per_tick: int):
+    def __init__(
+        self,
+        cluster: Cluster,
+        prefect: SyncPrefectClient,
+        *,
+        max_active_jobs: int,
+        max_submissions_per_minute: int,
+        resumes_per_tick: int,
+        zombie_after: timedelta,
+        max_flow_reruns: int,
+    ):
         self.cluster = cluster
         self.prefect = prefect
         self.max_active_jobs = max_active_jobs
+        self.max_submissions_per_minute = max_submissions_per_minute
         self.resumes_per_tick = resumes_per_tick
+        self.zombie_after = zombie_after
+        self.max_flow_reruns = max_flow_reruns
+
+    @classmethod
+    def from_settings(cls, cluster: Cluster, prefect: SyncPrefectClient) -> "Reconciler":
+        return cls(
+            cluster,
+            prefect,
+            max_active_jobs=settings.EMG_MAX_ACTIVE_JOBS,
+            max_submissions_per_minute=settings.EMG_MAX_SUBMISSIONS_PER_MINUTE,
+            resumes_per_tick=settings.EMG_RESUMES_PER_TICK,
+            zombie_after=timedelta(seconds=settings.EMG_ZOMBIE_AFTER_SECONDS),
+            max_flow_reruns=settings.EMG_MAX_FLOW_RERUNS,
+        )
 
     def tick(self) -> TickReport:
         report = TickReport()
-        for step in (self.refresh_job_states, self.submit_declared_jobs, self.resume_ready_flows):
+        for step in (self.cancel_requested, self.refresh_job_states, self.submit_declared_jobs, self.tend_flow_runs):
             try:
                 step(report)
             except Exception as error:  # one failing step must not starve the others
@@ -65,6 +106,34 @@ class Reconciler:
                 report.errors.append(f"{step.__name__}: {error}")
         return report
 
+    # --- 1. cancellations -----------------------------------------------------------------
+    def cancel_requested(self, report: TickReport) -> None:
+        requests = AnalysisRequest.objects.filter(cancel_requested_at__isnull=False).exclude(
+            status__in=AnalysisRequest.FINAL_STATUSES
+        )
+        for request in requests:
+            if request.flow_run_id:
+                self.prefect.set_flow_run_state(
+                    request.flow_run_id, Cancelled(message="cancelled by an operator"), force=True
+                )
+            waits = JobWait.objects.filter(request=request).select_related("job")
+            for job in {wait.job for wait in waits if not wait.job.is_final}:
+                if job_needed_elsewhere(job, request):
+                    logger.info("job %s is shared with a live request: left running", job.slurm_job_id or job.id)
+                    continue
+                if job.slurm_job_id:
+                    self.cluster.cancel(job.slurm_job_id)
+                else:
+                    record_transition(job, ClusterJobState.CANCELLED, "cancelled before submission", ended=True)
+            release(list(waits))
+            AnalysisRequest.objects.filter(id=request.id).update(
+                status=AnalysisRequest.Status.CANCELLED,
+                status_reason="cancelled by an operator",
+                finished_at=timezone.now(),
+            )
+            report.cancelled.append(request.id)
+
+    # --- 2. job states ----------------------------------------------------------------------
     def refresh_job_states(self, report: TickReport) -> None:
         jobs = list(ClusterJob.objects.awaited())
         if not jobs:
@@ -80,17 +149,24 @@ class Reconciler:
             if status.state == job.state and status.raw_state == job.raw_state:
                 unchanged.append(job.id)
                 continue
-            record_status(job, status, now)
             report.changed[job.slurm_job_id] = status.state.value
+            retry = escalated_spec(job, status)
+            if retry is None:
+                record_status(job, status, now)
+            else:
+                spec, reason = retry
+                declare_again(job, status, spec, reason, now)
+                report.retried.append(job.slurm_job_id)
         ClusterJob.objects.filter(id__in=unchanged).update(state_checked_at=now)
 
+    # --- 3. submissions ---------------------------------------------------------------------
     def submit_declared_jobs(self, report: TickReport) -> None:
         declared = list(ClusterJob.objects.declared().order_by("created_at", "id"))
         if not declared:
             return
-        room = self.max_active_jobs - self.cluster.count_active()
+        recent = ClusterJob.objects.filter(submission_started_at__gte=timezone.now() - timedelta(minutes=1)).count()
+        room = min(self.max_active_jobs - self.cluster.count_active(), self.max_submissions_per_minute - recent)
         for job in declared[: max(room, 0)]:
-            spec = JobSpec.from_dict(job.spec)
             if job.submission_started_at is not None:
                 found = self.cluster.find_by_tag(job.tag)
                 if found:
@@ -102,7 +178,7 @@ class Reconciler:
                     submission_started_at=timezone.now(), attempts=F("attempts") + 1
                 )
                 job.refresh_from_db(fields=["attempts", "submission_started_at"])
-            submitted = self.cluster.submit(spec, tag=job.tag)
+            submitted = self.cluster.submit(JobSpec.from_dict(job.spec), tag=job.tag)
             now = timezone.now()
             ClusterJob.objects.filter(id=job.id).update(
                 state=ClusterJobState.SUBMITTED,
@@ -115,58 +191,182 @@ class Reconciler:
             report.submitted.append(submitted.job_id)
             logger.info("submitted %s as Slurm job %s (tag %s)", job.name, submitted.job_id, job.tag)
 
-    def resume_ready_flows(self, report: TickReport) -> None:
+    # --- 4. flow runs -------------------------------------------------------------------------
+    def tend_flow_runs(self, report: TickReport) -> None:
         waits_by_run: dict[UUID, list[JobWait]] = defaultdict(list)
         for wait in JobWait.objects.filter(released_at__isnull=True).select_related("job").order_by("created_at"):
             waits_by_run[wait.flow_run_id].append(wait)
-        if not waits_by_run:
-            return
-        states = self.read_flow_run_states(list(waits_by_run))
-        resumed = 0
+        requests_by_run = {
+            request.flow_run_id: request
+            for request in AnalysisRequest.objects.unfinished().filter(flow_run_id__isnull=False)
+        }
+        runs = self.read_flow_runs(list(waits_by_run.keys() | requests_by_run.keys()))
+        self.resume_ready(waits_by_run, runs, report)
+        self.recover_broken(requests_by_run, runs, report)
+
+    def resume_ready(self, waits_by_run: dict[UUID, list[JobWait]], runs: dict, report: TickReport) -> None:
         for flow_run_id, waits in waits_by_run.items():
-            state = states.get(flow_run_id)
-            if state is None or state.type in RELEASING_STATE_TYPES:
+            run = runs.get(flow_run_id)
+            if run is None or run.state.type in ENDED_STATE_TYPES:
                 report.released += release(waits)
                 continue
-            if not (state.type == StateType.PAUSED and all(wait.job.is_final for wait in waits)):
+            if run.state.type != StateType.PAUSED or not all(wait.job.is_final for wait in waits):
                 continue
-            if resumed >= self.resumes_per_tick:
+            if len(report.resumed) >= self.resumes_per_tick:
                 continue
-            result = self.prefect.resume_flow_run(flow_run_id)
+            try:
+                result = self.prefect.resume_flow_run(flow_run_id)
+            except httpx.HTTPStatusError as error:
+                logger.info("resume of %s refused (%s); the next tick will look again", flow_run_id, error)
+                continue
             if result.status.value != "ACCEPT":
-                # Someone else resumed it, or it moved on: nothing to do, the next tick will see.
+                # Resumed by someone else, or already moving on: normal, not an error.
                 logger.info("resume of %s not accepted: %s", flow_run_id, result.details)
                 continue
             release(waits)
-            resumed += 1
             report.resumed.append(flow_run_id)
 
-    def read_flow_run_states(self, flow_run_ids: list[UUID]) -> dict:
-        states = {}
+    def recover_broken(self, requests_by_run: dict[UUID, AnalysisRequest], runs: dict, report: TickReport) -> None:
+        now = timezone.now()
+        suspects = {}
+        for flow_run_id, request in requests_by_run.items():
+            run = runs.get(flow_run_id)
+            if run is None or request.cancel_requested_at is not None:
+                continue
+            if run.state.type in RECOVERABLE_STATE_TYPES:
+                self.rerun(request, run.state, f"flow run {run.state.name.lower()}", report)
+            elif run.state.type == StateType.CANCELLED:
+                AnalysisRequest.objects.filter(id=request.id).exclude(
+                    status__in=AnalysisRequest.FINAL_STATUSES
+                ).update(status=AnalysisRequest.Status.CANCELLED, status_reason="flow run cancelled in Prefect",
+                         finished_at=now)
+            elif run.state.type == StateType.RUNNING and now - run.state.timestamp > self.zombie_after:
+                suspects[flow_run_id] = (request, run.state)
+        if suspects:
+            alive = self.runs_with_recent_heartbeat(list(suspects), since=now - self.zombie_after)
+            for flow_run_id, (request, state) in suspects.items():
+                if flow_run_id not in alive:
+                    self.rerun(request, state, "flow run stopped sending heartbeats", report)
+
+    def rerun(self, request: AnalysisRequest, state: State, why: str, report: TickReport) -> None:
+        if request.flow_reruns >= self.max_flow_reruns:
+            AnalysisRequest.objects.filter(id=request.id).update(
+                status=AnalysisRequest.Status.FAILED,
+                status_reason=f"{why} and was re-run {request.flow_reruns} times already: {state.message or ''}"[:2000],
+                finished_at=timezone.now(),
+            )
+            return
+        self.prefect.set_flow_run_state(request.flow_run_id, Scheduled(message=f"re-run by the reconciler: {why}"),
+                                        force=True)
+        AnalysisRequest.objects.filter(id=request.id).update(flow_reruns=F("flow_reruns") + 1)
+        logger.warning("re-running flow run %s of request #%s: %s", request.flow_run_id, request.id, why)
+        report.rerun.append(request.flow_run_id)
+
+    def read_flow_runs(self, flow_run_ids: list[UUID]) -> dict:
+        runs = {}
         for start in range(0, len(flow_run_ids), PREFECT_FILTER_CHUNK):
             chunk = flow_run_ids[start : start + PREFECT_FILTER_CHUNK]
-            runs = self.prefect.read_flow_runs(
+            found = self.prefect.read_flow_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)), limit=len(chunk)
             )
-            states.update({run.id: run.state for run in runs})
-        return states
+            runs.update({run.id: run for run in found})
+        return runs
+
+    def runs_with_recent_heartbeat(self, flow_run_ids: list[UUID], since: datetime) -> set[UUID]:
+        """Runs among these that sent a heartbeat since `since`: one events query."""
+        response = self.prefect.request(
+            "POST",
+            "/events/filter",
+            json={
+                "filter": {
+                    "occurred": {"since": since.isoformat()},
+                    "event": {"name": [HEARTBEAT_EVENT]},
+                    "resource": {"id": [f"prefect.flow-run.{run_id}" for run_id in flow_run_ids]},
+                },
+                "limit": 200,
+            },
+        )
+        return {
+            UUID(event["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run."))
+            for event in response.json().get("events", [])
+        }
+
+
+def job_needed_elsewhere(job: ClusterJob, cancelled: AnalysisRequest) -> bool:
+    return (
+        JobWait.objects.filter(job=job, request__isnull=False)
+        .exclude(request=cancelled)
+        .exclude(request__status__in=AnalysisRequest.FINAL_STATUSES)
+        .filter(request__cancel_requested_at__isnull=True)
+        .exists()
+    )
+
+
+def escalated_spec(job: ClusterJob, status: JobStatus) -> tuple[JobSpec, str] | None:
+    """The spec to declare the job again with, per its policy, or None when it has really ended."""
+    if not status.state.is_final or status.state.retry_with is None:
+        return None
+    policy = ResubmitPolicy.from_dict(job.policy)
+    if job.attempts >= policy.max_attempts:
+        return None
+    spec = JobSpec.from_dict(job.spec)
+    if status.state.retry_with == "memory":
+        memory = min(int(spec.memory_mb * policy.memory_factor), policy.max_memory_mb)
+        if memory <= spec.memory_mb:
+            return None
+        return dataclasses.replace(spec, memory_mb=memory), f"{status.state}: again with {memory} MB"
+    if status.state.retry_with == "time":
+        minutes = min(int(spec.time_limit_minutes * policy.time_factor), policy.max_time_minutes)
+        if minutes <= spec.time_limit_minutes:
+            return None
+        return dataclasses.replace(spec, time_limit_minutes=minutes), f"{status.state}: again with {minutes} min"
+    return spec, f"{status.state}: again as it was"
 
 
 def history_entry(state: str, detail: str, at: datetime) -> dict:
     return {"state": str(state), "detail": detail, "at": at.isoformat()}
 
 
-def record_status(job: ClusterJob, status: JobStatus, now: datetime) -> None:
+def status_detail(status: JobStatus) -> str:
     detail = status.raw_state or status.state.value
     if status.exit_code is not None:
         detail += f" exit {status.exit_code}:{status.signal or 0}"
+    return detail
+
+
+def record_status(job: ClusterJob, status: JobStatus, now: datetime) -> None:
     ClusterJob.objects.filter(id=job.id).update(
         state=status.state.value,
         raw_state=status.raw_state,
         exit_code=status.exit_code,
         signal=status.signal,
         state_checked_at=now,
-        history=job.history + [history_entry(status.state.value, detail, now)],
+        ended_at=now if status.state.is_final else None,
+        history=job.history + [history_entry(status.state.value, status_detail(status), now)],
+    )
+
+
+def declare_again(job: ClusterJob, status: JobStatus, spec: JobSpec, reason: str, now: datetime) -> None:
+    """Same row, same fingerprint, next attempt: flows waiting on it keep waiting."""
+    ClusterJob.objects.filter(id=job.id).update(
+        state=ClusterJobState.DECLARED,
+        raw_state=status.raw_state,
+        exit_code=status.exit_code,
+        signal=status.signal,
+        spec=spec.to_dict(),
+        submission_started_at=None,
+        state_checked_at=now,
+        history=job.history
+        + [history_entry(status.state.value, status_detail(status), now), history_entry("DECLARED", reason, now)],
+    )
+    logger.warning("job %s (Slurm %s) %s", job.name, job.slurm_job_id, reason)
+
+
+def record_transition(job: ClusterJob, state: str, detail: str, *, ended: bool) -> None:
+    now = timezone.now()
+    ClusterJob.objects.filter(id=job.id).update(
+        state=state, state_checked_at=now, ended_at=now if ended else None,
+        history=job.history + [history_entry(state, detail, now)],
     )
 
 
@@ -180,6 +380,7 @@ def adopt(job: ClusterJob, status: JobStatus) -> None:
         exit_code=status.exit_code,
         signal=status.signal,
         state_checked_at=now,
+        ended_at=now if status.state.is_final else None,
         history=job.history + [history_entry(status.state.value, f"adopted Slurm job {status.job_id} by tag", now)],
     )
     logger.warning("adopted Slurm job %s for %s: an earlier sbatch had queued it", status.job_id, job.name)

@@ -1,8 +1,59 @@
-from django.conf import settings
-from django.contrib import admin
-from django.utils.html import format_html
+"""The operators' view: what each request and cluster job is doing, and the three ways to step in.
 
-from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, Study
+Rows are written by flows and the reconciler, never by hand: state fields are read-only
+here, and the actions call the models' own operations.
+"""
+
+import shlex
+
+from django.conf import settings
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import Count
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+
+from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick, Study
+from slurm_adapter import JobSpec, tail_log
+from slurm_adapter.spec import build_script
+
+LOG_TAIL_LINES = 40
+# The job list filtered to one request's jobs; allowed explicitly in ClusterJobAdmin.lookup_allowed.
+JOBS_OF_REQUEST = "waits__request__id__exact"
+
+
+def flow_run_url(flow_run_id) -> str:
+    return f"{settings.PREFECT_UI_URL}/runs/flow-run/{flow_run_id}"
+
+
+def change_link(obj) -> str:
+    url = reverse(f"admin:{obj._meta.app_label}_{obj._meta.model_name}_change", args=[obj.pk])
+    return format_html('<a href="{}">{}</a>', url, obj)
+
+
+def preformatted(text: str) -> str:
+    # Wrapped, so a long command line or log line stays on the page.
+    return format_html('<pre style="white-space: pre-wrap">{}</pre>', text)
+
+
+def html_table(rows, headers: list[str] | None = None) -> str:
+    if not rows:
+        return "-"
+    head = ""
+    if headers:
+        head = format_html("<thead><tr>{}</tr></thead>", format_html_join("", "<th>{}</th>", ((h,) for h in headers)))
+    body = format_html_join(
+        "", "<tr>{}</tr>", ((format_html_join("", "<td>{}</td>", ((cell,) for cell in row)),) for row in rows)
+    )
+    return format_html("<table>{}<tbody>{}</tbody></table>", head, body)
+
+
+def report_outcomes(modeladmin: admin.ModelAdmin, request, done: list[str], refused: list[str], verb: str) -> None:
+    if done:
+        modeladmin.message_user(request, f"{verb}: {', '.join(done)}", messages.SUCCESS)
+    if refused:
+        modeladmin.message_user(request, f"Not {verb.lower()}: {'; '.join(refused)}", messages.WARNING)
 
 
 @admin.register(Study)
@@ -11,35 +62,211 @@ class StudyAdmin(admin.ModelAdmin):
     search_fields = ["accession", "title"]
 
 
+class JobWaitInline(admin.TabularInline):
+    model = JobWait
+    extra = 0
+    can_delete = False
+    fields = ["step", "job_link", "job_state", "slurm_job_id", "suspensions", "created_at", "released_at"]
+    readonly_fields = fields
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("job")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="job")
+    def job_link(self, wait: JobWait):
+        return change_link(wait.job)
+
+    @admin.display(description="state")
+    def job_state(self, wait: JobWait):
+        return wait.job.state
+
+    @admin.display(description="Slurm id")
+    def slurm_job_id(self, wait: JobWait):
+        return wait.job.slurm_job_id or "-"
+
+
 @admin.register(AnalysisRequest)
 class AnalysisRequestAdmin(admin.ModelAdmin):
-    list_display = ["id", "study", "status", "current_step", "generation", "flow_run_link", "created_at"]
+    list_display = ["id", "study", "status", "current_step", "short_reason", "generation", "flow_run_link",
+                    "jobs_link", "created_at"]
     list_filter = ["status"]
-    search_fields = ["study__accession"]
-    readonly_fields = ["flow_run_link", "created_at", "updated_at", "finished_at"]
+    list_select_related = ["study"]
+    search_fields = ["study__accession", "waits__job__slurm_job_id"]
+    readonly_fields = ["status", "current_step", "status_reason", "generation", "flow_run_link", "jobs_link",
+                       "cancel_requested_at", "created_at", "updated_at", "finished_at"]
+    fields = ["study", "pipeline_options", *readonly_fields]
+    inlines = [JobWaitInline]
+    actions = ["cancel", "rerun"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(job_count=Count("waits"))
+
+    @admin.display(description="reason")
+    def short_reason(self, obj: AnalysisRequest):
+        return obj.status_reason[:80]
 
     @admin.display(description="Prefect flow run")
     def flow_run_link(self, obj: AnalysisRequest):
         if not obj.flow_run_id:
             return "-"
-        return format_html('<a href="{}/runs/flow-run/{}">{}</a>', settings.PREFECT_UI_URL, obj.flow_run_id,
-                           obj.flow_run_id)
+        return format_html('<a href="{}" target="_blank">{}</a>', flow_run_url(obj.flow_run_id), obj.flow_run_id)
+
+    @admin.display(description="cluster jobs")
+    def jobs_link(self, obj: AnalysisRequest):
+        if not obj.job_count:
+            return "-"
+        url = f"{reverse('admin:emg_clusterjob_changelist')}?{urlencode({JOBS_OF_REQUEST: obj.id})}"
+        return format_html('<a href="{}">{} job(s)</a>', url, obj.job_count)
+
+    @admin.action(description="Cancel the selected requests (their flow runs and the jobs only they need)")
+    def cancel(self, request, queryset):
+        done, refused = [], []
+        for analysis in queryset:
+            (done if analysis.request_cancel() else refused).append(f"#{analysis.id}")
+        report_outcomes(self, request, done, [f"{ref} has already ended or is being cancelled" for ref in refused],
+                        "Cancellation requested")
+
+    @admin.action(description="Re-run the selected ended requests (new generation, new flow run)")
+    def rerun(self, request, queryset):
+        done, refused = [], []
+        for analysis in queryset:
+            try:
+                analysis.rerun()
+            except ValidationError as error:
+                refused.append(" ".join(error.messages))
+            else:
+                done.append(f"#{analysis.id} (generation {analysis.generation})")
+        report_outcomes(self, request, done, refused, "Re-run")
 
 
 @admin.register(ClusterJob)
 class ClusterJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "slurm_job_id", "state", "exit_code", "attempts", "state_checked_at"]
+    list_display = ["id", "name", "slurm_job_id", "state", "exit_code", "attempts", "submit_time", "state_checked_at"]
     list_filter = ["state"]
-    search_fields = ["slurm_job_id", "name", "fingerprint"]
-    readonly_fields = ["fingerprint", "history", "created_at", "updated_at"]
+    search_fields = ["slurm_job_id", "name", "waits__request__study__accession"]
+    actions = ["resubmit"]
+    fieldsets = [
+        (None, {"fields": ["name", "state", "raw_state", "slurm_job_id", "exit_code", "signal", "attempts", "tag",
+                           "requests", "submit_time", "ended_at", "state_checked_at", "created_at", "updated_at"]}),
+        ("State history", {"fields": ["history_table"]}),
+        ("Job log", {"fields": ["log_path", "log_tail"]}),
+        ("Script and resources", {"fields": ["resources", "command_line", "job_script", "policy_table"]}),
+        ("Nextflow trace", {"fields": ["trace_table"]}),
+        ("Inputs", {"fields": ["input_hashes_table", "fingerprint"]}),
+    ]
+    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
+
+    def lookup_allowed(self, lookup, value, request=None):
+        return lookup == JOBS_OF_REQUEST or super().lookup_allowed(lookup, value, request)
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.display(description="waiting requests")
+    def requests(self, job: ClusterJob):
+        waits = job.waits.select_related("request__study").order_by("created_at")
+        links = [(change_link(wait.request), wait.step) for wait in waits if wait.request]
+        return format_html_join(", ", "{} at {}", links) or "-"
+
+    @admin.display(description="state history")
+    def history_table(self, job: ClusterJob):
+        # ISO times to the second, in UTC like the rest of the record.
+        rows = [(entry.get("at", "")[:19].replace("T", " "), entry.get("state", ""), entry.get("detail", ""))
+                for entry in job.history]
+        return html_table(rows, ["at", "state", "detail"])
+
+    @admin.display(description=f"last {LOG_TAIL_LINES} lines")
+    def log_tail(self, job: ClusterJob):
+        text = tail_log(job.log_path, LOG_TAIL_LINES) if job.log_path else ""
+        return preformatted(text) if text else "-"
+
+    @admin.display(description="resources")
+    def resources(self, job: ClusterJob):
+        spec = job.spec
+        rows = [
+            ("partition", spec.get("partition") or "default"),
+            ("time limit", f"{spec.get('time_limit_minutes')} min"),
+            ("memory", f"{spec.get('memory_mb')} MB"),
+            ("CPUs", spec.get("cpus")),
+            ("work dir", spec.get("work_dir")),
+            ("extra sbatch options", " ".join(spec.get("extra_options") or []) or "-"),
+            ("environment", ", ".join(sorted(spec.get("environment") or {})) or "-"),
+        ]
+        return html_table(rows)
+
+    @admin.display(description="command")
+    def command_line(self, job: ClusterJob):
+        return preformatted(shlex.join(job.spec.get("command") or []))
+
+    @admin.display(description="job script")
+    def job_script(self, job: ClusterJob):
+        return preformatted(build_script(JobSpec.from_dict(job.spec)))
+
+    @admin.display(description="trace")
+    def trace_table(self, job: ClusterJob):
+        """A table of task rows, or of the summary's figures; whichever the job recorded."""
+        trace = job.trace
+        if isinstance(trace, list) and all(isinstance(row, dict) for row in trace):
+            columns = list(dict.fromkeys(column for row in trace for column in row))
+            return html_table([[row.get(column, "") for column in columns] for row in trace], columns)
+        if isinstance(trace, dict):
+            return html_table(list(trace.items()))
+        return "-"
+
+    @admin.display(description="resubmit policy")
+    def policy_table(self, job: ClusterJob):
+        return html_table(sorted(job.policy.items()))
+
+    @admin.display(description="input file hashes")
+    def input_hashes_table(self, job: ClusterJob):
+        return html_table(sorted(job.input_hashes.items()), ["input", "hash"])
+
+    @admin.action(description="Resubmit the selected ended jobs now (as new jobs)")
+    def resubmit(self, request, queryset):
+        done, refused = [], []
+        for job in queryset:
+            try:
+                twin = job.resubmit()
+            except ValidationError as error:
+                refused.append(" ".join(error.messages))
+            else:
+                done.append(f"#{job.id} as #{twin.id}")
+        report_outcomes(self, request, done, refused, "Resubmitted")
 
 
 @admin.register(JobWait)
 class JobWaitAdmin(admin.ModelAdmin):
-    list_display = ["flow_run_id", "step", "job", "request", "suspensions", "released_at"]
+    list_display = ["flow_run_id", "step", "job", "request", "suspensions", "created_at", "released_at"]
+    list_select_related = ["job", "request__study"]
+    list_filter = [("released_at", admin.EmptyFieldListFilter)]
+    search_fields = ["request__study__accession", "job__slurm_job_id"]
+    readonly_fields = ["flow_run_id", "step", "job", "request", "suspensions", "created_at", "released_at"]
+
+    def has_add_permission(self, request):
+        return False
 
 
 @admin.register(OutboxEvent)
 class OutboxEventAdmin(admin.ModelAdmin):
-    list_display = ["id", "topic", "request", "generation", "created_at", "publish_attempts", "dispatched_at"]
-    list_filter = ["topic"]
+    list_display = ["id", "topic", "request", "generation", "created_at", "published_at", "publish_attempts",
+                    "dispatched_at"]
+    list_select_related = ["request__study"]
+    list_filter = ["topic", ("dispatched_at", admin.EmptyFieldListFilter)]
+    search_fields = ["request__study__accession"]
+    readonly_fields = ["id", "topic", "request", "generation", "created_at", "published_at", "publish_attempts",
+                       "dispatched_at", "last_error"]
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(ReconcileTick)
+class ReconcileTickAdmin(admin.ModelAdmin):
+    list_display = ["started_at", "finished_at", "worker", "report"]
+    readonly_fields = list_display
+
+    def has_add_permission(self, request):
+        return False

@@ -5,7 +5,12 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from emg.accessions import MAX_ACCESSION_LENGTH, validate_study_accession
+from emg.accessions import (
+    MAX_ACCESSION_LENGTH,
+    validate_run_accession,
+    validate_sample_accession,
+    validate_study_accession,
+)
 from slurm_adapter import JobState
 
 ClusterJobState = models.TextChoices(
@@ -57,6 +62,37 @@ class Study(models.Model):
         # Rows are created from flows, commands and the shell as well as forms: validate on every path.
         self.full_clean()
         super().save(*args, **kwargs)
+
+
+class Sample(models.Model):
+    accession = models.CharField(max_length=32, unique=True, validators=[validate_sample_accession])
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="samples")
+    scientific_name = models.CharField(max_length=255, blank=True)
+    tax_id = models.CharField(max_length=32, blank=True)
+
+    class Meta:
+        ordering = ["accession"]
+
+    def __str__(self) -> str:
+        return self.accession
+
+
+class Run(models.Model):
+    accession = models.CharField(max_length=32, unique=True, validators=[validate_run_accession])
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="runs")
+    sample = models.ForeignKey(Sample, on_delete=models.CASCADE, related_name="runs")
+    library_layout = models.CharField(max_length=16, blank=True)
+    library_strategy = models.CharField(max_length=64, blank=True)
+    instrument_model = models.CharField(max_length=128, blank=True)
+    read_count = models.BigIntegerField(null=True, blank=True)
+    fastq_ftp = models.JSONField(default=list, blank=True)
+    fastq_md5 = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["accession"]
+
+    def __str__(self) -> str:
+        return self.accession
 
 
 class AnalysisRequestQuerySet(models.QuerySet):
@@ -206,6 +242,8 @@ class ClusterJob(models.Model):
     signal = models.IntegerField(null=True, blank=True)
     attempts = models.PositiveIntegerField(default=0)
     history = models.JSONField(default=list, blank=True)
+    # The pipeline's Nextflow trace (tasks, exit status, duration, peak memory), for provenance.
+    trace = models.JSONField(null=True, blank=True)
     state_checked_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -228,8 +266,12 @@ class ClusterJob(models.Model):
 
     @property
     def tag(self) -> str:
-        """Names this attempt in Slurm, so it can be found again even if we never learnt its id."""
-        return f"{self.fingerprint[:20]}-{self.attempts}"
+        """Names this attempt in Slurm, so it can be found again even if we never learnt its id.
+
+        Fingerprint first (what the work is), then the row and the attempt: a job declared again
+        after its twin's row was deleted never answers to the old twin's tag.
+        """
+        return f"{self.fingerprint[:16]}-{self.id}-{self.attempts}"
 
     @property
     def is_final(self) -> bool:
@@ -292,3 +334,41 @@ class ReconcileTick(models.Model):
 
     def __str__(self) -> str:
         return f"tick at {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+
+class Assembly(models.Model):
+    """What a request's assembly job produced."""
+
+    request = models.OneToOneField(AnalysisRequest, on_delete=models.CASCADE, related_name="assembly")
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="assemblies")
+    job = models.ForeignKey(ClusterJob, on_delete=models.PROTECT, related_name="assemblies")
+    contigs = models.PositiveIntegerField()
+    total_length = models.PositiveBigIntegerField()
+    n50 = models.PositiveIntegerField()
+    stats = models.JSONField(default=dict)
+    results_path = models.CharField(max_length=1024)
+    analysis_skipped_reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "assemblies"
+
+    def __str__(self) -> str:
+        return f"assembly of {self.study} ({self.contigs} contigs, {self.total_length} bp)"
+
+
+class Analysis(models.Model):
+    """What a request's analysis job found in its assembly."""
+
+    request = models.OneToOneField(AnalysisRequest, on_delete=models.CASCADE, related_name="analysis")
+    assembly = models.ForeignKey(Assembly, on_delete=models.CASCADE, related_name="analyses")
+    job = models.ForeignKey(ClusterJob, on_delete=models.PROTECT, related_name="analyses")
+    summary = models.JSONField(default=dict)
+    results_path = models.CharField(max_length=1024)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name_plural = "analyses"
+
+    def __str__(self) -> str:
+        return f"analysis of {self.assembly}"

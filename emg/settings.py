@@ -1,6 +1,7 @@
 """Settings come from the environment; every one has a default that runs the local demo."""
 
 import os
+import re
 from pathlib import Path
 
 import dj_database_url
@@ -29,6 +30,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "emg.apps.EmgConfig",
+    "workers",
 ]
 
 MIDDLEWARE = [
@@ -95,7 +97,10 @@ EMG_OUTBOX_GRACE_SECONDS = _env_float("EMG_OUTBOX_GRACE_SECONDS", 30)
 EMG_OUTBOX_SWEEP_SECONDS = _env_float("EMG_OUTBOX_SWEEP_SECONDS", 15)
 # Prefect idempotency keys must be unique across every database that talks to the
 # same Prefect server, or a key from another database returns that database's run.
-EMG_INSTANCE_NAMESPACE = os.environ.get("EMG_INSTANCE_NAMESPACE", str(DATABASES["default"]["NAME"]))
+# They also name cache files, so only letters, digits and dashes.
+EMG_INSTANCE_NAMESPACE = os.environ.get(
+    "EMG_INSTANCE_NAMESPACE", re.sub(r"[^a-z0-9]+", "-", str(DATABASES["default"]["NAME"]).lower()).strip("-")
+)
 
 # --- Prefect -------------------------------------------------------------------
 PREFECT_API_URL = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api")
@@ -110,7 +115,6 @@ EMG_WORK_DIR = Path(os.environ.get("EMG_WORK_DIR", VAR_DIR / "work"))
 EMG_SLURM_PARTITION = os.environ.get("EMG_SLURM_PARTITION") or None
 EMG_SLURM_MIN_QUERY_INTERVAL_SECONDS = _env_float("EMG_SLURM_MIN_QUERY_INTERVAL_SECONDS", 0)
 EMG_SLURM_ACCOUNTING_GRACE_SECONDS = _env_float("EMG_SLURM_ACCOUNTING_GRACE_SECONDS", 60)
-EMG_PIPELINE_COMMAND = os.environ.get("EMG_PIPELINE_COMMAND", f"bash {BASE_DIR / 'pipelines' / 'demo_pipeline.sh'}")
 EMG_PIPELINE_TIME_LIMIT_MINUTES = _env_int("EMG_PIPELINE_TIME_LIMIT_MINUTES", 60)
 EMG_PIPELINE_MEMORY_MB = _env_int("EMG_PIPELINE_MEMORY_MB", 512)
 
@@ -135,3 +139,20 @@ EMG_FLOW_HEARTBEAT_SECONDS = _env_int("EMG_FLOW_HEARTBEAT_SECONDS", 30)
 # A run Running this long with no heartbeat in that time is a zombie (its process is gone).
 EMG_ZOMBIE_AFTER_SECONDS = _env_float("EMG_ZOMBIE_AFTER_SECONDS", 3 * EMG_FLOW_HEARTBEAT_SECONDS)
 EMG_MAX_FLOW_RERUNS = _env_int("EMG_MAX_FLOW_RERUNS", 3)
+
+# --- ENA and the MGnify flow -----------------------------------------------------------------
+EMG_ENA_PORTAL_API = os.environ.get("EMG_ENA_PORTAL_API", "https://www.ebi.ac.uk/ena/portal/api")
+# Read files are named by ENA as host/path ("ftp.sra.ebi.ac.uk/vol1/..."); this makes them URLs.
+EMG_ENA_FASTQ_URL_PREFIX = os.environ.get("EMG_ENA_FASTQ_URL_PREFIX", "https://")
+EMG_ENA_TIMEOUT_SECONDS = _env_float("EMG_ENA_TIMEOUT_SECONDS", 60)
+EMG_ENA_RETRIES = _env_int("EMG_ENA_RETRIES", 4)
+EMG_ENA_RETRY_DELAY_SECONDS = _env_float("EMG_ENA_RETRY_DELAY_SECONDS", 10)
+# In production these are Nextflow pipelines, e.g.
+#   "nextflow run ebi-metagenomics/miassembler -r v3.0.0 -resume -ansi-log false -with-trace"
+EMG_ASSEMBLY_COMMAND = os.environ.get("EMG_ASSEMBLY_COMMAND", f"python3 {BASE_DIR / 'pipelines' / 'assembly.py'}")
+EMG_ANALYSIS_COMMAND = os.environ.get("EMG_ANALYSIS_COMMAND", f"python3 {BASE_DIR / 'pipelines' / 'analysis.py'}")
+EMG_DATAMOVE_COMMAND = os.environ.get("EMG_DATAMOVE_COMMAND", f"bash {BASE_DIR / 'pipelines' / 'datamove.sh'}")
+EMG_DATAMOVER_PARTITION = os.environ.get("EMG_DATAMOVER_PARTITION") or None
+EMG_RESULTS_DIR = Path(os.environ.get("EMG_RESULTS_DIR", VAR_DIR / "results"))
+# Analysis runs only on an assembly at least this long (total contig bases).
+EMG_MIN_ASSEMBLY_LENGTH = _env_int("EMG_MIN_ASSEMBLY_LENGTH", 5000)

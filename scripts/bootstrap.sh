@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# Headless Chromium and its driver take the operator-surface screenshots in the e2e tests.
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]} from Debian's packages"
     apt-get update -q

@@ -30,24 +30,31 @@ __all__ = [
     "map_slurm_state",
     "parse_exit_code",
     "parse_sacct",
+    "resolve_backend",
     "safe_job_name",
     "tail_log",
     "validate_tag",
 ]
 
 
-def make_cluster(backend: str, **kwargs: Any) -> Cluster:
-    """backend: "slurm", "local" (needs root_dir=...), or "auto" (slurm if sbatch is on PATH)."""
+def resolve_backend(backend: str) -> str:
+    """"auto" means the real cluster wherever Slurm's client is installed."""
     if backend == "auto":
-        # Callers of "auto" pass what either backend needs; each takes its own.
-        if shutil.which("sbatch"):
-            backend = "slurm"
-            kwargs.pop("root_dir", None)
-        else:
-            backend = "local"
-            kwargs = {k: v for k, v in kwargs.items() if k == "root_dir"}
+        return "slurm" if shutil.which("sbatch") else "local"
+    return backend
+
+
+_LOCAL_OPTIONS = frozenset({"root_dir"})
+
+
+def make_cluster(backend: str, **options: Any) -> Cluster:
+    """backend: "slurm", "local" (needs root_dir=...), or "auto" (slurm if sbatch is on PATH).
+
+    Callers may pass what either backend needs; each takes its own options.
+    """
+    backend = resolve_backend(backend)
     if backend == "slurm":
-        return SlurmCluster(**kwargs)
+        return SlurmCluster(**{k: v for k, v in options.items() if k not in _LOCAL_OPTIONS})
     if backend == "local":
-        return LocalCluster(**kwargs)
+        return LocalCluster(**{k: v for k, v in options.items() if k in _LOCAL_OPTIONS})
     raise ValueError(f"unknown cluster backend {backend!r}; expected 'slurm', 'local' or 'auto'")

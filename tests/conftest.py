@@ -17,7 +17,7 @@ PREFECT_TEST_DATABASE = f"emg_prefect_{settings.TEST_SESSION}"
 @pytest.fixture(scope="session")
 def service_logs() -> Path:
     """Service logs land where CI and people can read them after a failure."""
-    logs = ROOT / "test-artifacts" / "logs"
+    logs = ROOT / "test-artifacts" / "logs" / settings.TEST_SESSION
     logs.mkdir(parents=True, exist_ok=True)
     return logs
 
@@ -65,6 +65,17 @@ def slurm_cluster():
     return "slurm"
 
 
+@pytest.fixture(scope="session")
+def ena_server():
+    """Our local fake of the ENA Portal API, serving recorded studies and their reads."""
+    from flows.ena_fake import FakeEnaServer
+
+    server = FakeEnaServer()
+    server.start()
+    yield server
+    server.stop()
+
+
 @dataclass
 class Stack:
     runner: ManagedProcess
@@ -77,7 +88,7 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(django_db_setup, prefect_api_url, slurm_cluster, service_logs, tmp_path_factory):
+def stack(django_db_setup, prefect_api_url, slurm_cluster, ena_server, service_logs, tmp_path_factory):
     """Prefect runner, Celery worker and Celery beat, all on the test database."""
     database = settings.DATABASES["default"]
     env = dict(os.environ)
@@ -86,6 +97,10 @@ def stack(django_db_setup, prefect_api_url, slurm_cluster, service_logs, tmp_pat
         DATABASE_URL=f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}",
         PREFECT_RUNNER_POLL_FREQUENCY="1",
         EMG_CLUSTER_BACKEND=slurm_cluster,
+        EMG_ENA_PORTAL_API=ena_server.base_url,
+        EMG_ENA_FASTQ_URL_PREFIX=ena_server.fastq_url_prefix,
+        EMG_ENA_RETRY_DELAY_SECONDS="1",
+        EMG_RESULTS_DIR=str(tmp_path_factory.mktemp("results")),
     )
     celery = venv_script("celery")
     beat_dir = tmp_path_factory.mktemp("beat")

@@ -26,6 +26,7 @@ _defaults = {
     "EMG_OUTBOX_GRACE_SECONDS": "5",
     "EMG_OUTBOX_SWEEP_SECONDS": "2",
     "EMG_SLURM_ACCOUNTING_GRACE_SECONDS": "30",
+    "EMG_MAX_SUBMISSIONS_PER_MINUTE": "600",
     "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
     "PREFECT_HOME": tempfile.mkdtemp(prefix=f"emg-test-prefect-{_session}-"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

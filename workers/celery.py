@@ -11,6 +11,8 @@ django.setup()
 
 from django.conf import settings  # noqa: E402  (needs django.setup())
 
+VISIBILITY_TIMEOUT = int(os.environ.get("EMG_CELERY_VISIBILITY_TIMEOUT", "300"))
+
 app = Celery("emg-workers")
 app.conf.update(
     broker_url=settings.CELERY_BROKER_URL,
@@ -22,12 +24,19 @@ app.conf.update(
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
     broker_transport_options={
-        # Our tasks take seconds; an unacked one is redelivered after this long.
-        "visibility_timeout": int(os.environ.get("EMG_CELERY_VISIBILITY_TIMEOUT", 300)),
+        # Our tasks take seconds; an unacked one is redelivered after this long...
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        # ...plus the restore sweep's period, which by default is 10 s x 10 (only every 10th
+        # check scans): here a tenth of the timeout, 1 to 10 s, and every check scans.
+        "unacked_restore_interval": max(1, min(10, VISIBILITY_TIMEOUT // 10)),
+        "unacked_restore_throttle": 1,
         "socket_timeout": 5,
         "socket_connect_timeout": 5,
     },
     worker_hijack_root_logger=False,
+    # Flower shows tasks only from their events.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
     # RedBeat keeps the schedule in Redis behind a lock: a second beat process waits instead of
     # sending every task twice.
     beat_scheduler="redbeat.RedBeatScheduler",

@@ -6,6 +6,8 @@ import uuid
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
 from prefect.deployments import run_deployment
 
 from emg.models import AnalysisRequest, OutboxEvent
@@ -31,7 +33,14 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
     if request.generation != event.generation or request.status in AnalysisRequest.FINAL_STATUSES:
         logger.info("event %s is superseded (request #%s is at generation %s, %s)", event.id, request.id,
                     request.generation, request.status)
-        OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now())
+        with transaction.atomic():
+            if request.generation == event.generation and request.flow_run_id is None:
+                # A consumer that died after making the run, whose run then ended the request
+                # before this redelivery: the run exists, and the request must still point to it.
+                flow_run_id = existing_flow_run_id(event)
+                AnalysisRequest.objects.filter(id=request.id, generation=event.generation,
+                                               flow_run_id__isnull=True).update(flow_run_id=flow_run_id)
+            OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now())
         return None
 
     flow_run = run_deployment(
@@ -47,3 +56,12 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
         OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now(), last_error="")
     logger.info("request #%s generation %s -> flow run %s", request.id, event.generation, flow_run.id)
     return flow_run.id
+
+
+def existing_flow_run_id(event: OutboxEvent) -> uuid.UUID | None:
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[idempotency_key(event)])),
+            limit=1,
+        )
+    return runs[0].id if runs else None

@@ -39,6 +39,7 @@ from prefect.states import Cancelled, Scheduled
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait
 from emg.policies import ResubmitPolicy
 from slurm_adapter import Cluster, JobSpec, JobStatus, SubmittedJob
+from slurm_adapter.files import log_path
 
 logger = logging.getLogger(__name__)
 
@@ -374,6 +375,7 @@ def adopt(job: ClusterJob, status: JobStatus) -> None:
     now = timezone.now()
     ClusterJob.objects.filter(id=job.id).update(
         slurm_job_id=status.job_id,
+        log_path=log_path(job.spec["work_dir"], job.tag, status.job_id),
         submit_time=status.submit_time or now,
         state=status.state.value,
         raw_state=status.raw_state,

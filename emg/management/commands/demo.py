@@ -22,7 +22,8 @@ from django.core.management import BaseCommand, CommandError, call_command
 from emg.models import AnalysisRequest, JobWait, Study
 from emg.processes import ROOT, ManagedProcess, python_module, start_prefect_server, venv_script, wait_until
 
-DEMO_STUDY = "PRJEB99001"
+# A recorded study: the demo serves ENA's answers for it from a local fake of the Portal API.
+DEMO_STUDY = "PRJEB40001"
 
 
 def port_in_use(port: int) -> bool:
@@ -53,7 +54,8 @@ class Command(BaseCommand):
             raise CommandError(f"ports already in use: {', '.join(busy)}; stop what runs there or set DEMO_*_PORT")
 
         backend = self.choose_backend()
-        env = self.stack_environment(var_dir, backend)
+        ena = self.local_ena()
+        env = self.stack_environment(var_dir, backend, ena)
         # This process talks to the same Prefect server (and must not start an ephemeral one).
         os.environ.update(env)
         call_command("migrate", interactive=False, verbosity=0)
@@ -91,14 +93,16 @@ class Command(BaseCommand):
             self.stdout.write(f"  Flower        http://127.0.0.1:{ports['flower']}/  (basic auth {flower_auth})")
             self.stdout.write(f"  Logs          {log_dir}/\n")
 
-            study, _ = Study.objects.get_or_create(accession=DEMO_STUDY, defaults={"title": "Demo study"})
-            request = AnalysisRequest.objects.create(study=study, pipeline_options={"duration": 5})
+            study, _ = Study.objects.get_or_create(accession=DEMO_STUDY)
+            request = AnalysisRequest.objects.create(study=study)
             self.stdout.write(f"created analysis request #{request.id} for {study.accession}")
             final = self.follow(request, processes, lambda: stop_requested, stop_when_final=once)
         finally:
             self.stdout.write("stopping the stack ...")
             for process in reversed(processes):
                 process.stop()
+            if ena is not None:
+                ena.stop()
         if once and final != AnalysisRequest.Status.COMPLETED:
             raise CommandError(f"the demo request ended {final}")
 
@@ -117,9 +121,22 @@ class Command(BaseCommand):
         self.stdout.write("using the real Slurm cluster")
         return "slurm"
 
-    def stack_environment(self, var_dir: Path, backend: str) -> dict[str, str]:
+    def local_ena(self):
+        """A local fake of ENA's Portal API with recorded studies, unless EMG_ENA_PORTAL_API names a real one."""
+        if "EMG_ENA_PORTAL_API" in os.environ:
+            return None
+        from flows.ena_fake import FakeEnaServer
+
+        server = FakeEnaServer()
+        server.start()
+        self.stdout.write(f"serving recorded ENA answers at {server.base_url} (set EMG_ENA_PORTAL_API for the real one)")
+        return server
+
+    def stack_environment(self, var_dir: Path, backend: str, ena) -> dict[str, str]:
         prefect_home = var_dir / "prefect"
         env = dict(os.environ)
+        if ena is not None:
+            env.update(EMG_ENA_PORTAL_API=ena.base_url, EMG_ENA_FASTQ_URL_PREFIX=ena.fastq_url_prefix)
         env.update(
             DJANGO_SETTINGS_MODULE="emg.settings",
             EMG_CLUSTER_BACKEND=backend,
@@ -168,8 +185,8 @@ class Command(BaseCommand):
         last_line = ""
         while not stop_requested():
             request.refresh_from_db()
-            job = JobWait.objects.filter(request=request).select_related("job").first()
-            job_part = f"job {job.job.slurm_job_id or '-'} {job.job.state}" if job else "no job yet"
+            wait = JobWait.objects.filter(request=request).select_related("job").order_by("-created_at").first()
+            job_part = f"{wait.step} job {wait.job.slurm_job_id or '-'} {wait.job.state}" if wait else "no job yet"
             line = f"request #{request.id}: {request.status} {request.current_step} | {job_part}"
             if line != last_line:
                 self.stdout.write(f"{time.strftime('%H:%M:%S')} {line}")

@@ -1,0 +1,79 @@
+"""Writing what ENA told us about a study into the EMG database, and the samplesheet for its reads.
+
+Every function here is idempotent: the flow re-runs from the top at every resume.
+"""
+
+import csv
+import io
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+
+from emg.models import Run, Sample, Study
+
+
+@transaction.atomic
+def store_study_and_runs(study: Study, study_record: dict, run_records: list[dict]) -> list[Run]:
+    """Upsert the study's title, its samples and runs; validation errors name the bad accession."""
+    title = (study_record.get("study_title") or "")[:500]
+    if title and study.title != title:
+        Study.objects.filter(id=study.id).update(title=title)
+    runs = []
+    for record in run_records:
+        sample = Sample(
+            accession=record.get("sample_accession", ""), study=study,
+            scientific_name=(record.get("scientific_name") or "")[:255], tax_id=str(record.get("tax_id") or ""),
+        )
+        sample.full_clean(exclude=["study"], validate_unique=False)
+        sample, _ = Sample.objects.update_or_create(
+            accession=sample.accession,
+            defaults={"study": study, "scientific_name": sample.scientific_name, "tax_id": sample.tax_id},
+        )
+        run = Run(
+            accession=record.get("run_accession", ""), study=study, sample=sample,
+            library_layout=record.get("library_layout", "")[:16],
+            library_strategy=record.get("library_strategy", "")[:64],
+            instrument_model=record.get("instrument_model", "")[:128],
+            read_count=int(record["read_count"]) if str(record.get("read_count", "")).isdigit() else None,
+            fastq_ftp=split_list(record.get("fastq_ftp")),
+            fastq_md5=split_list(record.get("fastq_md5")),
+        )
+        run.full_clean(exclude=["study", "sample"], validate_unique=False)
+        run, _ = Run.objects.update_or_create(
+            accession=run.accession,
+            defaults={field: getattr(run, field) for field in (
+                "study", "sample", "library_layout", "library_strategy", "instrument_model", "read_count",
+                "fastq_ftp", "fastq_md5",
+            )},
+        )
+        runs.append(run)
+    return runs
+
+
+def split_list(value) -> list[str]:
+    return [item for item in (value or "").split(";") if item]
+
+
+def samplesheet_text(runs: list[Run]) -> str:
+    """One row per run, reads as URLs: the format the assembly pipeline (and nf-core) takes."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["sample", "run", "fastq_1", "fastq_2"])
+    for run in sorted(runs, key=lambda run: run.accession):
+        urls = [f"{settings.EMG_ENA_FASTQ_URL_PREFIX}{path}" for path in run.fastq_ftp]
+        if not urls:
+            continue
+        writer.writerow([run.sample.accession, run.accession, urls[0], urls[1] if len(urls) > 1 else ""])
+    return out.getvalue()
+
+
+def ensure_samplesheet(path: Path, runs: list[Run]) -> Path:
+    """Write the samplesheet once. An operator may edit it between attempts; the edit then
+    changes the assembly job's fingerprint, so the job runs again on the edited sheet."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(samplesheet_text(runs))
+        temporary.replace(path)
+    return path

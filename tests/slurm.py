@@ -1,0 +1,66 @@
+"""Asking Slurm itself what ran: the counts a bug in our database cannot fake."""
+
+import subprocess
+from collections.abc import Iterable
+from contextlib import contextmanager
+
+from emg.processes import wait_until
+from slurm_adapter.cluster import job_comment
+
+ACTIVE_SQUEUE_STATES = "PENDING,RUNNING"
+
+
+def slurm_jobs_tagged(tag: str, *, including: Iterable[str] = ()) -> list[str]:
+    """Job ids Slurm's accounting holds for this tag, oldest first (ids grow with submission).
+
+    Accounting's time-window listing trails a job's end by a second or two: pass the ids we know
+    of as `including` to wait until it shows them, so that any twin is listed as well.
+    """
+
+    def listed() -> dict[str, str]:
+        output = subprocess.run(
+            ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobIDRaw,Comment", "-S", "now-1days", "-E", "now"],
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout
+        comments = dict(line.split("|", 1) for line in output.splitlines() if "|" in line)
+        return comments if set(including) <= comments.keys() else {}
+
+    comments = wait_until(listed, timeout=30, interval=0.5, message=f"Slurm accounting lists jobs {list(including)}")
+    return sorted((job_id for job_id, comment in comments.items() if comment == job_comment(tag)), key=int)
+
+
+def active_jobs_of(fingerprints: set[str]) -> list[str]:
+    """Ids of the jobs, any attempt, of these fingerprints that Slurm has PENDING or RUNNING right now."""
+    output = subprocess.run(
+        ["squeue", "--noheader", "--all", "--me", "-t", ACTIVE_SQUEUE_STATES, "-o", "%A|%k"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    # A tag starts with the fingerprint's first 16 characters (emg.models.ClusterJob.tag).
+    prefixes = tuple(job_comment(fingerprint[:16]) + "-" for fingerprint in fingerprints)
+    return [line.split("|", 1)[0] for line in output.splitlines() if line.split("|", 1)[-1].startswith(prefixes)]
+
+
+@contextmanager
+def cluster_blocked():
+    """Hold the whole node with one exclusive job, so every job submitted meanwhile stays PENDING.
+
+    A real way to keep a job from ending for exactly as long as a test needs: holding or
+    suspending the job itself races with it starting and finishing in a second or two.
+    """
+    blocker = subprocess.run(
+        ["sbatch", "--parsable", "--exclusive", "--job-name=emg-test-blocker", "--output=/dev/null",
+         "--wrap", "sleep 900"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.strip().split(";")[0]
+    try:
+        # Exclusive: it starts once the jobs already running (other tests') have ended.
+        wait_until(lambda: squeue_state(blocker) == "RUNNING", timeout=300, message="the blocking job runs")
+        yield blocker
+    finally:
+        subprocess.run(["scancel", blocker], check=False, timeout=30)
+
+
+def squeue_state(job_id: str) -> str:
+    return subprocess.run(
+        ["squeue", "--noheader", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()

@@ -1,0 +1,196 @@
+"""The Django admin, driven through the test client on real PostgreSQL rows."""
+
+import re
+import uuid
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait, OutboxEvent, ReconcileTick, Study
+from slurm_adapter import JobSpec
+
+pytestmark = pytest.mark.django_db
+
+
+def make_job(tmp_path, name: str = "emg-analysis-PRJEB1", state: str = "FAILED", slurm_job_id: str = "4242",
+             **fields) -> ClusterJob:
+    spec = JobSpec(name=name, command=("bash", "pipeline.sh", "--study", "PRJEB1"), work_dir=str(tmp_path),
+                   time_limit_minutes=90, memory_mb=2048, cpus=4, environment={"NXF_OPTS": "-Xms1g"})
+    job = ClusterJob.objects.declare(name=name, fingerprint=uuid.uuid4().hex, spec=spec.to_dict(),
+                                     input_hashes={"reads_1.fastq.gz": "sha256:abc123"},
+                                     policy={"max_attempts": 3})
+    ClusterJob.objects.filter(id=job.id).update(state=state, slurm_job_id=slurm_job_id, **fields)
+    job.refresh_from_db()
+    return job
+
+
+def make_request(accession: str = "PRJEB11111", **fields) -> AnalysisRequest:
+    study, _ = Study.objects.get_or_create(accession=accession)
+    request = AnalysisRequest.objects.create(study=study)
+    AnalysisRequest.objects.filter(id=request.id).update(**fields)
+    request.refresh_from_db()
+    return request
+
+
+def wait_for(request: AnalysisRequest, job: ClusterJob, step: str = "analysis") -> JobWait:
+    return JobWait.objects.create(flow_run_id=request.flow_run_id or uuid.uuid4(), step=step, job=job,
+                                  request=request)
+
+
+@pytest.fixture
+def rows(tmp_path):
+    log = tmp_path / "slurm-4242.out"
+    log.write_text("".join(f"pipeline line {n}\n" for n in range(1, 101)) + "\x1b[31mERROR: out of memory\x1b[0m\n")
+    now = timezone.now().isoformat()
+    job = make_job(tmp_path, exit_code=137, signal=9, attempts=1, log_path=str(log), raw_state="OUT_OF_MEMORY",
+                   trace=[{"name": "READ_QC (sample1)", "status": "COMPLETED", "exit": 0},
+                          {"name": "ASSEMBLY (sample1)", "status": "FAILED", "exit": 137}],
+                   history=[{"state": "SUBMITTED", "detail": "sbatch -> 4242", "at": now},
+                            {"state": "FAILED", "detail": "OUT_OF_MEMORY exit 0:9", "at": now}])
+    request = make_request(status=AnalysisRequest.Status.FAILED, current_step="analysis",
+                           status_reason="Slurm job 4242 ended OUT_OF_MEMORY", flow_run_id=uuid.uuid4())
+    wait = wait_for(request, job)
+    tick = ReconcileTick.objects.create(started_at=timezone.now(), worker="host:1", report={"checked": 1})
+    return {"study": request.study, "request": request, "job": job, "wait": wait,
+            "event": OutboxEvent.objects.get(request=request), "tick": tick}
+
+
+def admin_urls(rows) -> list[str]:
+    urls = []
+    for name, obj in rows.items():
+        meta = obj._meta
+        urls.append(reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist"))
+        urls.append(reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk]))
+    return urls + [reverse("admin:emg_study_add"), reverse("admin:emg_analysisrequest_add")]
+
+
+def test_every_admin_page_renders_for_staff(admin_client, rows):
+    for url in admin_urls(rows):
+        assert admin_client.get(url).status_code == 200, url
+
+
+def test_every_admin_page_redirects_an_anonymous_visitor_to_login(client, rows):
+    for url in admin_urls(rows):
+        response = client.get(url)
+        assert response.status_code == 302, url
+        assert response["Location"].startswith(reverse("admin:login")), url
+
+
+def test_job_page_shows_history_log_tail_script_resources_and_input_hashes(admin_client, rows):
+    job = rows["job"]
+    page = admin_client.get(reverse("admin:emg_clusterjob_change", args=[job.id])).content.decode()
+
+    assert "<td>OUT_OF_MEMORY exit 0:9</td>" in page and "<td>sbatch -&gt; 4242</td>" in page
+    assert "ERROR: out of memory" in page and "\x1b" not in page
+    assert "pipeline line 100" in page and "pipeline line 50\n" not in page  # the tail only
+    assert "bash pipeline.sh --study PRJEB1" in page
+    assert "#!/bin/bash" in page and "export NXF_OPTS=-Xms1g" in page
+    assert "90 min" in page and "2048 MB" in page
+    assert "<td>reads_1.fastq.gz</td><td>sha256:abc123</td>" in page
+    # The trace's task rows, whatever column order PostgreSQL's jsonb keeps.
+    assert all(f"<th>{column}</th>" in page for column in ("name", "status", "exit"))
+    [row] = re.findall(r"<tr>(?:<td>[^<]*</td>)*<td>ASSEMBLY \(sample1\)</td>.*?</tr>", page)
+    assert "<td>FAILED</td>" in row and "<td>137</td>" in row
+    assert "137" in page and job.tag in page
+    assert reverse("admin:emg_analysisrequest_change", args=[rows["request"].id]) in page
+
+
+def test_request_pages_link_to_the_prefect_flow_run_and_the_jobs(admin_client, rows, settings):
+    settings.PREFECT_UI_URL = "http://prefect.example:4200"
+    request = rows["request"]
+    listing = admin_client.get(reverse("admin:emg_analysisrequest_changelist")).content.decode()
+    detail = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
+
+    flow_run_url = f"http://prefect.example:4200/runs/flow-run/{request.flow_run_id}"
+    assert flow_run_url in listing and flow_run_url in detail
+    assert "Slurm job 4242 ended OUT_OF_MEMORY" in listing
+    jobs_url = f"{reverse('admin:emg_clusterjob_changelist')}?waits__request__id__exact={request.id}"
+    assert jobs_url in listing
+    assert reverse("admin:emg_clusterjob_change", args=[rows["job"].id]) in detail
+
+    jobs = admin_client.get(jobs_url)
+    assert jobs.status_code == 200 and list(jobs.context["cl"].result_list) == [rows["job"]]
+
+
+def test_lists_filter_by_state_and_find_rows_by_slurm_id_or_accession(admin_client, rows, tmp_path):
+    other = make_job(tmp_path, name="other", state="COMPLETED", slurm_job_id="777")
+    url = reverse("admin:emg_clusterjob_changelist")
+
+    def listed(**query):
+        return list(admin_client.get(url, query).context["cl"].result_list)
+
+    assert listed(state__exact="COMPLETED") == [other]
+    assert listed(q="777") == [other]
+    assert listed(q="PRJEB11111") == [rows["job"]]
+    for query in ("PRJEB11111", "4242"):
+        found = admin_client.get(reverse("admin:emg_analysisrequest_changelist"), {"q": query}).context["cl"]
+        assert list(found.result_list) == [rows["request"]], query
+
+
+@pytest.mark.parametrize("model", ["analysisrequest", "clusterjob", "jobwait", "outboxevent"])
+def test_list_pages_make_the_same_number_of_queries_for_many_rows_as_for_one(admin_client, tmp_path, model):
+    def queries_for_list() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert admin_client.get(reverse(f"admin:emg_{model}_changelist")).status_code == 200
+        return len(captured)
+
+    def add_row(n: int) -> None:
+        request = make_request(accession=f"PRJEB2000{n}", flow_run_id=uuid.uuid4())
+        wait_for(request, make_job(tmp_path, name=f"job-{n}", slurm_job_id=str(n)))
+
+    add_row(1)
+    one = queries_for_list()
+    for n in range(2, 7):
+        add_row(n)
+    assert queries_for_list() == one
+
+
+def post_action(admin_client, model: str, action: str, objects) -> list[str]:
+    response = admin_client.post(reverse(f"admin:emg_{model}_changelist"),
+                                 {"action": action, "_selected_action": [obj.pk for obj in objects]}, follow=True)
+    assert response.status_code == 200
+    return [str(message) for message in response.context["messages"]]
+
+
+def test_cancel_action_asks_the_reconciler_to_cancel_unfinished_requests_only(admin_client, rows):
+    waiting = make_request(accession="PRJEB33333", status=AnalysisRequest.Status.WAITING)
+    failed = rows["request"]
+
+    notes = post_action(admin_client, "analysisrequest", "cancel", [waiting, failed])
+
+    waiting.refresh_from_db()
+    failed.refresh_from_db()
+    assert waiting.cancel_requested_at is not None
+    assert failed.cancel_requested_at is None
+    assert any(f"#{waiting.id}" in note and "requested" in note for note in notes)
+    assert any(f"#{failed.id} has already ended" in note for note in notes)
+
+
+def test_rerun_action_starts_a_new_generation_of_a_failed_request_with_a_new_event(admin_client, rows):
+    failed = rows["request"]
+    running = make_request(accession="PRJEB44444", status=AnalysisRequest.Status.RUNNING)
+
+    notes = post_action(admin_client, "analysisrequest", "rerun", [failed, running])
+
+    failed.refresh_from_db()
+    running.refresh_from_db()
+    assert (failed.generation, failed.status, failed.flow_run_id) == (2, AnalysisRequest.Status.PENDING, None)
+    assert sorted(OutboxEvent.objects.filter(request=failed).values_list("generation", flat=True)) == [1, 2]
+    assert running.generation == 1
+    assert any("still RUNNING" in note for note in notes)
+
+
+def test_resubmit_action_declares_an_ended_job_again_and_refuses_a_live_one(admin_client, rows, tmp_path):
+    failed = rows["job"]
+    running = make_job(tmp_path, name="running", state=ClusterJobState.RUNNING, slurm_job_id="99")
+
+    notes = post_action(admin_client, "clusterjob", "resubmit", [failed, running])
+
+    twin = ClusterJob.objects.exclude(id__in=[failed.id, running.id]).get()
+    assert (twin.state, twin.fingerprint, twin.spec) == (ClusterJobState.DECLARED, failed.fingerprint, failed.spec)
+    assert ClusterJob.objects.get(id=failed.id).state == "FAILED"  # its history stays
+    assert any(f"#{failed.id} as #{twin.id}" in note for note in notes)
+    assert any("still RUNNING" in note for note in notes)

@@ -1,0 +1,171 @@
+"""Fixtures for the reconciler tests: real PostgreSQL, Slurm and Prefect, with ticks the test drives.
+
+A test here calls `Reconciler.tick()` itself, with limits of its own choosing, while it holds the
+beat's tick lock: a session stack started by other tests then skips its ticks instead of
+racing ours (see workers.tasks.run_tick).
+"""
+
+import os
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from django.conf import settings
+from django.test import override_settings
+from prefect.client.orchestration import get_client
+
+from emg.models import ClusterJob
+from emg.outbox import _producer
+from emg.processes import ManagedProcess, venv_script, wait_until
+from slurm_adapter import SlurmCluster
+from tests.ports import free_port
+from workers.reconciler import Reconciler
+from workers.tasks import RECONCILE_LOCK_NAME
+
+# Generous unless a test is about one of them: the test, not a limit, decides what happens.
+DEFAULT_LIMITS = dict(
+    max_active_jobs=100,
+    max_submissions_per_minute=1000,
+    resumes_per_tick=100,
+    zombie_after=timedelta(hours=1),
+    max_flow_reruns=3,
+)
+
+
+@pytest.fixture
+def prefect(prefect_api_url):
+    with get_client(sync_client=True) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def cluster(slurm_cluster) -> SlurmCluster:
+    return SlurmCluster(accounting_grace_s=settings.EMG_SLURM_ACCOUNTING_GRACE_SECONDS)
+
+
+@pytest.fixture
+def reconcile_lock(redis_server):
+    """The beat's tick lock, held for the whole test, so ours are the only ticks."""
+    lock = redis.Redis.from_url(settings.REDIS_URL).lock(RECONCILE_LOCK_NAME, timeout=1800)
+    assert lock.acquire(blocking=True, blocking_timeout=120), "another reconcile tick held the lock for 2 minutes"
+    yield
+    lock.release()
+
+
+@pytest.fixture
+def cancel_left_jobs(transactional_db, cluster):
+    """A failing test must not leave its jobs sleeping on the cluster."""
+    yield
+    for job_id in ClusterJob.objects.live().exclude(slurm_job_id="").values_list("slurm_job_id", flat=True):
+        cluster.cancel(job_id)
+
+
+@pytest.fixture
+def make_reconciler(cluster, prefect, reconcile_lock, cancel_left_jobs):
+    def make(**limits) -> Reconciler:
+        return Reconciler(cluster, prefect, **{**DEFAULT_LIMITS, **limits})
+
+    return make
+
+
+@pytest.fixture
+def work_dir() -> Path:
+    """A work dir of this test's own under EMG_WORK_DIR: its jobs' fingerprints and tags are unique."""
+    path = Path(settings.EMG_WORK_DIR) / "tests" / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True)
+    return path
+
+
+class OwnRedisStack:
+    """A Redis of this module's own, with a Celery worker and beat on it: services a test may kill.
+
+    The session stack's Prefect runner is shared (it uses no Redis); the session stack's worker
+    and beat are stopped meanwhile, so that no other consumer or sweep reaches our database.
+    """
+
+    def __init__(self, env: dict[str, str], log_dir: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.env = {**env, "REDIS_URL": self.url}
+        self.log_dir = log_dir
+        self.redis: ManagedProcess | None = None
+        self.workers: list[ManagedProcess] = []
+        self.beats: list[ManagedProcess] = []
+        self.control = Celery("emg-test-control", broker=self.url)
+
+    def start_redis(self) -> None:
+        self.redis = ManagedProcess(
+            "redis-own", ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                          "--appendonly", "no"], env=self.env, log_dir=self.log_dir,
+        ).start()
+        wait_until(lambda: redis.Redis.from_url(self.url).ping(), timeout=20, message="our Redis answers")
+
+    def stop_redis(self) -> None:
+        self.redis.stop()
+
+    def start_worker(self) -> ManagedProcess:
+        name = f"own-{os.getpid()}-{len(self.workers)}"
+        worker = ManagedProcess(
+            f"celery-worker-{name}",
+            [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2",
+             "--without-gossip", "--without-mingle", "-n", f"{name}@%h"],
+            env=self.env, log_dir=self.log_dir,
+        ).start()
+        self.workers.append(worker)
+        wait_until(lambda: any(name in reply for answer in self.control.control.ping(timeout=1) for reply in answer),
+                   timeout=60, message=f"Celery worker {name} answers pings")
+        return worker
+
+    def start_beat(self) -> ManagedProcess:
+        name = f"celery-beat-own-{os.getpid()}-{len(self.beats)}"
+        beat = ManagedProcess(
+            name, [venv_script("celery"), "-A", "workers", "beat", "-l", "INFO",
+                   "--schedule", str(self.log_dir / f"{name}.schedule")],
+            env=self.env, log_dir=self.log_dir,
+        ).start()
+        self.beats.append(beat)
+        return beat
+
+    def queued_or_unacked(self) -> int:
+        """Messages the broker still holds: waiting in the queue, or delivered and not yet acknowledged."""
+        client = redis.Redis.from_url(self.url)
+        return client.llen("celery") + client.hlen("unacked")
+
+    def stop(self) -> None:
+        for process in [*self.beats, *self.workers, self.redis]:
+            if process is not None:
+                process.stop()
+
+
+@pytest.fixture(scope="module")
+def own_redis_stack(stack, service_logs):
+    stack.beat.stop()
+    stack.worker.stop()
+    own = OwnRedisStack(
+        {**stack.env,
+         # A killed worker's unacknowledged task comes back after this (and a restore sweep): seconds, not minutes.
+         "EMG_CELERY_VISIBILITY_TIMEOUT": "10",
+         "EMG_MAX_SUBMISSIONS_PER_MINUTE": "600"},
+        service_logs,
+    )
+    # The test process publishes too (emg.outbox): to our Redis, through a producer made for it.
+    overridden = override_settings(REDIS_URL=own.url, CELERY_BROKER_URL=own.url)
+    overridden.enable()
+    _producer.cache_clear()
+    try:
+        own.start_redis()
+        own.start_worker()
+        own.start_beat()
+        yield own
+    finally:
+        own.stop()
+        overridden.disable()
+        _producer.cache_clear()
+        stack.worker.start()
+        stack.beat.start()
+        from workers import app
+
+        wait_until(lambda: app.control.ping(timeout=1), timeout=60, message="the session's Celery worker is back")

@@ -20,11 +20,11 @@ slurm-down:
 	bash scripts/slurm-down.sh
 
 test: install slurm-up
-	DJANGO_SETTINGS_MODULE=emg.settings $(PYTHON) manage.py makemigrations --check --dry-run
+	DJANGO_SETTINGS_MODULE=emg.settings DATABASE_URL=sqlite://:memory: $(PYTHON) manage.py makemigrations --check --dry-run
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 demo: install services
 	$(PYTHON) manage.py demo
 
 bench: install slurm-up
-	$(PYTHON) bench/slurm_query.py
+	$(PYTHON) bench/run_all.py

@@ -78,7 +78,15 @@ def timed(check: Callable[[], None]) -> dict:
 @never_cache
 @require_GET
 def health(request):
+    """All checks, or only those named by `?check=` (a container's healthcheck asks for what it needs)."""
     selected = checks()
+    wanted = request.GET.getlist("check")
+    unknown = sorted(set(wanted) - selected.keys())
+    if unknown:
+        return JsonResponse({"status": "error", "error": f"unknown checks {unknown}; known: {sorted(selected)}"},
+                            status=400)
+    if wanted:
+        selected = {name: check for name, check in selected.items() if name in wanted}
     executor = ThreadPoolExecutor(max_workers=len(selected), thread_name_prefix="health")
     futures = {name: executor.submit(timed, check) for name, check in selected.items()}
     wait(futures.values(), timeout=HEALTH_DEADLINE_SECONDS)

@@ -170,7 +170,7 @@ def test_commands(services):
 
 def test_web_healthcheck_uses_python_not_curl(services):
     test = " ".join(services["web"]["healthcheck"]["test"])
-    assert "python" in test and "urllib" in test and "http://localhost:8000/admin/login/" in test
+    assert "python" in test and "urllib" in test and "http://localhost:8000/health?check=database&check=redis" in test
 
 
 def test_flower_gets_basic_auth_from_the_environment(services):

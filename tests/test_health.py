@@ -72,3 +72,17 @@ def test_unreachable_prefect_answers_quickly_and_masks_credentials_in_errors(cli
     assert "slurm" not in body["checks"]
     assert "hunter2secret" not in response.content.decode()
     assert time.monotonic() - started < 5
+
+
+def test_a_healthcheck_can_ask_for_only_the_checks_it_needs(client, live_services, own_redis):
+    server, url = own_redis
+    with override_settings(REDIS_URL=url):
+        server.stop()  # a dependency the caller does not ask about
+        response = client.get("/health", {"check": ["database"]})
+        both = client.get("/health", {"check": ["database", "redis"]})
+        unknown = client.get("/health", {"check": ["databse"]})
+
+    assert response.status_code == 200, response.json()
+    assert set(response.json()["checks"]) == {"database"}
+    assert both.status_code == 503
+    assert unknown.status_code == 400 and "databse" in unknown.json()["error"]

@@ -49,7 +49,16 @@ def html_table(rows, headers: list[str] | None = None) -> str:
     return format_html("<table>{}<tbody>{}</tbody></table>", head, body)
 
 
-def report_outcomes(modeladmin: admin.ModelAdmin, request, done: list[str], refused: list[str], verb: str) -> None:
+def apply_to_each(modeladmin: admin.ModelAdmin, request, queryset, operation, describe, verb: str) -> None:
+    """Run a domain operation on each selected row; say which were done and why others were refused."""
+    done, refused = [], []
+    for obj in queryset:
+        try:
+            result = operation(obj)
+        except ValidationError as error:
+            refused.append(" ".join(error.messages))
+        else:
+            done.append(describe(obj, result))
     if done:
         modeladmin.message_user(request, f"{verb}: {', '.join(done)}", messages.SUCCESS)
     if refused:
@@ -123,23 +132,18 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
 
     @admin.action(description="Cancel the selected requests (their flow runs and the jobs only they need)")
     def cancel(self, request, queryset):
-        done, refused = [], []
-        for analysis in queryset:
-            (done if analysis.request_cancel() else refused).append(f"#{analysis.id}")
-        report_outcomes(self, request, done, [f"{ref} has already ended or is being cancelled" for ref in refused],
-                        "Cancellation requested")
+        apply_to_each(self, request, queryset, request_cancel_or_refuse,
+                      lambda analysis, _: f"#{analysis.id}", "Cancellation requested")
 
     @admin.action(description="Re-run the selected ended requests (new generation, new flow run)")
     def rerun(self, request, queryset):
-        done, refused = [], []
-        for analysis in queryset:
-            try:
-                analysis.rerun()
-            except ValidationError as error:
-                refused.append(" ".join(error.messages))
-            else:
-                done.append(f"#{analysis.id} (generation {analysis.generation})")
-        report_outcomes(self, request, done, refused, "Re-run")
+        apply_to_each(self, request, queryset, AnalysisRequest.rerun,
+                      lambda analysis, _: f"#{analysis.id} (generation {analysis.generation})", "Re-run")
+
+
+def request_cancel_or_refuse(analysis: AnalysisRequest) -> None:
+    if not analysis.request_cancel():
+        raise ValidationError(f"#{analysis.id} has already ended or is being cancelled")
 
 
 @admin.register(ClusterJob)
@@ -226,15 +230,8 @@ class ClusterJobAdmin(admin.ModelAdmin):
 
     @admin.action(description="Resubmit the selected ended jobs now (as new jobs)")
     def resubmit(self, request, queryset):
-        done, refused = [], []
-        for job in queryset:
-            try:
-                twin = job.resubmit()
-            except ValidationError as error:
-                refused.append(" ".join(error.messages))
-            else:
-                done.append(f"#{job.id} as #{twin.id}")
-        report_outcomes(self, request, done, refused, "Resubmitted")
+        apply_to_each(self, request, queryset, ClusterJob.resubmit,
+                      lambda job, twin: f"#{job.id} as #{twin.id}", "Resubmitted")
 
 
 @admin.register(JobWait)

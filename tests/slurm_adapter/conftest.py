@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import TypeVar
 
 import pytest
 
+from emg.processes import wait_until
 from slurm_adapter import JobSpec, JobState, JobStatus, LocalCluster, SlurmCluster, SubmittedJob
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,24 +23,12 @@ RUN_ID = uuid.uuid4().hex[:6]
 T = TypeVar("T")
 
 
-def _wait_until(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> T:
-    """Polls `predicate` until it returns something truthy, which is returned; fails at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {value!r}")
-        time.sleep(interval)
-
-
 def _wait_for_state(cluster, job: SubmittedJob, states: set[JobState], timeout: float = 30.0) -> JobStatus:
     def reached() -> JobStatus | None:
         status = cluster.query([job])[job.job_id]
         return status if status.state in states else None
 
-    return _wait_until(reached, timeout, what=f"job {job.job_id} to be one of {sorted(states)}")
+    return wait_until(reached, timeout=timeout, message=f"job {job.job_id} to be one of {sorted(states)}")
 
 
 def _wait_final(cluster, job: SubmittedJob, timeout: float = 30.0) -> JobStatus:
@@ -61,9 +49,9 @@ def _slurm_answers() -> bool:
         return False
 
 
-@pytest.fixture
-def wait_until() -> Callable[..., object]:
-    return _wait_until
+@pytest.fixture(name="wait_until")
+def wait_until_fixture() -> Callable[..., object]:
+    return wait_until
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def test_completed(cluster, spec, tag, wait_until, wait_final) -> None:
     assert status.state.is_success
     assert status.start_time is not None and status.end_time is not None and status.submit_time is not None
     assert status.end_time.tzinfo is not None
-    assert wait_until(lambda: cluster.tail_log(job.log_path), what="log") == "hello"
+    assert wait_until(lambda: cluster.tail_log(job.log_path), message="log") == "hello"
 
 
 def test_failed_with_exit_code(cluster, spec, tag, wait_until, wait_final) -> None:
@@ -48,7 +48,7 @@ def test_found_by_tag_alone(cluster, spec, tag, wait_until, wait_final) -> None:
         found = cluster.find_by_tag(tag)
         return found if {s.job_id for s in found} == {first.job_id, second.job_id} else None
 
-    found = wait_until(both_found, what="jobs by tag")
+    found = wait_until(both_found, message="jobs by tag")
     assert found[0].submit_time >= found[1].submit_time
     assert all(s.tag == tag for s in found)
     assert other.job_id not in {s.job_id for s in found}
@@ -104,10 +104,10 @@ def test_script_and_work_dir_are_created(cluster, spec, tag, wait_until, wait_fi
 def test_count_active_counts_our_running_jobs(cluster, spec, tag, wait_until) -> None:
     before = cluster.count_active()
     jobs = [cluster.submit(spec("sleep", "300"), tag) for _ in range(2)]
-    wait_until(lambda: cluster.count_active() >= before + 2, what="two more active jobs")
+    wait_until(lambda: cluster.count_active() >= before + 2, message="two more active jobs")
     for job in jobs:
         cluster.cancel(job.job_id)
-    wait_until(lambda: all(s.state.is_final for s in cluster.query(jobs).values()), what="cancellation")
+    wait_until(lambda: all(s.state.is_final for s in cluster.query(jobs).values()), message="cancellation")
     assert cluster.count_active() <= before
 
 
@@ -148,6 +148,6 @@ def test_local_job_survives_its_orchestrator(local_cluster, spec, tag, wait_unti
     ).stdout.strip()
     [found] = local_cluster.find_by_tag(tag)
     assert found.job_id == out and found.state is JobState.RUNNING
-    status = wait_until(lambda: (s := local_cluster.find_by_tag(tag)[0]).state.is_final and s, what="local job end")
+    status = wait_until(lambda: (s := local_cluster.find_by_tag(tag)[0]).state.is_final and s, message="local job end")
     assert (status.state, status.exit_code) == (JobState.FAILED, 4)
     assert os.path.exists(local_cluster.root / out / "exit.json")

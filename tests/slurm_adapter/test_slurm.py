@@ -59,7 +59,7 @@ def test_node_failure(slurm_cluster, slurm_cmd, spec, tag, wait_for_state, wait_
             ["scontrol", "update", "nodename=localhost", "state=resume"], check=False, capture_output=True, timeout=30
         )
         wait_until(
-            lambda: slurm_cmd("sinfo", "-h", "-n", "localhost", "-o", "%t").strip() in ("idle", "mix"), what="node back"
+            lambda: slurm_cmd("sinfo", "-h", "-n", "localhost", "-o", "%t").strip() in ("idle", "mix"), message="node back"
         )
     if expected is JobState.NODE_FAIL:
         assert status.state.retry_with == "as_is"

@@ -11,7 +11,6 @@ import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -20,7 +19,6 @@ from slurm_adapter import JobSpec, JobState, JobStatus, LocalCluster, SlurmClust
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = uuid.uuid4().hex[:6]
-T = TypeVar("T")
 
 
 def _wait_for_state(cluster, job: SubmittedJob, states: set[JobState], timeout: float = 30.0) -> JobStatus:

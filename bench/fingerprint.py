@@ -6,17 +6,15 @@ and keeps the best of each (the least disturbed by the rest of the machine).
 """
 
 import argparse
-import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import emit
 
-from slurm_adapter.fingerprint import hash_inputs  # noqa: E402
+from slurm_adapter.fingerprint import hash_inputs
 
 
 def best_of(repeat: int, action) -> float:
@@ -32,7 +30,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mb", type=int, default=512, help="file size in MB (default 512)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="--mb 64 --repeat 2 (for CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.mb, args.repeat = 64, 2
 
     with tempfile.TemporaryDirectory(prefix="emg-bench-") as directory:
         path = Path(directory) / "reads.bin"
@@ -47,13 +48,13 @@ def main() -> None:
         cat_s = best_of(args.repeat, cat)
         hash_s = best_of(args.repeat, lambda: hash_inputs([path]))
 
-    print(json.dumps({
-        "bench": "fingerprint",
-        "mb": args.mb,
-        "hash_mb_s": round(args.mb / hash_s, 1),
-        "cat_mb_s": round(args.mb / cat_s, 1),
-        "ratio": round(cat_s / hash_s, 3),
-    }))
+    emit(
+        "fingerprint",
+        mb=args.mb,
+        hash_mb_s=round(args.mb / hash_s, 1),
+        cat_mb_s=round(args.mb / cat_s, 1),
+        ratio=round(cat_s / hash_s, 3),
+    )
 
 
 if __name__ == "__main__":

@@ -7,23 +7,23 @@ one query per job over the same jobs, cancels them, and prints one JSON line las
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import emit, log
 
-from slurm_adapter import JobSpec, JobState, SlurmCluster  # noqa: E402
+from slurm_adapter import JobSpec, JobState, SlurmCluster
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=500, help="number of held jobs (default 500)")
+    parser.add_argument("--quick", action="store_true", help="--n 50 (for CI)")
     args = parser.parse_args()
+    if args.quick:
+        args.n = 50
 
     cluster = SlurmCluster()
     tag = f"bench-{uuid.uuid4().hex[:8]}"
@@ -54,18 +54,14 @@ def main() -> None:
     assert len(batched) == args.n, f"batched query returned {len(batched)} of {args.n} jobs"
     assert {s.state for s in batched.values()} == {JobState.PENDING}
     assert {s.state for s in per_job.values()} == {JobState.PENDING}
-    print(f"submitted {args.n} held jobs in {submit_s:.2f}s", file=sys.stderr)
-    print(
-        json.dumps(
-            {
-                "bench": "slurm_query",
-                "n": args.n,
-                "slurm_calls": slurm_calls,
-                "batched_s": round(batched_s, 4),
-                "per_job_s": round(per_job_s, 4),
-                "ratio": round(per_job_s / batched_s, 1),
-            }
-        )
+    log(f"submitted {args.n} held jobs in {submit_s:.2f}s")
+    emit(
+        "slurm_query",
+        n=args.n,
+        slurm_calls=slurm_calls,
+        batched_s=round(batched_s, 4),
+        per_job_s=round(per_job_s, 4),
+        ratio=round(per_job_s / batched_s, 1),
     )
 
 

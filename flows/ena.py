@@ -12,6 +12,8 @@ from django.conf import settings
 from prefect import task
 from prefect.tasks import exponential_backoff
 
+from emg.accessions import STUDY_ACCESSION_PATTERN
+
 STUDY_FIELDS = ("study_accession", "secondary_study_accession", "study_title", "center_name", "first_public")
 READ_RUN_FIELDS = (
     "run_accession", "sample_accession", "study_accession", "secondary_study_accession", "scientific_name",
@@ -34,6 +36,10 @@ class EnaUnavailable(Exception):
 
 
 def search(result: str, accession: str, fields: tuple[str, ...]) -> list[dict]:
+    # The accession goes into the API's query language: anything but an accession could change
+    # the query (`PRJEB1" OR study_accession="PRJEB2` would fetch another study).
+    if not isinstance(accession, str) or not STUDY_ACCESSION_PATTERN.fullmatch(accession):
+        raise EnaError(f"{str(accession)[:40]!r} is not an ENA study accession; ENA was not asked")
     # Secondary accessions (ERP/SRP/DRP) are matched on their own field.
     field = "study_accession" if accession.startswith("PRJ") else "secondary_study_accession"
     try:

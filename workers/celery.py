@@ -39,7 +39,7 @@ app.conf.update(
     task_send_sent_event=True,
     # RedBeat keeps the schedule in Redis behind a lock: a second beat process waits instead of
     # sending every task twice.
-    beat_scheduler="redbeat.RedBeatScheduler",
+    beat_scheduler="workers.beat:RestartSafeRedBeatScheduler",
     redbeat_redis_url=settings.REDIS_URL,
     redbeat_key_prefix=f"emg:{settings.EMG_INSTANCE_NAMESPACE}:redbeat",
     redbeat_lock_timeout=max(30, int(5 * settings.EMG_RECONCILE_INTERVAL_SECONDS)),

@@ -14,7 +14,7 @@ Each tick, in order:
 4. reads the Prefect state of every flow run with an open wait or an unfinished request in
    one call (per 200 runs), resumes at most `EMG_RESUMES_PER_TICK` suspended runs whose
    awaited jobs have all ended, oldest wait first (the rest go to later ticks), and re-runs
-   in place any run that crashed, failed, or went silent while Running, at most
+   in place any run that crashed, failed, went silent while Running or stayed Pending, at most
    `EMG_MAX_FLOW_RERUNS` times per request generation.
 
 The caller guarantees that one tick runs at a time (see `workers.tasks.reconcile`).
@@ -38,17 +38,31 @@ from prefect.states import Cancelled, Scheduled
 
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait
 from emg.policies import ResubmitPolicy
-from slurm_adapter import Cluster, JobSpec, JobStatus, SubmittedJob
+from slurm_adapter import (
+    Cluster,
+    ClusterError,
+    JobSpec,
+    JobState,
+    JobStatus,
+    SubmittedJob,
+    UnknownSlurmState,
+)
 from slurm_adapter.files import log_path
 
 logger = logging.getLogger(__name__)
 
 PREFECT_FILTER_CHUNK = 200
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+# The most events one `POST /events/filter` may ask for (the API refuses more).
+EVENTS_PAGE_LIMIT = 50
 # A run that ended can no longer be waiting. Crashed runs are not here: their request is not
 # finished, so the flow-run recovery re-runs them and they re-attach to their jobs.
 ENDED_STATE_TYPES = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED}
 RECOVERABLE_STATE_TYPES = {StateType.CRASHED, StateType.FAILED}
+# Ticks in a row a job's Slurm record may be unreadable before the job is cancelled and FAILED.
+UNKNOWN_STATE_TICKS = 10
+# The history entry of a tick that could not read the job's Slurm record.
+UNREADABLE = "UNREADABLE"
 
 
 @dataclass
@@ -76,6 +90,7 @@ class Reconciler:
         resumes_per_tick: int,
         zombie_after: timedelta,
         max_flow_reruns: int,
+        unknown_state_ticks: int = UNKNOWN_STATE_TICKS,
     ):
         self.cluster = cluster
         self.prefect = prefect
@@ -84,6 +99,7 @@ class Reconciler:
         self.resumes_per_tick = resumes_per_tick
         self.zombie_after = zombie_after
         self.max_flow_reruns = max_flow_reruns
+        self.unknown_state_ticks = unknown_state_ticks
 
     @classmethod
     def from_settings(cls, cluster: Cluster, prefect: SyncPrefectClient) -> "Reconciler":
@@ -139,15 +155,31 @@ class Reconciler:
         jobs = list(ClusterJob.objects.awaited())
         if not jobs:
             return
-        statuses = self.cluster.query(
+        statuses, unreadable = self.query_readable(
             [SubmittedJob(job_id=job.slurm_job_id, submit_time=job.submit_time, log_path=job.log_path) for job in jobs]
         )
         now = timezone.now()
         report.checked = len(jobs)
         unchanged = []
         for job in jobs:
+            if job.slurm_job_id in unreadable:
+                self.note_unreadable(job, unreadable[job.slurm_job_id], now, report)
+                continue
             status = statuses[job.slurm_job_id]
-            if status.state == job.state and status.raw_state == job.raw_state:
+            if status.state == JobState.SUBMITTED and job.state != ClusterJobState.SUBMITTED:
+                # Slurm has reported this job before: a record missing now is a gap in its answer
+                # (accounting lag, a cut-off output), not news.
+                logger.warning("Slurm's answer has no record of job %s (last %s); left as it was",
+                               job.slurm_job_id, job.state)
+                unchanged.append(job.id)
+                continue
+            if status.state == JobState.LOST:
+                status = self.confirm_lost(job, status, report)
+                if status is None:
+                    unchanged.append(job.id)
+                    continue
+            readable_before = not (job.history and job.history[-1].get("state") == UNREADABLE)
+            if status.state == job.state and status.raw_state == job.raw_state and readable_before:
                 unchanged.append(job.id)
                 continue
             report.changed[job.slurm_job_id] = status.state.value
@@ -160,13 +192,71 @@ class Reconciler:
                 report.retried.append(job.slurm_job_id)
         ClusterJob.objects.filter(id__in=unchanged).update(state_checked_at=now)
 
+    def query_readable(self, jobs: list[SubmittedJob]) -> tuple[dict[str, JobStatus], dict[str, str]]:
+        """One batched query; if some record in its answer cannot be read, the batch is halved
+        until the unreadable jobs stand alone. Returns the statuses read and, per job id, what
+        could not be read."""
+        try:
+            return self.cluster.query(jobs), {}
+        except ValueError as error:  # UnknownSlurmState, or a field we cannot parse
+            if len(jobs) == 1:
+                raw = error.raw if isinstance(error, UnknownSlurmState) else str(error)
+                return {}, {jobs[0].job_id: raw}
+            middle = len(jobs) // 2
+            first, first_unreadable = self.query_readable(jobs[:middle])
+            second, second_unreadable = self.query_readable(jobs[middle:])
+            return {**first, **second}, {**first_unreadable, **second_unreadable}
+
+    def note_unreadable(self, job: ClusterJob, raw: str, now: datetime, report: TickReport) -> None:
+        """Another tick that could not read the job's state; the last one allowed cancels and fails it."""
+        looks = unreadable_looks(job.history) + 1
+        report.errors.append(f"Slurm job {job.slurm_job_id} ({job.name}): cannot read its state {raw!r} "
+                             f"({looks}/{self.unknown_state_ticks})")
+        entry = history_entry(UNREADABLE, f"Slurm reports {raw!r}, which we cannot read", now)
+        if looks < self.unknown_state_ticks:
+            ClusterJob.objects.filter(id=job.id).update(state_checked_at=now, history=job.history + [entry])
+            return
+        try:
+            self.cluster.cancel(job.slurm_job_id)
+            cancelled = "cancelled it"
+        except (ClusterError, ValueError) as error:  # it may be gone already; the job ends here either way
+            cancelled = f"scancel failed: {error}"
+        detail = f"state {raw!r} unreadable for {looks} ticks: gave up on it and {cancelled}"
+        ClusterJob.objects.filter(id=job.id).update(
+            state=ClusterJobState.FAILED, raw_state=raw[:64], state_checked_at=now, ended_at=now,
+            history=job.history + [entry, history_entry(ClusterJobState.FAILED, detail, now)],
+        )
+        report.changed[job.slurm_job_id] = ClusterJobState.FAILED
+        logger.error("Slurm job %s (%s): %s", job.slurm_job_id, job.name, detail)
+
+    def confirm_lost(self, job: ClusterJob, status: JobStatus, report: TickReport) -> JobStatus | None:
+        """A LOST job is resubmitted: look it up by its tag first, in case the answer was only incomplete.
+
+        The status to record, or None to leave the job as it is this tick (the look-up failed).
+        """
+        try:
+            found = [record for record in self.cluster.find_by_tag(job.tag) if record.job_id == job.slurm_job_id]
+        except (ClusterError, ValueError) as error:
+            report.errors.append(f"Slurm job {job.slurm_job_id} seems lost; its tag could not be looked up: {error}")
+            return None
+        if found:
+            report.errors.append(f"Slurm job {job.slurm_job_id} was missing from the batched answer; "
+                                 f"found by its tag, {found[0].state}")
+            return found[0]
+        return status
+
     # --- 3. submissions ---------------------------------------------------------------------
     def submit_declared_jobs(self, report: TickReport) -> None:
         declared = list(ClusterJob.objects.declared().order_by("created_at", "id"))
         if not declared:
             return
         recent = ClusterJob.objects.filter(submission_started_at__gte=timezone.now() - timedelta(minutes=1)).count()
-        room = min(self.max_active_jobs - self.cluster.count_active(), self.max_submissions_per_minute - recent)
+        try:
+            active = self.cluster.count_active()
+        except ValueError as error:  # a queue line we cannot read: count ours instead of never submitting
+            report.errors.append(f"cannot count the cluster's active jobs ({error}); counting ours")
+            active = ClusterJob.objects.awaited().count()
+        room = min(self.max_active_jobs - active, self.max_submissions_per_minute - recent)
         for job in declared[: max(room, 0)]:
             if job.submission_started_at is not None:
                 found = self.cluster.find_by_tag(job.tag)
@@ -243,6 +333,10 @@ class Reconciler:
                          finished_at=now)
             elif run.state.type == StateType.RUNNING and now - run.state.timestamp > self.zombie_after:
                 suspects[flow_run_id] = (request, run.state)
+            elif run.state.type == StateType.PENDING and now - run.state.timestamp > self.zombie_after:
+                # A runner sets Pending and starts the run's process within seconds; a runner that
+                # died in between leaves it Pending for good (a restarted one takes Scheduled runs only).
+                self.rerun(request, run.state, "flow run stuck Pending (its runner died before starting it)", report)
         if suspects:
             alive = self.runs_with_recent_heartbeat(list(suspects), since=now - self.zombie_after)
             for flow_run_id, (request, state) in suspects.items():
@@ -274,7 +368,21 @@ class Reconciler:
         return runs
 
     def runs_with_recent_heartbeat(self, flow_run_ids: list[UUID], since: datetime) -> set[UUID]:
-        """Runs among these that sent a heartbeat since `since`: one events query."""
+        """Runs among these that sent a heartbeat since `since`.
+
+        One events query for all of them; only when its page came back full (the API returns at
+        most `EVENTS_PAGE_LIMIT` events, and a busy run sends several) is each run not seen in it
+        asked about alone, so that a live run is never taken for a zombie for lack of room.
+        """
+        events = self.heartbeats(flow_run_ids, since, EVENTS_PAGE_LIMIT)
+        alive = {heartbeat_run_id(event) for event in events}
+        if len(events) >= EVENTS_PAGE_LIMIT:
+            for flow_run_id in flow_run_ids:
+                if flow_run_id not in alive and self.heartbeats([flow_run_id], since, 1):
+                    alive.add(flow_run_id)
+        return alive
+
+    def heartbeats(self, flow_run_ids: list[UUID], since: datetime, limit: int) -> list[dict]:
         response = self.prefect.request(
             "POST",
             "/events/filter",
@@ -284,13 +392,14 @@ class Reconciler:
                     "event": {"name": [HEARTBEAT_EVENT]},
                     "resource": {"id": [f"prefect.flow-run.{run_id}" for run_id in flow_run_ids]},
                 },
-                "limit": 200,
+                "limit": limit,
             },
         )
-        return {
-            UUID(event["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run."))
-            for event in response.json().get("events", [])
-        }
+        return response.json().get("events", [])
+
+
+def heartbeat_run_id(event: dict) -> UUID:
+    return UUID(event["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run."))
 
 
 def job_needed_elsewhere(job: ClusterJob, cancelled: AnalysisRequest) -> bool:
@@ -324,6 +433,16 @@ def escalated_spec(job: ClusterJob, status: JobStatus) -> tuple[JobSpec, str] | 
     return spec, f"{status.state}: again as it was"
 
 
+def unreadable_looks(history: list[dict]) -> int:
+    """Ticks in a row, up to now, that could not read the job's state."""
+    looks = 0
+    for entry in reversed(history):
+        if entry.get("state") != UNREADABLE:
+            break
+        looks += 1
+    return looks
+
+
 def history_entry(state: str, detail: str, at: datetime) -> dict:
     return {"state": str(state), "detail": detail, "at": at.isoformat()}
 
@@ -335,14 +454,21 @@ def status_detail(status: JobStatus) -> str:
     return detail
 
 
+def status_fields(status: JobStatus, now: datetime) -> dict:
+    """What a status read from the cluster sets on the job's row."""
+    return {
+        "state": status.state.value,
+        "raw_state": status.raw_state,
+        "exit_code": status.exit_code,
+        "signal": status.signal,
+        "state_checked_at": now,
+        "ended_at": now if status.state.is_final else None,
+    }
+
+
 def record_status(job: ClusterJob, status: JobStatus, now: datetime) -> None:
     ClusterJob.objects.filter(id=job.id).update(
-        state=status.state.value,
-        raw_state=status.raw_state,
-        exit_code=status.exit_code,
-        signal=status.signal,
-        state_checked_at=now,
-        ended_at=now if status.state.is_final else None,
+        **status_fields(status, now),
         history=job.history + [history_entry(status.state.value, status_detail(status), now)],
     )
 
@@ -374,15 +500,10 @@ def record_transition(job: ClusterJob, state: str, detail: str, *, ended: bool) 
 def adopt(job: ClusterJob, status: JobStatus) -> None:
     now = timezone.now()
     ClusterJob.objects.filter(id=job.id).update(
+        **status_fields(status, now),
         slurm_job_id=status.job_id,
         log_path=log_path(job.spec["work_dir"], job.tag, status.job_id),
         submit_time=status.submit_time or now,
-        state=status.state.value,
-        raw_state=status.raw_state,
-        exit_code=status.exit_code,
-        signal=status.signal,
-        state_checked_at=now,
-        ended_at=now if status.state.is_final else None,
         history=job.history + [history_entry(status.state.value, f"adopted Slurm job {status.job_id} by tag", now)],
     )
     logger.warning("adopted Slurm job %s for %s: an earlier sbatch had queued it", status.job_id, job.name)

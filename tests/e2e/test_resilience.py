@@ -1,0 +1,152 @@
+"""Issue 5: a flow run whose runner died is found by its missing heartbeats and re-run in place;
+a suspended run, which sends no heartbeats, is never taken for such a zombie.
+
+Runs on a runner, Celery worker and beat of this module's own (heartbeats every 30 s, Prefect's
+minimum; a zombie after 45 s without one), on the session's Redis, Prefect server, PostgreSQL
+and Slurm.
+"""
+
+from contextlib import contextmanager
+from datetime import timedelta
+
+import psycopg
+import pytest
+from django.utils import timezone
+from prefect.client.orchestration import get_client
+
+from emg.models import AnalysisRequest, ClusterJob, JobWait, ReconcileTick
+from emg.processes import wait_until
+from tests.e2e.chaos import KillableStack, session_stack_paused
+from tests.e2e.requests import (
+    assert_each_job_ran_once_in_slurm,
+    final_request,
+    jobs_of,
+    new_request,
+    state_names,
+    suspended_on_pending_assembly,
+)
+from tests.services import database_url
+from tests.slurm import cluster_blocked
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+HEARTBEAT_SECONDS = 30
+ZOMBIE_AFTER_SECONDS = 45
+SLOW_STUDY = "PRJEB40408"  # the fake ENA answers it after 15 s: a long Running window
+
+
+@pytest.fixture(scope="module")
+def zombie_stack(stack, service_logs):
+    env = {
+        **stack.env,
+        "EMG_FLOW_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
+        "EMG_ZOMBIE_AFTER_SECONDS": str(ZOMBIE_AFTER_SECONDS),
+        # The cap counts every emg-tagged job of this Slurm user, other sessions' (a benchmark's
+        # thousands of held jobs) included: it must not stop this module's submissions.
+        "EMG_MAX_ACTIVE_JOBS": "1000000",
+    }
+    own = KillableStack("resilience", env, service_logs)
+    with session_stack_paused(stack):
+        own.start()
+        try:
+            yield own
+        finally:
+            own.stop()
+
+
+def flow_state(flow_run_id):
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id).state
+
+
+def flow_run_of(request: AnalysisRequest):
+    def dispatched():
+        request.refresh_from_db()
+        return request.flow_run_id
+
+    return wait_until(dispatched, timeout=60, message=f"request #{request.id} has its flow run")
+
+
+@contextmanager
+def job_waits_frozen():
+    """No one may write JobWait rows while this holds (readers go on): a flow that has just declared
+    its job blocks on recording its wait, Running, before it can suspend."""
+    with psycopg.connect(database_url()) as connection:
+        connection.execute(f"LOCK TABLE {JobWait._meta.db_table} IN SHARE MODE")
+        yield
+        connection.rollback()
+
+
+def blocked_on_job_wait_insert() -> bool:
+    with psycopg.connect(database_url(), autocommit=True) as connection:
+        return bool(connection.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query ILIKE %s", [f'INSERT INTO "{JobWait._meta.db_table}"%']
+        ).fetchone()[0])
+
+
+def test_runner_killed_while_its_flow_runs_is_found_silent_rerun_in_place_and_reattaches_to_its_job(
+    zombie_stack, ena_server
+):
+    ena_server.reset_counts()
+    request = new_request(SLOW_STUDY)
+    flow_run_id = flow_run_of(request)
+    wait_until(lambda: flow_state(flow_run_id).is_running(), timeout=60, message="the flow runs")
+
+    # While ENA takes its time, freeze JobWait writes: the flow declares its assembly job and then
+    # hangs, Running, on recording its wait. Kill the whole runner there, then let go.
+    with job_waits_frozen():
+        job = wait_until(lambda: ClusterJob.objects.filter(name=f"emg-assembly-{SLOW_STUDY}").first(), timeout=90,
+                         message="the flow declared its assembly job")
+        wait_until(blocked_on_job_wait_insert, timeout=30, message="the flow waits to record its wait")
+        zombie_stack.runner.kill()
+        killed_at = timezone.now()
+    fetched = ena_server.request_count(SLOW_STUDY)
+    zombie_stack.runner.start()
+
+    # Nothing marks it Crashed: it stays Running, with no process, until the reconciler sees no heartbeat.
+    wait_until(lambda: AnalysisRequest.objects.get(id=request.id).flow_reruns == 1, timeout=ZOMBIE_AFTER_SECONDS + 90,
+               interval=0.5, message="the reconciler re-ran the silent flow run")
+    rerun_at = timezone.now()
+    request = final_request(request, zombie_stack, timeout=240)
+
+    assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
+    assert request.flow_run_id == flow_run_id and request.flow_reruns == 1  # in place, once
+    with get_client(sync_client=True) as client:
+        states = client.read_flow_run_states(flow_run_id)
+    [rerun] = [n for n, state in enumerate(states) if "re-run by the reconciler" in (state.message or "")]
+    assert states[rerun - 1].name == "Running"  # a zombie, never marked Crashed
+    assert "stopped sending heartbeats" in states[rerun].message
+    assert rerun_at - killed_at >= timedelta(seconds=ZOMBIE_AFTER_SECONDS - HEARTBEAT_SECONDS)
+    assert states[-1].name == "Completed"
+    jobs = jobs_of(request)
+    assert jobs["assembly"].id == job.id  # the job declared before the kill, not a second one
+    assert set(jobs) == {"assembly", "analysis", "data move"}
+    assert_each_job_ran_once_in_slurm(jobs.values())
+    assert ena_server.request_count(SLOW_STUDY) == fetched  # the fetches were cached, not asked again
+
+
+def test_a_run_suspended_for_longer_than_the_zombie_threshold_is_not_rerun(zombie_stack):
+    with cluster_blocked():
+        request = new_request("PRJEB40001")
+        flow_run_of(request)
+        suspended_on_pending_assembly(request)
+        suspended_at = timezone.now()
+        looked_late = ReconcileTick.objects.filter(
+            started_at__gte=suspended_at + timedelta(seconds=ZOMBIE_AFTER_SECONDS + 10), finished_at__isnull=False
+        )
+        wait_until(looked_late.exists, timeout=ZOMBIE_AFTER_SECONDS + 60, interval=1,
+                   message="a finished tick well past the zombie threshold")
+
+        request.refresh_from_db()
+        assert request.flow_reruns == 0
+        assert state_names(request.flow_run_id)[-1] == "Suspended"
+        ticks = ReconcileTick.objects.filter(started_at__gte=suspended_at, finished_at__isnull=False)
+        assert ticks.count() >= 10
+        assert [tick.report for tick in ticks if tick.report.get("rerun")] == []
+
+    request = final_request(request, zombie_stack, timeout=240)
+    assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
+    assert request.flow_reruns == 0
+    assert_each_job_ran_once_in_slurm(jobs_of(request).values())

@@ -1,8 +1,13 @@
 """Environments for processes the tests start on this session's services."""
 
 import os
+from contextlib import contextmanager
 
 from django.conf import settings
+from django.test import override_settings
+
+from emg.outbox import _producer
+from tests.ports import free_port
 
 
 def database_url() -> str:
@@ -15,3 +20,14 @@ def django_process_env(**overrides: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(DJANGO_SETTINGS_MODULE="emg.settings", DATABASE_URL=database_url(), **overrides)
     return env
+
+
+@contextmanager
+def broker_unreachable():
+    """Publishing fails as if Redis were down, for the test process only: events stay in the outbox."""
+    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
+        _producer.cache_clear()
+        try:
+            yield
+        finally:
+            _producer.cache_clear()

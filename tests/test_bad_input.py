@@ -18,17 +18,15 @@ import redis
 from django.conf import settings as django_settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.test import override_settings
 from django.utils import timezone
 
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, OutboxEvent, Study
-from emg.outbox import _producer
 from flows.analysis import command, pipeline_options
 from flows.ena import STUDY_FIELDS, EnaError, search
 from slurm_adapter import JobSpec, SlurmCluster, safe_job_name
 from slurm_adapter.spec import build_script
 from slurm_adapter.status import SACCT_FIELDS
-from tests.ports import free_port
+from tests.services import broker_unreachable
 from workers.reconciler import UNREADABLE, Reconciler
 from workers.tasks import RECONCILE_LOCK_NAME
 
@@ -285,17 +283,6 @@ def http_server(status: int, content_type: str, body: bytes):
         server.server_close()
 
 
-@contextmanager
-def nothing_published():
-    """Events of requests saved here go nowhere: no session stack may start a flow run for them."""
-    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
-        _producer.cache_clear()
-        try:
-            yield
-        finally:
-            _producer.cache_clear()
-
-
 @pytest.mark.parametrize(
     ("accession", "content_type", "body", "reason"),
     [   # studies no other test fetches, so no cached answer stands in for these
@@ -309,7 +296,7 @@ def test_an_answer_from_ena_that_is_not_a_json_list_fails_the_request_clearly_an
 ):
     from flows.analysis import analyse_study
 
-    with nothing_published(), transaction.atomic():
+    with broker_unreachable(), transaction.atomic():
         request = AnalysisRequest.objects.create(study=Study.objects.create(accession=accession))
         OutboxEvent.objects.filter(request=request).update(dispatched_at=timezone.now())
 

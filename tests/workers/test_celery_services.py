@@ -11,17 +11,21 @@ from itertools import pairwise
 
 import psycopg
 import pytest
-from django.test import override_settings
 from django.utils import timezone
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, OutboxEvent, ReconcileTick
-from emg.outbox import _producer, publish
+from emg.models import (
+    AnalysisRequest,
+    ClusterJob,
+    ClusterJobState,
+    OutboxEvent,
+    ReconcileTick,
+)
+from emg.outbox import publish
 from emg.processes import wait_until
 from flows.cluster_jobs import declare_job
 from tests.e2e.requests import final_request, new_request
-from tests.ports import free_port
-from tests.services import database_url
+from tests.services import broker_unreachable, database_url
 from tests.slurm import slurm_jobs_tagged
 from tests.workers.ticking import shell_job
 
@@ -43,17 +47,6 @@ def ran_once(prefect, request: AnalysisRequest, stack) -> None:
     assert request.flow_run_id is not None, request.status_reason
     assert [run.id for run in flow_runs_of(prefect, request)] == [request.flow_run_id]
     assert OutboxEvent.objects.get(request=request).dispatched_at is not None
-
-
-@contextmanager
-def broker_unreachable():
-    """Publishing fails as if Redis were down, for the test process only."""
-    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
-        _producer.cache_clear()
-        try:
-            yield
-        finally:
-            _producer.cache_clear()
 
 
 @contextmanager

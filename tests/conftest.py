@@ -137,3 +137,9 @@ def stack(django_db_setup, prefect_api_url, slurm_cluster, ena_server, service_l
     finally:
         for process in (processes.beat, processes.worker, processes.runner):
             process.stop()
+
+
+def pytest_collection_modifyitems(items):
+    """The chaos suite runs last: it kills slurmctld and other shared services, and a test right after
+    it would otherwise meet a cluster still settling. The order of the others is kept."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)

@@ -18,7 +18,7 @@ from selenium.webdriver.common.by import By
 from emg.models import AnalysisRequest, ClusterJob, OutboxEvent, Study
 from emg.processes import ROOT, wait_until
 from tests.conftest import PREFECT_TEST_DATABASE
-from tests.e2e.requests import final_request, jobs_of, suspended_on_pending_assembly
+from tests.e2e.requests import final_request, jobs_of, state_names, suspended_on_pending_assembly
 from tests.slurm import cluster_blocked
 from tests.test_commands import run, sections
 from tests.test_flower import start_flower
@@ -70,6 +70,9 @@ def test_commands_show_requeue_and_reconcile_a_live_request(stack):
 
     request = final_request(request, stack)
     assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
+    # The flow marks the request COMPLETED as its last step; Prefect's state follows a moment later.
+    wait_until(lambda: state_names(request.flow_run_id)[-1] == "Completed", timeout=30,
+               message="the flow run completed")
     requests_part, jobs_part, stuck_part = sections(run("emg_status"))
     [line] = [line for line in requests_part.splitlines() if line.startswith(f"{request.id} ")]
     assert " COMPLETED " in line and " Completed " in line  # ours, and Prefect's state of its flow run

@@ -113,6 +113,8 @@ def test_runner_killed_while_its_flow_runs_is_found_silent_rerun_in_place_and_re
 
     assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
     assert request.flow_run_id == flow_run_id and request.flow_reruns == 1  # in place, once
+    # The flow marks the request COMPLETED as its last step; Prefect's state follows a moment later.
+    wait_until(lambda: state_names(flow_run_id)[-1] == "Completed", timeout=30, message="the flow run completed")
     with get_client(sync_client=True) as client:
         states = client.read_flow_run_states(flow_run_id)
     [rerun] = [n for n, state in enumerate(states) if "re-run by the reconciler" in (state.message or "")]

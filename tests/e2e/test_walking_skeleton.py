@@ -33,8 +33,10 @@ def test_a_study_is_fetched_assembled_analysed_and_moved_through_one_slurm_job_p
     assert all(job.state == "COMPLETED" for job in jobs.values())
     assert_each_job_ran_once_in_slurm(jobs.values())
     assert jobs["assembly"].trace["summary"]["by_status"] == {"COMPLETED": 6}  # 2 samples x 2 + 2
-    names = state_names(request.flow_run_id)
-    assert names[-1] == "Completed" and names.count("Suspended") == 3
+    # The flow marks the request COMPLETED as its last step; Prefect's state follows a moment later.
+    names = wait_until(lambda: (names := state_names(request.flow_run_id))[-1] == "Completed" and names,
+                       timeout=30, message="the flow run completed")
+    assert names.count("Suspended") == 3
     assert OutboxEvent.objects.get(request=request).dispatched_at is not None
 
 

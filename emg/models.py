@@ -3,7 +3,6 @@ import re
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
-from django.utils import timezone
 
 from emg.accessions import (
     MAX_ACCESSION_LENGTH,
@@ -15,11 +14,20 @@ from slurm_adapter import JobState
 
 ClusterJobState = models.TextChoices(
     "ClusterJobState",
-    # Declared: known to us, not yet given to the cluster; then every state the adapter reports.
+    # Declared: known to us, not yet given to the cluster; then every state the adapter reports;
+    # Rejected: sbatch refused the job for good (its message is the job's submit_error).
     [("DECLARED", ("DECLARED", "Declared"))]
-    + [(state.name, (state.value, state.value.replace("_", " ").capitalize())) for state in JobState],
+    + [(state.name, (state.value, state.value.replace("_", " ").capitalize())) for state in JobState]
+    + [("REJECTED", ("REJECTED", "Rejected by Slurm"))],
 )
-FINAL_JOB_STATES = [state.value for state in JobState if state.is_final]
+FINAL_JOB_STATES = [state.value for state in JobState if state.is_final] + [ClusterJobState.REJECTED]
+
+
+def job_tag(fingerprint: str, job_id: int, attempt: int) -> str:
+    """Names one attempt in Slurm (in --comment and --job-name), so it can be found again even if
+    we never learnt its id. Fingerprint first (what the work is), then the row and the attempt: an
+    attempt superseded by the next never answers to the next one's tag."""
+    return f"{fingerprint[:16]}-{job_id}-{attempt}"
 
 PIPELINE_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
@@ -95,6 +103,22 @@ class Run(models.Model):
         return self.accession
 
 
+# Columns only the transition modules (emg.requests, emg.jobs) write.
+TRANSITION_OWNED_REQUEST_FIELDS = frozenset({
+    "status", "status_reason", "current_step", "generation", "flow_run_id", "finished_at", "cancel_requested_at",
+    "flow_reruns", "history",
+})
+TRANSITION_OWNED_JOB_FIELDS = frozenset({
+    "state", "raw_state", "attempts", "retries", "submission_started_at", "slurm_job_id", "submit_time", "log_path",
+    "exit_code", "signal", "ended_at", "submit_error", "next_submit_at", "unreadable_state", "unreadable_since",
+    "history", "spec",
+})
+
+
+def editable_columns(instance: models.Model, owned: frozenset[str]) -> list[str]:
+    return [field.name for field in instance._meta.concrete_fields if not field.primary_key and field.name not in owned]
+
+
 class AnalysisRequestQuerySet(models.QuerySet):
     def unfinished(self):
         return self.exclude(status__in=AnalysisRequest.FINAL_STATUSES)
@@ -126,6 +150,8 @@ class AnalysisRequest(models.Model):
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     # Times the reconciler re-ran this generation's flow run after it crashed, failed or went silent.
     flow_reruns = models.PositiveIntegerField(default=0)
+    # Every change of status, appended by emg.requests in the statement that made it.
+    history = models.JSONField(default=list, blank=True)
 
     objects = AnalysisRequestQuerySet.as_manager()
 
@@ -141,28 +167,22 @@ class AnalysisRequest(models.Model):
 
     def request_cancel(self) -> bool:
         """Ask the reconciler to cancel this request; False if it has already ended."""
-        return bool(
-            AnalysisRequest.objects.filter(id=self.id, cancel_requested_at__isnull=True)
-            .exclude(status__in=self.FINAL_STATUSES)
-            .update(cancel_requested_at=timezone.now())
-        )
+        from emg import requests
+
+        return requests.request_cancel(self)
 
     def rerun(self) -> None:
         """Start a new generation of an ended request: a new event, so a new flow run."""
-        if not self.is_final:
-            raise ValidationError(f"request #{self.id} is still {self.status}; only an ended request can be re-run")
-        self.generation += 1
-        self.status = self.Status.PENDING
-        self.status_reason = ""
-        self.current_step = ""
-        self.flow_run_id = None
-        self.finished_at = None
-        self.cancel_requested_at = None
-        self.flow_reruns = 0
-        self.save()
+        from emg import requests
+
+        requests.rerun(self)
 
     def save(self, *args, **kwargs):
         self.full_clean()
+        if self.pk is not None and not self._state.adding and "update_fields" not in kwargs:
+            # An edit (an admin form, a shell) saves what it may change; the status and its kin
+            # change only through emg.requests, so an edit read before a transition never undoes it.
+            kwargs["update_fields"] = editable_columns(self, TRANSITION_OWNED_REQUEST_FIELDS)
         # The post_save receiver writes the run event; one transaction holds both rows.
         with transaction.atomic():
             super().save(*args, **kwargs)
@@ -240,7 +260,18 @@ class ClusterJob(models.Model):
     log_path = models.CharField(max_length=1024, blank=True)
     exit_code = models.IntegerField(null=True, blank=True)
     signal = models.IntegerField(null=True, blank=True)
+    # Submissions to Slurm; each has its own tag. A claim whose answer was lost and whose tag
+    # Slurm does not know is superseded by the next attempt, never submitted twice.
     attempts = models.PositiveIntegerField(default=0)
+    # Times the job was declared again after it ran out of memory or time or lost its node.
+    retries = models.PositiveIntegerField(default=0)
+    # Slurm's last refusal of sbatch: why the job was REJECTED, or the transient error it waits out.
+    submit_error = models.TextField(blank=True)
+    # After a transient sbatch error, the claim is looked up by tag and retried from then on.
+    next_submit_at = models.DateTimeField(null=True, blank=True)
+    # A state Slurm printed that we cannot read: alerted and polled on, never a reason to cancel.
+    unreadable_state = models.CharField(max_length=64, blank=True)
+    unreadable_since = models.DateTimeField(null=True, blank=True)
     history = models.JSONField(default=list, blank=True)
     # The pipeline's Nextflow trace (tasks, exit status, duration, peak memory), for provenance.
     trace = models.JSONField(null=True, blank=True)
@@ -264,14 +295,16 @@ class ClusterJob(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.slurm_job_id or 'not submitted'}, {self.state})"
 
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not self._state.adding and "update_fields" not in kwargs:
+            # The state and its kin change only through emg.jobs (compare-and-set); a save never rewrites them.
+            kwargs["update_fields"] = editable_columns(self, TRANSITION_OWNED_JOB_FIELDS)
+        super().save(*args, **kwargs)
+
     @property
     def tag(self) -> str:
-        """Names this attempt in Slurm, so it can be found again even if we never learnt its id.
-
-        Fingerprint first (what the work is), then the row and the attempt: a job declared again
-        after its twin's row was deleted never answers to the old twin's tag.
-        """
-        return f"{self.fingerprint[:16]}-{self.id}-{self.attempts}"
+        """This attempt's name in Slurm (see job_tag)."""
+        return job_tag(self.fingerprint, self.id, self.attempts)
 
     @property
     def is_final(self) -> bool:
@@ -288,6 +321,10 @@ class ClusterJob(models.Model):
 
     @property
     def outcome(self) -> str:
+        if self.state == ClusterJobState.REJECTED:
+            return f"Slurm refused the job: {self.submit_error}"
+        if self.state == ClusterJobState.CANCELLED and not self.slurm_job_id:
+            return "cancelled before it was submitted"
         if self.state == JobState.COMPLETED:
             return f"Slurm job {self.slurm_job_id} completed"
         detail = f"exit code {self.exit_code}" if self.exit_code is not None else "no exit code"

@@ -120,8 +120,9 @@ EMG_PIPELINE_MEMORY_MB = _env_int("EMG_PIPELINE_MEMORY_MB", 512)
 
 # --- Reconciler (Celery beat) -------------------------------------------------------
 EMG_RECONCILE_INTERVAL_SECONDS = _env_float("EMG_RECONCILE_INTERVAL_SECONDS", 10)
-# The lock outlives a slow tick but not a dead one, so a crashed tick never blocks the next for long.
-EMG_RECONCILE_LOCK_SECONDS = _env_float("EMG_RECONCILE_LOCK_SECONDS", max(60.0, 6 * EMG_RECONCILE_INTERVAL_SECONDS))
+# A claimed submission whose answer never came is looked up by its tag (and, if Slurm does not
+# know it, superseded) only after this long: longer than sbatch may take before we kill it.
+EMG_SUBMIT_CLAIM_LEASE_SECONDS = _env_float("EMG_SUBMIT_CLAIM_LEASE_SECONDS", 180)
 EMG_RESUMES_PER_TICK = _env_int("EMG_RESUMES_PER_TICK", 20)
 
 from emg.log import LOGGING, LOGGING_CONFIG  # noqa: E402,F401  (one masked JSON-lines format everywhere)

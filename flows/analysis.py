@@ -15,10 +15,10 @@ from flows.django_setup import setup_django
 setup_django()
 
 from django.conf import settings  # noqa: E402
-from django.utils import timezone  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
+from emg import requests  # noqa: E402
 from emg.models import Analysis, AnalysisRequest, Assembly, ClusterJob, ClusterJobState  # noqa: E402
 from emg.policies import ResubmitPolicy, Reuse  # noqa: E402
 from flows.cluster_jobs import require_job, wait_for_jobs  # noqa: E402
@@ -41,12 +41,9 @@ class StepFailed(Exception):
     """Ends the request FAILED with a reason a person can act on."""
 
 
-def set_status(request_id: int, status: str, *, step: str = "", reason: str = "") -> None:
-    """Move an unfinished request on; an ended one (say, cancelled meanwhile) stays as it is."""
-    finished_at = timezone.now() if status in AnalysisRequest.FINAL_STATUSES else None
-    AnalysisRequest.objects.filter(id=request_id).exclude(status__in=AnalysisRequest.FINAL_STATUSES).update(
-        status=status, current_step=step, status_reason=reason, finished_at=finished_at
-    )
+def set_status(request: AnalysisRequest, status: str, *, step: str = "", reason: str = "") -> None:
+    """Move this generation of an unfinished request on; an ended one (say, cancelled meanwhile) stays as it is."""
+    requests.advance(request.id, request.generation, status, step=step, reason=reason)
 
 
 def command(setting: str, *arguments: str) -> tuple[str, ...]:
@@ -66,16 +63,16 @@ def study_dir(accession: str) -> Path:
     return settings.EMG_WORK_DIR / "studies" / accession
 
 
-def cluster_step(request_id: int, step: str, spec: JobSpec, *, inputs=(), policy: ResubmitPolicy) -> ClusterJob:
+def cluster_step(request: AnalysisRequest, step: str, spec: JobSpec, *, inputs=(), policy: ResubmitPolicy) -> ClusterJob:
     """Declare the step's job (once per flow run), wait for it suspended, and return it ended."""
-    set_status(request_id, Status.RUNNING, step=step)
-    job_id = require_job(step, spec, inputs=list(map(str, inputs)), policy=policy, request_id=request_id)
+    set_status(request, Status.RUNNING, step=step)
+    job_id = require_job(step, spec, inputs=list(map(str, inputs)), policy=policy, request_id=request.id)
     declared = ClusterJob.objects.get(id=job_id)
     if not declared.is_final:  # a re-run past an ended job neither waits nor describes it again
         publish_job_artifact(declared, step)
-        set_status(request_id, Status.WAITING, step=step)
+        set_status(request, Status.WAITING, step=step)
     [job] = wait_for_jobs([job_id])
-    set_status(request_id, Status.RUNNING, step=step)
+    set_status(request, Status.RUNNING, step=step)
     if job.state != ClusterJobState.COMPLETED:
         log_tail = tail_log(job.log_path, 8) if job.log_path else ""
         raise StepFailed(f"{step} failed: {job.outcome}" + (f"\nlast log lines:\n{log_tail}" if log_tail else ""))
@@ -133,7 +130,7 @@ def assemble(request: AnalysisRequest, runs) -> Assembly:
         memory_mb=settings.EMG_PIPELINE_MEMORY_MB,
         partition=settings.EMG_SLURM_PARTITION,
     )
-    job = cluster_step(request.id, "assembly", spec, inputs=[samplesheet], policy=ASSEMBLY_POLICY)
+    job = cluster_step(request, "assembly", spec, inputs=[samplesheet], policy=ASSEMBLY_POLICY)
     stats = read_json(outdir / "assembly_stats.json")
     store_trace(job, outdir)
     assembly, _ = Assembly.objects.update_or_create(
@@ -158,7 +155,7 @@ def analyse(request: AnalysisRequest, assembly: Assembly) -> Analysis:
         memory_mb=settings.EMG_PIPELINE_MEMORY_MB,
         partition=settings.EMG_SLURM_PARTITION,
     )
-    job = cluster_step(request.id, "analysis", spec, inputs=[Path(assembly.results_path) / "contigs.fasta"],
+    job = cluster_step(request, "analysis", spec, inputs=[Path(assembly.results_path) / "contigs.fasta"],
                        policy=ANALYSIS_POLICY)
     store_trace(job, outdir)
     analysis, _ = Analysis.objects.update_or_create(
@@ -180,7 +177,7 @@ def move_results(request: AnalysisRequest) -> Path:
         memory_mb=256,
         partition=settings.EMG_DATAMOVER_PARTITION,
     )
-    cluster_step(request.id, "data move", spec, policy=DATAMOVE_POLICY)
+    cluster_step(request, "data move", spec, policy=DATAMOVE_POLICY)
     return destination
 
 
@@ -196,7 +193,7 @@ def analyse_study(request_id: int, generation: int = 1) -> str:
         return request.status
     accession = request.study.accession
     try:
-        set_status(request_id, Status.RUNNING, step="fetching from ENA")
+        set_status(request, Status.RUNNING, step="fetching from ENA")
         try:
             study_record = fetch_study(accession)
             run_records = fetch_read_runs(accession)
@@ -219,8 +216,8 @@ def analyse_study(request_id: int, generation: int = 1) -> str:
         destination = move_results(request)
     except StepFailed as failure:
         logger.warning("request #%s failed: %s", request_id, failure)
-        set_status(request_id, Status.FAILED, step=AnalysisRequest.objects.get(id=request_id).current_step,
+        set_status(request, Status.FAILED, step=AnalysisRequest.objects.get(id=request_id).current_step,
                    reason=str(failure))
         return Status.FAILED
-    set_status(request_id, Status.COMPLETED, reason=f"results in {destination}")
+    set_status(request, Status.COMPLETED, reason=f"results in {destination}")
     return Status.COMPLETED

@@ -12,13 +12,13 @@ from collections.abc import Iterable
 
 from django.conf import settings
 from django.db import close_old_connections
-from django.db.models import F, Max
 from django.utils import timezone
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.flow_runs import suspend_flow_run
 
+from emg import waits
 from emg.models import ClusterJob, ClusterJobState, JobWait
 from emg.policies import ResubmitPolicy, Reuse
 from slurm_adapter import JobSpec
@@ -84,9 +84,7 @@ def require_job(
     wait = JobWait.objects.filter(flow_run_id=flow_run_id, step=step).first()
     if wait is None:
         job = declare_job(spec, inputs, policy)
-        wait, _ = JobWait.objects.get_or_create(
-            flow_run_id=flow_run_id, step=step, defaults={"job": job, "request_id": request_id}
-        )
+        wait = waits.attach(flow_run_id, step, job.id, request_id)
     return wait.job_id
 
 
@@ -103,13 +101,9 @@ def wait_for_jobs(job_ids: list[int]) -> list[ClusterJob]:
         close_old_connections()
         jobs = list(ClusterJob.objects.filter(id__in=job_ids).order_by("id"))
         if all(job.is_final for job in jobs):
-            JobWait.objects.filter(flow_run_id=flow_run_id, job_id__in=job_ids, released_at__isnull=True).update(
-                released_at=timezone.now()
-            )
+            waits.release_for_run(flow_run_id, job_ids)
             return jobs
-        waits = JobWait.objects.filter(flow_run_id=flow_run_id, job_id__in=job_ids)
-        waits.update(suspensions=F("suspensions") + 1, released_at=None)
-        round_number = waits.aggregate(round=Max("suspensions"))["round"]
+        round_number = waits.open_round(flow_run_id, job_ids)
         key = f"jobs-{job_ids[0]}-n{len(job_ids)}-wait-{round_number}"
         logger.info("suspending until cluster jobs %s end (key %s)", job_ids, key)
         # A long-lived process must not keep a connection the database may drop while we wait.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
-from .cluster import Cluster, ClusterError, JobStatus, SubmittedJob
+from .cluster import Cluster, ClusterError, JobStatus, PartitionLimits, SubmissionRejected, SubmittedJob
 from .local import LocalCluster
 from .logs import tail_log
 from .slurm import SlurmCluster
@@ -23,7 +23,9 @@ __all__ = [
     "JobState",
     "JobStatus",
     "LocalCluster",
+    "PartitionLimits",
     "SlurmCluster",
+    "SubmissionRejected",
     "SubmittedJob",
     "UnknownSlurmState",
     "make_cluster",

@@ -54,8 +54,22 @@ def newest_first(statuses: Iterable[JobStatus]) -> list[JobStatus]:
     return sorted(statuses, key=submitted_at, reverse=True)
 
 
+@dataclass(frozen=True)
+class PartitionLimits:
+    """The most one job may ask of a partition (None: no limit we know of)."""
+
+    max_memory_mb: int | None
+    max_time_minutes: int | None
+
+
 class ClusterError(RuntimeError):
-    """A scheduler command failed (not a job: the command itself)."""
+    """A scheduler command failed (not a job: the command itself). It may pass: a busy or
+    unreachable controller, a timeout. A submission that failed so may have queued the job."""
+
+
+class SubmissionRejected(ClusterError):
+    """The scheduler refused the job for good (invalid partition, limits, account, QOS):
+    submitting it again unchanged would be refused again. No job was queued."""
 
 
 @runtime_checkable
@@ -66,9 +80,15 @@ class Cluster(Protocol):
 
     def query(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobStatus]: ...
 
-    def find_by_tag(self, tag: str) -> list[JobStatus]: ...
+    def find_by_tag(
+        self, tag: str, *, spec_name: str | None = None, since: datetime | None = None
+    ) -> list[JobStatus]: ...
 
     def cancel(self, job_id: str) -> None: ...
+
+    def active_jobs(self) -> list[JobStatus]: ...
+
+    def partition_limits(self) -> dict[str | None, PartitionLimits]: ...
 
     def count_active(self) -> int: ...
 

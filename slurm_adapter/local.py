@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import local_runner, logs
-from .cluster import JobStatus, SubmittedJob, newest_first
+from .cluster import JobStatus, PartitionLimits, SubmittedJob, newest_first
 from .files import log_path, write_script
 from .spec import DEFAULT_PATH, JobSpec, validate_tag
 from .states import JobState
@@ -76,7 +76,10 @@ class LocalCluster:
     def query(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobStatus]:
         return {job.job_id: self._status(self._state_dir(job.job_id), job.job_id) for job in jobs}
 
-    def find_by_tag(self, tag: str) -> list[JobStatus]:
+    def find_by_tag(
+        self, tag: str, *, spec_name: str | None = None, since: datetime | None = None
+    ) -> list[JobStatus]:
+        """Every job is on this machine's disk, so neither the name nor the window is needed."""
         validate_tag(tag)
         return newest_first(self._status(d, d.name) for d, job in self._jobs() if job["tag"] == tag)
 
@@ -91,6 +94,13 @@ class LocalCluster:
                 os.killpg(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+    def active_jobs(self) -> list[JobStatus]:
+        return [status for d, _ in self._jobs() if not (status := self._status(d, d.name)).state.is_final]
+
+    def partition_limits(self) -> dict[str | None, PartitionLimits]:
+        """Local processes have no partitions: only the policy caps escalation."""
+        return {}
 
     def count_active(self) -> int:
         return sum(1 for d, _ in self._jobs() if self._status(d, d.name).state is JobState.RUNNING)

@@ -15,7 +15,16 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 
 from . import logs
-from .cluster import ClusterError, JobStatus, SubmittedJob, job_comment, newest_first, tag_from_comment
+from .cluster import (
+    ClusterError,
+    JobStatus,
+    PartitionLimits,
+    SubmissionRejected,
+    SubmittedJob,
+    job_comment,
+    newest_first,
+    tag_from_comment,
+)
 from .files import log_path, write_script
 from .spec import JobSpec, safe_job_name, validate_tag
 from .states import JobState, map_slurm_state
@@ -55,6 +64,79 @@ def parse_sbatch_output(output: str) -> str:
     if not job_id.isdigit():
         raise ClusterError(f"unexpected sbatch output: {output.strip()!r}")
     return job_id
+
+
+# sbatch's reasons (Slurm's error strings) that no retry of the same job can change. Anything else
+# (a socket timeout, an unreachable or busy controller, a submit-count limit) may pass.
+PERMANENT_SBATCH_ERRORS = (
+    "invalid partition",
+    "invalid account",
+    "invalid qos",
+    "invalid wckey",
+    "invalid feature specification",
+    "invalid generic resource",
+    "invalid trackable resource",
+    "invalid node name",
+    "requested node configuration is not available",
+    "requested partition configuration not available",
+    "requested time limit is invalid",
+    "memory specification can not be satisfied",
+    "more processors requested than permitted",
+    "node count specification invalid",
+    "access/permission denied",
+    "user's group not permitted",
+    "job violates accounting/qos policy",
+    "requested reservation is invalid",
+    "invalid job array specification",
+    "unrecognized option",
+    "invalid option",
+)
+# The one QOS refusal that lifts by itself: too many of our jobs are queued right now.
+_SUBMIT_LIMIT = "job submit limit"
+
+
+def is_permanent_sbatch_error(stderr: str) -> bool:
+    """Whether sbatch's refusal is for good (the job can never be queued as it is)."""
+    text = stderr.lower()
+    if _SUBMIT_LIMIT in text:
+        return False
+    return any(reason in text for reason in PERMANENT_SBATCH_ERRORS)
+
+
+def job_name(tag: str, spec_name: str) -> str:
+    """The Slurm job name: the tag first, so a lookup can select the job by name."""
+    return safe_job_name(f"{tag} {spec_name}")
+
+
+def _sinfo_memory(value: str) -> int | None:
+    """sinfo's %m: the smallest node's memory in MB ("65536", or "1000+" for mixed nodes)."""
+    value = value.strip().rstrip("+")
+    return int(value) if value.isdigit() else None
+
+
+def _sinfo_minutes(value: str) -> int | None:
+    """sinfo's %l: "infinite", "minutes", "hours:minutes:seconds" or "days-hours:minutes:seconds"."""
+    value = value.strip()
+    if not value or value in ("infinite", "UNLIMITED", "n/a"):
+        return None
+    days, _, clock = value.rpartition("-")
+    parts = [int(part) for part in clock.split(":") if part.isdigit()]
+    if len(parts) == 1:
+        minutes = parts[0]
+    elif len(parts) == 2:
+        minutes = parts[0]  # minutes:seconds
+    elif len(parts) == 3:
+        minutes = parts[0] * 60 + parts[1]
+    else:
+        return None
+    return minutes + (int(days) * 24 * 60 if days.isdigit() else 0)
+
+
+def _lines_of(output: str, tag: str) -> str:
+    """The lines of an answer that carry this tag: another job's odd line (a state we cannot
+    read) must not break the lookup of ours."""
+    comment = job_comment(tag)
+    return "\n".join(line for line in output.splitlines() if line.endswith("|" + comment))
 
 
 def _check_job_id(job_id: str) -> str:
@@ -138,8 +220,10 @@ class SlurmCluster:
             "sbatch",
             "--parsable",
             "--export=NONE",
-            f"--job-name={safe_job_name(f'{tag} {spec.name}')}",
+            f"--job-name={job_name(tag, spec.name)}",
             f"--comment={job_comment(tag)}",
+            # The reconciler owns retries: a job Slurm requeued itself would run again under one attempt.
+            "--no-requeue",
             f"--chdir={spec.work_dir}",
             f"--output={output}",
             f"--error={output}",
@@ -151,7 +235,13 @@ class SlurmCluster:
             argv.append(f"--partition={spec.partition}")
         argv += [*spec.extra_options, str(script)]
         submit_time = datetime.now(UTC)
-        job_id = parse_sbatch_output(self._run(argv))
+        try:
+            output = self._run(argv)
+        except ClusterError as error:
+            if is_permanent_sbatch_error(str(error)):
+                raise SubmissionRejected(str(error)) from error
+            raise
+        job_id = parse_sbatch_output(output)
         return SubmittedJob(job_id, submit_time, log_path(spec.work_dir, tag, job_id))
 
     def query(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobStatus]:
@@ -184,12 +274,22 @@ class SlurmCluster:
                 result[job.job_id] = record or _placeholder(job, JobState.LOST)
         return result
 
-    def find_by_tag(self, tag: str) -> list[JobStatus]:
+    def find_by_tag(
+        self, tag: str, *, spec_name: str | None = None, since: datetime | None = None
+    ) -> list[JobStatus]:
+        """Our jobs carrying this tag, newest first.
+
+        With the spec's name, both commands select by job name (which starts with the tag), so
+        the answer holds this job only; `since` (the claim's time) bounds the accounting window.
+        A line of another job that cannot be read never spoils the lookup.
+        """
         validate_tag(tag)
-        since = datetime.now(UTC) - self.find_window
-        accounted = self._sacct(["-S", _slurm_time(since), "-E", "now"])
+        start = (since - CLOCK_SKEW) if since is not None else datetime.now(UTC) - self.find_window
+        selection = [f"--name={job_name(tag, spec_name)}"] if spec_name is not None else []
+        accounted = self._sacct(["-S", _slurm_time(min(start, datetime.now(UTC))), "-E", "now", *selection],
+                                only_tag=tag)
         # squeue adds what slurmdbd has not recorded yet.
-        found = {r.job_id: r for r in self._squeue(["--me"]) if r.tag == tag}
+        found = {r.job_id: r for r in self._squeue(["--me", *selection], only_tag=tag) if r.tag == tag}
         found.update({r.job_id: r for r in accounted if r.tag == tag})
         return newest_first(found.values())
 
@@ -209,18 +309,45 @@ class SlurmCluster:
                 count += 1
         return count
 
+    def active_jobs(self) -> list[JobStatus]:
+        """Our tagged jobs Slurm holds pending, running or suspended; lines it cannot read are left out."""
+        output = self._run(["squeue", "--noheader", "--all", "--me", "-t", "PENDING,RUNNING,SUSPENDED,CONFIGURING",
+                            "-o", SQUEUE_FORMAT])
+        found = []
+        for line in output.splitlines():
+            try:
+                found.extend(parse_squeue(line))
+            except ValueError:
+                continue
+        return [record for record in found if record.tag is not None and not record.state.is_final]
+
+    def partition_limits(self) -> dict[str | None, PartitionLimits]:
+        """Per partition (None: the default one), its time limit and its nodes' memory, from one sinfo."""
+        output = self._run(["sinfo", "--noheader", "-o", "%P|%l|%m"])
+        limits: dict[str | None, PartitionLimits] = {}
+        for line in output.splitlines():
+            name, _, rest = line.partition("|")
+            time_limit, _, memory = rest.partition("|")
+            partition = PartitionLimits(max_memory_mb=_sinfo_memory(memory), max_time_minutes=_sinfo_minutes(time_limit))
+            limits[name.rstrip("*")] = partition
+            if name.endswith("*"):
+                limits[None] = partition
+        return limits
+
     def tail_log(self, path: str, lines: int = 50) -> str:
         return logs.tail_log(path, lines)
 
-    def _sacct(self, selection: list[str]) -> list[JobStatus]:
+    def _sacct(self, selection: list[str], only_tag: str | None = None) -> list[JobStatus]:
         argv = ["sacct", "--parsable2", "--noheader", "-X", "-o", ",".join(SACCT_FIELDS)]
-        return parse_sacct(self._run(argv + selection))
+        output = self._run(argv + selection)
+        return parse_sacct(_lines_of(output, only_tag) if only_tag else output)
 
-    def _squeue(self, selection: list[str]) -> list[JobStatus]:
+    def _squeue(self, selection: list[str], only_tag: str | None = None) -> list[JobStatus]:
         # --all includes hidden partitions; -t all includes jobs that ended recently.
         argv = ["squeue", "--noheader", "--all", "-t", "all", "-o", SQUEUE_FORMAT]
         # A single unknown id makes squeue fail instead of printing nothing.
-        return parse_squeue(self._run(argv + selection, harmless_errors=("Invalid job id",)))
+        output = self._run(argv + selection, harmless_errors=("Invalid job id",))
+        return parse_squeue(_lines_of(output, only_tag) if only_tag else output)
 
     def _respect_min_interval(self) -> None:
         now = time.monotonic()

@@ -23,7 +23,9 @@ _NAME_UNSAFE = re.compile(r"[|\x00-\x1f\x7f]+")
 # sbatch options a spec may add; every other one could change what runs, where
 # it writes, or whose environment it gets.
 VALUE_OPTIONS = frozenset({"--qos", "--account", "--constraint", "--gres", "--nice", "--reservation"})
-FLAG_OPTIONS = frozenset({"--hold", "--nice", "--requeue", "--no-requeue"})
+# No --requeue: jobs are submitted with --no-requeue, because the reconciler owns retries (a job Slurm
+# requeued behind our back would run twice under one attempt).
+FLAG_OPTIONS = frozenset({"--hold", "--nice"})
 
 
 def safe_job_name(name: str) -> str:

@@ -7,6 +7,7 @@
 | REQUEUED / RQ               | PENDING       | back in the queue; it will run again under the same id     |
 | REQUEUE_HOLD / RH           | PENDING       | requeued and held, like a --hold job                       |
 | REQUEUE_FED / RF            | PENDING       | requeued by the federation                                 |
+| RESV_DEL_HOLD / RD          | PENDING       | held because its reservation was deleted; may be released  |
 | RUNNING / R                 | RUNNING       |                                                            |
 | COMPLETING / CG             | RUNNING       | the script ended, epilog still runs: not final yet         |
 | RESIZING / RS               | RUNNING       |                                                            |
@@ -95,6 +96,7 @@ for _long, _short, _ours in (
     ("REQUEUED", "RQ", JobState.PENDING),
     ("REQUEUE_HOLD", "RH", JobState.PENDING),
     ("REQUEUE_FED", "RF", JobState.PENDING),
+    ("RESV_DEL_HOLD", "RD", JobState.PENDING),
     ("RUNNING", "R", JobState.RUNNING),
     ("COMPLETING", "CG", JobState.RUNNING),
     ("RESIZING", "RS", JobState.RUNNING),

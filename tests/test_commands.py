@@ -7,15 +7,13 @@ import uuid
 from datetime import timedelta
 
 import pytest
-import redis
-from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait, OutboxEvent, ReconcileTick, Study
 from emg.processes import wait_until
 from slurm_adapter import JobSpec
-from workers.tasks import RECONCILE_LOCK_NAME
+from tests.workers.ticking import held_tick_lock
 
 pytestmark = pytest.mark.django_db
 
@@ -44,10 +42,8 @@ def long_ago(seconds: float):
 @pytest.fixture
 def reconciler_blocked():
     """Holds the reconcile lock, so no tick (beat's, if an e2e stack is up, or ours) can run."""
-    lock = redis.Redis.from_url(settings.REDIS_URL).lock(RECONCILE_LOCK_NAME, timeout=60)
-    assert lock.acquire(blocking_timeout=30)
-    yield
-    lock.release()
+    with held_tick_lock(timeout=30):
+        yield
 
 
 def test_status_lists_requests_and_jobs_and_names_what_is_stuck(tmp_path, reconciler_blocked):

@@ -10,6 +10,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
 from prefect.deployments import run_deployment
 
+from emg import requests
 from emg.models import AnalysisRequest, OutboxEvent
 from flows.deployments import ANALYSIS_DEPLOYMENT
 
@@ -38,8 +39,8 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
                 # A consumer that died after making the run, whose run then ended the request
                 # before this redelivery: the run exists, and the request must still point to it.
                 flow_run_id = existing_flow_run_id(event)
-                AnalysisRequest.objects.filter(id=request.id, generation=event.generation,
-                                               flow_run_id__isnull=True).update(flow_run_id=flow_run_id)
+                if flow_run_id is not None:
+                    requests.attach_flow_run(request.id, event.generation, flow_run_id)
             OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now())
         return None
 
@@ -52,7 +53,7 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
         tags=["emg", f"request-{request.id}"],
     )
     with transaction.atomic():
-        AnalysisRequest.objects.filter(id=request.id, generation=event.generation).update(flow_run_id=flow_run.id)
+        requests.attach_flow_run(request.id, event.generation, flow_run.id)
         OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now(), last_error="")
     logger.info("request #%s generation %s -> flow run %s", request.id, event.generation, flow_run.id)
     return flow_run.id

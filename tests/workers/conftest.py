@@ -2,7 +2,7 @@
 
 A test here calls `Reconciler.tick()` itself, with limits of its own choosing, while it holds the
 beat's tick lock: a session stack started by other tests then skips its ticks instead of
-racing ours (see workers.tasks.run_tick).
+racing ours (see workers.reconcile.lock).
 """
 
 import os
@@ -22,8 +22,8 @@ from emg.outbox import _producer
 from emg.processes import ManagedProcess, venv_script, wait_until
 from slurm_adapter import SlurmCluster
 from tests.ports import free_port
+from tests.workers.ticking import held_tick_lock
 from workers.reconciler import Reconciler
-from workers.tasks import RECONCILE_LOCK_NAME
 
 # Generous unless a test is about one of them: the test, not a limit, decides what happens.
 DEFAULT_LIMITS = dict(
@@ -47,12 +47,10 @@ def cluster(slurm_cluster) -> SlurmCluster:
 
 
 @pytest.fixture
-def reconcile_lock(redis_server):
+def reconcile_lock(transactional_db):
     """The beat's tick lock, held for the whole test, so ours are the only ticks."""
-    lock = redis.Redis.from_url(settings.REDIS_URL).lock(RECONCILE_LOCK_NAME, timeout=1800)
-    assert lock.acquire(blocking=True, blocking_timeout=120), "another reconcile tick held the lock for 2 minutes"
-    yield
-    lock.release()
+    with held_tick_lock() as lock:
+        yield lock
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import sys
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState
@@ -27,6 +28,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
 COMPLETED = ClusterJobState.COMPLETED
 # Fails the first time it runs in its work dir, succeeds every time after.
 FAILS_ONCE = "if [ -e ran-once ]; then exit 0; fi; touch ran-once; exit 3"
+
+
+def stale_claim_time():
+    """A claim time older than the claim lease, so the next tick looks the claim's tag up."""
+    return timezone.now() - timedelta(seconds=settings.EMG_SUBMIT_CLAIM_LEASE_SECONDS + 60)
 
 
 def states_seen(job: ClusterJob) -> list[str]:
@@ -65,9 +71,9 @@ def test_job_queued_by_an_sbatch_whose_answer_was_lost_is_adopted_by_tag_not_sub
     make_reconciler, cluster, work_dir
 ):
     job = declare_job(shell_job("lost-sbatch-answer", "sleep 2", work_dir))
-    # What the reconciler records just before sbatch; sbatch then queues the job, but the
-    # submitter dies before it can save the id.
-    ClusterJob.objects.filter(id=job.id).update(submission_started_at=timezone.now(), attempts=1)
+    # What the reconciler records just before sbatch (its claim); sbatch then queues the job, but the
+    # submitter dies before it can save the id. The claim is older than its lease: that sbatch has returned.
+    ClusterJob.objects.filter(id=job.id).update(submission_started_at=stale_claim_time(), attempts=1)
     job.refresh_from_db()
     lost = cluster.submit(JobSpec.from_dict(job.spec), tag=job.tag)
 
@@ -88,7 +94,7 @@ def test_lost_sbatch_of_a_resubmission_is_not_confused_with_the_earlier_identica
     second = declare_job(spec, policy=policy)
     # The resubmission's sbatch dies before queueing anything: its attempt has the same
     # fingerprint and number as the first row's, but the first row's job is not its job.
-    ClusterJob.objects.filter(id=second.id).update(submission_started_at=timezone.now(), attempts=1)
+    ClusterJob.objects.filter(id=second.id).update(submission_started_at=stale_claim_time(), attempts=1)
 
     reports = tick_until(reconciler, job_ended(second.id))
 

@@ -2,7 +2,8 @@
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
@@ -13,7 +14,19 @@ from emg.processes import wait_until
 from flows.cluster_jobs import declare_job
 from slurm_adapter import JobSpec
 from tests.slurm import active_jobs_of
+from workers.reconcile.lock import TickLock
 from workers.reconciler import Reconciler, TickReport
+
+
+@contextmanager
+def held_tick_lock(timeout: float = 120) -> Iterator[TickLock]:
+    """The beat's tick lock, held by this test process: a running stack's ticks skip meanwhile."""
+    lock = TickLock()
+    assert lock.acquire(timeout=timeout), f"another reconcile tick held the lock for {timeout} s"
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def shell_job(name: str, script: str, work_dir: Path, **resources) -> JobSpec:

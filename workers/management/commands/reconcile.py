@@ -3,7 +3,7 @@
 from django.core.management import BaseCommand, CommandError
 
 from workers.reconciler import TickReport
-from workers.tasks import run_tick
+from workers.reconcile.ticks import run_tick
 
 
 def describe(report: TickReport) -> list[str]:
@@ -13,6 +13,8 @@ def describe(report: TickReport) -> list[str]:
         f"changed: {changed or 'none'}",
         f"submitted: {', '.join(report.submitted) or 'none'}",
         f"adopted: {', '.join(report.adopted) or 'none'}",
+        f"rejected by Slurm: {', '.join(f'#{job_id}' for job_id in report.rejected) or 'none'}",
+        f"unreadable: {', '.join(f'{job_id} ({raw})' for job_id, raw in report.unreadable.items()) or 'none'}",
         f"resumed flow runs: {', '.join(str(run) for run in report.resumed) or 'none'}",
         f"released waits: {report.released}",
     ]
@@ -28,7 +30,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         report = run_tick()
         if report is None:
-            raise CommandError("another reconcile tick is running (its Redis lock is held); try again in a moment")
+            raise CommandError("another reconcile tick is running (it holds the tick lock); try again in a moment")
         for line in describe(report):
             self.stdout.write(line)
         for error in report.errors:

@@ -1,0 +1,48 @@
+"""State histories: typed entries appended to a JSON list inside the UPDATE that changes the state.
+
+Appending in SQL (not `row.history + [entry]` in Python) keeps the history exact when two writers
+race: the entry lands only if, and in the same statement as, the guarded change it describes.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+from django.db import models
+from django.db.models import F, Func, Value
+from django.db.models.functions import Cast
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One change of state: what it became, why, and when."""
+
+    state: str
+    detail: str
+    at: datetime
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "state": str(self.state), "at": self.at.isoformat()}
+
+
+class AppendToHistory(Func):
+    """`history || '[entry]'` on PostgreSQL, `json_insert(history, '$[#]', entry, ...)` on SQLite."""
+
+    output_field = models.JSONField()
+
+    def __init__(self, *entries: HistoryEntry, column: str = "history"):
+        self.count = len(entries)
+        super().__init__(F(column), Cast(Value(json.dumps([entry.to_json() for entry in entries])),
+                                         output_field=models.JSONField()))
+
+    def as_sql(self, compiler, connection, **extra_context):
+        return super().as_sql(compiler, connection, template="(%(expressions)s)", arg_joiner=" || ",
+                              **extra_context)
+
+    def as_sqlite(self, compiler, connection, **extra_context):
+        column, entries = self.source_expressions
+        column_sql, column_params = compiler.compile(column)
+        entries_sql, entries_params = compiler.compile(entries)
+        # json(...) is '[{...}, ...]'; its '$[i]' is the i-th entry itself.
+        pairs = ", ".join(f"'$[#]', json({entries_sql}) -> '$[{i}]'" for i in range(self.count))
+        return f"json_insert({column_sql}, {pairs})", (*column_params, *(entries_params * self.count))

@@ -1,0 +1,225 @@
+"""Every change of a ClusterJob's state, each one a compare-and-set.
+
+A function here takes the row as its caller read it and changes it only if the row is still
+what was read: `UPDATE ... WHERE id = ? AND state = ? AND attempts = ? [AND claim = ?]`, with the
+history entry appended in the same statement. It returns whether the update applied, and the
+caller acts on the cluster (`sbatch`, `scancel`, adopting a job) only when it did. A change that
+no longer applies is logged and skipped, never forced: some other tick (or an operator) moved
+the row on, and what it did stands.
+
+Nothing else writes a job's `state`, `attempts`, `submission_started_at`, `slurm_job_id`,
+`retries` or `history` (tests/test_transition_owners.py checks). The submission protocol these
+steps make up, with several ticks overlapping, crashing and losing sbatch answers, is
+model-checked in docs/protocol/submission.pml.
+
+The submission of one attempt:
+    claim -> sbatch -> record_submission            (the answer came back)
+                    -> note_submit_error            (a transient error: retried after a backoff)
+                    -> reject                       (Slurm refused the job for good)
+    a claim whose answer never came (the tick died, froze, or its sbatch timed out) is, once
+    stale, looked up by its tag: found -> adopt; not found -> reclaim (the next attempt) -> sbatch.
+"""
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.db.models import Q, QuerySet
+from django.utils import timezone
+
+from emg.history import AppendToHistory, HistoryEntry
+from emg.models import ClusterJob, ClusterJobState, job_tag
+from slurm_adapter import JobSpec, JobStatus, SubmittedJob
+
+logger = logging.getLogger(__name__)
+
+# History entries of steps that are not a state of their own.
+CLAIMED = "CLAIMED"
+SUBMIT_ERROR = "SUBMIT_ERROR"
+UNREADABLE = "UNREADABLE"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The right, won by one compare-and-set, to run sbatch for one attempt of one job."""
+
+    job_id: int
+    attempt: int
+    at: datetime
+    tag: str
+    spec: dict
+    work_dir: str
+
+
+def _claimed_row(claim: Claim) -> QuerySet:
+    return ClusterJob.objects.filter(
+        id=claim.job_id, state=ClusterJobState.DECLARED, attempts=claim.attempt, submission_started_at=claim.at
+    )
+
+
+def _as_read(job: ClusterJob) -> QuerySet:
+    """The row, only if it is still in the state, attempt and claim it was read in."""
+    claim = (Q(submission_started_at__isnull=True) if job.submission_started_at is None
+             else Q(submission_started_at=job.submission_started_at))
+    return ClusterJob.objects.filter(claim, id=job.id, state=job.state, attempts=job.attempts,
+                                     slurm_job_id=job.slurm_job_id)
+
+
+def _apply(rows: QuerySet, job_id: int, step: str, entries: HistoryEntry | list[HistoryEntry] | None,
+           **changes) -> bool:
+    entries = [entries] if isinstance(entries, HistoryEntry) else entries or []
+    if entries:
+        changes["history"] = AppendToHistory(*entries)
+    applied = rows.update(**changes, updated_at=timezone.now()) == 1
+    if not applied:
+        logger.info("cluster job #%s: %s skipped, the row has moved on since it was read", job_id, step)
+    return applied
+
+
+def _claim_from(job: ClusterJob, attempt: int, at: datetime) -> Claim:
+    return Claim(job_id=job.id, attempt=attempt, at=at, tag=job_tag(job.fingerprint, job.id, attempt),
+                 spec=job.spec, work_dir=job.spec["work_dir"])
+
+
+# --- submission ----------------------------------------------------------------------------------
+
+def claim(job: ClusterJob, now: datetime | None = None) -> Claim | None:
+    """Claim the next attempt of a declared, unclaimed job: only the winner may run sbatch."""
+    now = now or timezone.now()
+    if job.state != ClusterJobState.DECLARED or job.submission_started_at is not None:
+        return None
+    attempt = job.attempts + 1
+    rows = ClusterJob.objects.filter(id=job.id, state=ClusterJobState.DECLARED, attempts=job.attempts,
+                                     submission_started_at__isnull=True)
+    entry = HistoryEntry(CLAIMED, f"attempt {attempt}: submitting", now)
+    if not _apply(rows, job.id, "claim", entry, attempts=attempt, submission_started_at=now,
+                  next_submit_at=None):
+        return None
+    return _claim_from(job, attempt, now)
+
+
+def reclaim(job: ClusterJob, why: str, now: datetime | None = None) -> Claim | None:
+    """Supersede a stale claim whose attempt Slurm does not know with the next attempt."""
+    now = now or timezone.now()
+    if job.state != ClusterJobState.DECLARED or job.submission_started_at is None:
+        return None
+    attempt = job.attempts + 1
+    entry = HistoryEntry(CLAIMED, f"attempt {attempt}: submitting again ({why})", now)
+    if not _apply(_as_read(job), job.id, "reclaim", entry, attempts=attempt, submission_started_at=now,
+                  next_submit_at=None):
+        return None
+    return _claim_from(job, attempt, now)
+
+
+def record_submission(claim: Claim, submitted: SubmittedJob, now: datetime | None = None) -> bool:
+    """sbatch answered for this claim. False: the claim was superseded meanwhile, and the job
+    just queued belongs to no row: the caller must scancel it."""
+    now = now or timezone.now()
+    entry = HistoryEntry(ClusterJobState.SUBMITTED, f"sbatch -> {submitted.job_id}", now)
+    return _apply(
+        _claimed_row(claim), claim.job_id, "record_submission", entry,
+        state=ClusterJobState.SUBMITTED, slurm_job_id=submitted.job_id, submit_time=submitted.submit_time,
+        log_path=submitted.log_path, state_checked_at=now, submit_error="", next_submit_at=None,
+    )
+
+
+def note_submit_error(claim: Claim, error: str, retry_at: datetime, now: datetime | None = None) -> bool:
+    """sbatch failed in a way that may pass (a busy or unreachable controller). The claim stays:
+    the job may have been queued all the same, so the retry first looks the tag up."""
+    now = now or timezone.now()
+    entry = HistoryEntry(SUBMIT_ERROR, f"{error} (retry after {retry_at.isoformat()})"[:2000], now)
+    return _apply(_claimed_row(claim), claim.job_id, "note_submit_error", entry,
+                  submit_error=error[:2000], next_submit_at=retry_at)
+
+
+def reject(claim: Claim, message: str, now: datetime | None = None) -> bool:
+    """Slurm refused the job for good (invalid partition, limits, account, QOS): it ends here."""
+    now = now or timezone.now()
+    entry = HistoryEntry(ClusterJobState.REJECTED, message[:2000], now)
+    return _apply(_claimed_row(claim), claim.job_id, "reject", entry, state=ClusterJobState.REJECTED,
+                  submit_error=message[:2000], next_submit_at=None, ended_at=now, state_checked_at=now)
+
+
+def adopt(job: ClusterJob, status: JobStatus, log_path: str, now: datetime | None = None) -> bool:
+    """A claimed job's sbatch queued it although its answer was lost: take that Slurm job as the attempt's."""
+    now = now or timezone.now()
+    entry = HistoryEntry(status.state.value, f"adopted Slurm job {status.job_id} by tag", now)
+    return _apply(_as_read(job), job.id, "adopt", entry, **status_fields(status, now), slurm_job_id=status.job_id,
+                  log_path=log_path, submit_time=status.submit_time or now, submit_error="", next_submit_at=None)
+
+
+# --- the cluster's answers ---------------------------------------------------------------------------
+
+def status_fields(status: JobStatus, now: datetime) -> dict:
+    """What a status read from the cluster sets on the job's row."""
+    return {
+        "state": status.state.value,
+        "raw_state": status.raw_state,
+        "exit_code": status.exit_code,
+        "signal": status.signal,
+        "state_checked_at": now,
+        "ended_at": now if status.state.is_final else None,
+        "unreadable_state": "",
+        "unreadable_since": None,
+    }
+
+
+def status_detail(status: JobStatus) -> str:
+    detail = status.raw_state or status.state.value
+    if status.exit_code is not None:
+        detail += f" exit {status.exit_code}:{status.signal or 0}"
+    return detail
+
+
+def record_status(job: ClusterJob, status: JobStatus, now: datetime | None = None) -> bool:
+    """Slurm reports a new state for a submitted job."""
+    now = now or timezone.now()
+    entry = HistoryEntry(status.state.value, status_detail(status), now)
+    return _apply(_as_read(job), job.id, "record_status", entry, **status_fields(status, now))
+
+
+def declare_again(job: ClusterJob, status: JobStatus, spec: JobSpec, reason: str,
+                  now: datetime | None = None) -> bool:
+    """Same row, same fingerprint, next attempt (with more resources): flows waiting on it keep
+    waiting. The ended attempt's Slurm id stays in the history, not on the row: a declared job has none."""
+    now = now or timezone.now()
+    entries = [HistoryEntry(status.state.value, f"{status_detail(status)} (Slurm job {job.slurm_job_id})", now),
+               HistoryEntry(ClusterJobState.DECLARED, reason, now)]
+    if not _apply(_as_read(job), job.id, "declare_again", entries, state=ClusterJobState.DECLARED,
+                  raw_state=status.raw_state, exit_code=status.exit_code, signal=status.signal, spec=spec.to_dict(),
+                  retries=job.retries + 1, slurm_job_id="", submission_started_at=None, next_submit_at=None,
+                  submit_error="", state_checked_at=now, unreadable_state="", unreadable_since=None):
+        return False
+    logger.warning("job %s (Slurm %s) %s", job.name, job.slurm_job_id, reason)
+    return True
+
+
+def note_unreadable(job: ClusterJob, raw: str, now: datetime | None = None) -> bool:
+    """Slurm answered for the job with a state we cannot read: recorded, alerted, polled again.
+
+    Never a reason to cancel or fail it: a multi-day job is left to finish. The history gets one
+    entry when it became unreadable, not one per tick."""
+    now = now or timezone.now()
+    if job.unreadable_state == raw[:64]:
+        return _apply(_as_read(job), job.id, "note_unreadable", None, state_checked_at=now)
+    entry = HistoryEntry(UNREADABLE, f"Slurm reports {raw!r}, which we cannot read; polling on", now)
+    return _apply(_as_read(job), job.id, "note_unreadable", entry, unreadable_state=raw[:64],
+                  unreadable_since=job.unreadable_since or now, state_checked_at=now)
+
+
+def cancel_unsubmitted(job: ClusterJob, detail: str, now: datetime | None = None) -> bool:
+    """A declared job no one needs any more ends before Slurm ever ran it.
+
+    For a claimed job the caller must first have looked its tag up and found nothing, with the
+    claim stale: a late sbatch answer then finds its claim gone and cancels its own job."""
+    now = now or timezone.now()
+    if job.state != ClusterJobState.DECLARED:
+        return False
+    entry = HistoryEntry(ClusterJobState.CANCELLED, detail, now)
+    return _apply(_as_read(job), job.id, "cancel_unsubmitted", entry, state=ClusterJobState.CANCELLED,
+                  ended_at=now, state_checked_at=now, next_submit_at=None)
+
+
+def mark_checked(job_ids: list[int], now: datetime) -> None:
+    """Jobs whose state Slurm confirmed unchanged (not a transition: nothing to guard)."""
+    ClusterJob.objects.filter(id__in=job_ids).update(state_checked_at=now)

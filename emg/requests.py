@@ -1,0 +1,119 @@
+"""Every change of an AnalysisRequest's status, each one a compare-and-set.
+
+Like emg.jobs: each function changes the row only if it is still what its caller read (status,
+generation, re-run count), appends the history entry in the same statement, and returns whether
+it applied; the caller acts (cancels a flow run, re-runs it) only when it did. Nothing else
+writes a request's `status`, `generation`, `flow_run_id`, `flow_reruns`, `cancel_requested_at`
+or `history` (tests/test_transition_owners.py checks).
+"""
+
+import logging
+import uuid
+from datetime import datetime
+
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from emg.history import AppendToHistory, HistoryEntry
+from emg.models import AnalysisRequest
+
+logger = logging.getLogger(__name__)
+
+Status = AnalysisRequest.Status
+UNFINISHED = (Status.PENDING, Status.RUNNING, Status.WAITING)
+
+
+def _as_read(request: AnalysisRequest) -> QuerySet:
+    return AnalysisRequest.objects.filter(id=request.id, status=request.status, generation=request.generation,
+                                          flow_reruns=request.flow_reruns)
+
+
+def _apply(rows: QuerySet, request_id: int, step: str, entry: HistoryEntry | None, **changes) -> bool:
+    if entry is not None:
+        changes["history"] = AppendToHistory(entry)
+    applied = rows.update(**changes, updated_at=timezone.now()) == 1
+    if not applied:
+        logger.info("request #%s: %s skipped, the row has moved on since it was read", request_id, step)
+    return applied
+
+
+def _entry(status: str, detail: str, now: datetime) -> HistoryEntry:
+    return HistoryEntry(status, detail[:2000], now)
+
+
+def advance(request_id: int, generation: int, status: str, *, step: str = "", reason: str = "") -> bool:
+    """The flow run of `generation` reports progress (or its end). Applies only while that
+    generation is the request's and the request is unfinished: a request cancelled, failed or
+    re-run meanwhile stays as it is. A step change alone writes no history entry."""
+    now = timezone.now()
+    rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, status__in=UNFINISHED)
+    current = rows.values_list("status", "current_step").first()
+    if current is None:
+        logger.info("request #%s: advance to %s skipped, it has ended or moved on", request_id, status)
+        return False
+    entry = None if current[0] == status else _entry(status, f"{step or reason}".strip(), now)
+    finished_at = now if status in AnalysisRequest.FINAL_STATUSES else None
+    return _apply(rows.filter(status=current[0]), request_id, f"advance to {status}", entry, status=status,
+                  current_step=step, status_reason=reason[:10000], finished_at=finished_at)
+
+
+def cancel(request: AnalysisRequest, reason: str) -> bool:
+    """End a request CANCELLED, if it is still what was read (a run that completed meanwhile stands)."""
+    now = timezone.now()
+    if request.status not in UNFINISHED:
+        return False
+    return _apply(_as_read(request), request.id, "cancel", _entry(Status.CANCELLED, reason, now),
+                  status=Status.CANCELLED, status_reason=reason, finished_at=now)
+
+
+def fail(request: AnalysisRequest, reason: str) -> bool:
+    now = timezone.now()
+    if request.status not in UNFINISHED:
+        return False
+    return _apply(_as_read(request), request.id, "fail", _entry(Status.FAILED, reason, now),
+                  status=Status.FAILED, status_reason=reason[:10000], finished_at=now)
+
+
+def count_rerun(request: AnalysisRequest, why: str) -> bool:
+    """Take one of the request's flow re-runs; only the tick whose update applied re-runs the flow."""
+    now = timezone.now()
+    entry = _entry(request.status, f"flow run re-run {request.flow_reruns + 1}: {why}", now)
+    return _apply(_as_read(request), request.id, "count_rerun", entry, flow_reruns=request.flow_reruns + 1)
+
+
+def attach_flow_run(request_id: int, generation: int, flow_run_id: uuid.UUID) -> bool:
+    """Record the generation's flow run, once."""
+    return _apply(AnalysisRequest.objects.filter(id=request_id, generation=generation, flow_run_id__isnull=True),
+                  request_id, "attach_flow_run", None, flow_run_id=flow_run_id)
+
+
+def request_cancel(request: AnalysisRequest) -> bool:
+    """Ask the reconciler to cancel this request; False if it has already ended or was asked before."""
+    rows = AnalysisRequest.objects.filter(id=request.id, cancel_requested_at__isnull=True, status__in=UNFINISHED)
+    now = timezone.now()
+    return _apply(rows, request.id, "request_cancel", _entry(request.status, "cancel requested", now),
+                  cancel_requested_at=now)
+
+
+def rerun(request: AnalysisRequest) -> None:
+    """Start the next generation of an ended request: a new event in the same transaction, so a new flow run."""
+    from emg.outbox import publish_after_commit, record_run_event
+
+    if request.status in UNFINISHED:
+        raise ValidationError(f"request #{request.id} is still {request.status}; only an ended request can be re-run")
+    now = timezone.now()
+    with transaction.atomic():
+        applied = _apply(
+            AnalysisRequest.objects.filter(id=request.id, status=request.status, generation=request.generation),
+            request.id, "rerun", _entry(Status.PENDING, f"re-run as generation {request.generation + 1}", now),
+            generation=request.generation + 1, status=Status.PENDING, status_reason="", current_step="",
+            flow_run_id=None, finished_at=None, cancel_requested_at=None, flow_reruns=0,
+        )
+        if not applied:
+            raise ValidationError(f"request #{request.id} changed meanwhile; look again before re-running it")
+        request.refresh_from_db()
+        event = record_run_event(request)
+        if event is not None:
+            publish_after_commit(event)

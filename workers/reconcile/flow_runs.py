@@ -1,0 +1,160 @@
+"""Resuming suspended flow runs whose jobs have ended, and re-running broken ones.
+
+Reads the Prefect state of every flow run with an open wait or an unfinished request in one call
+per 200 runs. Resumes at most `resumes_per_tick` suspended runs whose awaited jobs have all
+ended, oldest wait first (the rest go to later ticks): Prefect accepts the resume of a paused run
+once, so that transition is Prefect's own compare-and-set, and the waits are released after it.
+Re-runs in place any run that crashed, failed, went silent while Running or stayed Pending, at
+most `max_flow_reruns` times per request generation: only the tick whose re-run count update
+(emg.requests.count_rerun) applied sets the run Scheduled.
+"""
+
+import logging
+from collections import defaultdict
+from datetime import datetime
+from uuid import UUID
+
+import httpx
+from django.utils import timezone
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import State, StateType
+from prefect.states import Scheduled
+
+from emg import requests, waits
+from emg.models import AnalysisRequest, JobWait
+
+logger = logging.getLogger(__name__)
+
+PREFECT_FILTER_CHUNK = 200
+HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
+# The most events one `POST /events/filter` may ask for (the API refuses more).
+EVENTS_PAGE_LIMIT = 50
+# A run that ended can no longer be waiting. Crashed runs are not here: their request is not
+# finished, so the flow-run recovery re-runs them and they re-attach to their jobs.
+ENDED_STATE_TYPES = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED}
+RECOVERABLE_STATE_TYPES = {StateType.CRASHED, StateType.FAILED}
+
+
+def tend_flow_runs(reconciler, report) -> None:
+    waits_by_run: dict[UUID, list[JobWait]] = defaultdict(list)
+    for wait in JobWait.objects.filter(released_at__isnull=True).select_related("job").order_by("created_at"):
+        waits_by_run[wait.flow_run_id].append(wait)
+    requests_by_run = {
+        request.flow_run_id: request
+        for request in AnalysisRequest.objects.unfinished().filter(flow_run_id__isnull=False)
+    }
+    runs = read_flow_runs(reconciler.prefect, list(waits_by_run.keys() | requests_by_run.keys()))
+    resume_ready(reconciler, waits_by_run, runs, report)
+    recover_broken(reconciler, requests_by_run, runs, report)
+
+
+def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict, report) -> None:
+    for flow_run_id, run_waits in waits_by_run.items():
+        run = runs.get(flow_run_id)
+        if run is None or run.state.type in ENDED_STATE_TYPES:
+            report.released += waits.release([wait.id for wait in run_waits])
+            continue
+        if run.state.type != StateType.PAUSED or not all(wait.job.is_final for wait in run_waits):
+            continue
+        if len(report.resumed) >= reconciler.resumes_per_tick:
+            continue
+        try:
+            result = reconciler.prefect.resume_flow_run(flow_run_id)
+        except httpx.HTTPStatusError as error:
+            logger.info("resume of %s refused (%s); the next tick will look again", flow_run_id, error)
+            continue
+        except Exception as error:  # one run's failure never stops the others' resumes
+            report.errors.append(f"resume flow run {flow_run_id}: {error}")
+            continue
+        if result.status.value != "ACCEPT":
+            # Resumed by someone else, or already moving on: normal, not an error.
+            logger.info("resume of %s not accepted: %s", flow_run_id, result.details)
+            continue
+        waits.release([wait.id for wait in run_waits])
+        report.resumed.append(flow_run_id)
+
+
+def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], runs: dict, report) -> None:
+    now = timezone.now()
+    suspects = {}
+    for flow_run_id, request in requests_by_run.items():
+        run = runs.get(flow_run_id)
+        if run is None or request.cancel_requested_at is not None:
+            continue
+        try:
+            if run.state.type in RECOVERABLE_STATE_TYPES:
+                rerun(reconciler, request, run.state, f"flow run {run.state.name.lower()}", report)
+            elif run.state.type == StateType.CANCELLED:
+                requests.cancel(request, "flow run cancelled in Prefect")
+            elif run.state.type == StateType.RUNNING and now - run.state.timestamp > reconciler.zombie_after:
+                suspects[flow_run_id] = (request, run.state)
+            elif run.state.type == StateType.PENDING and now - run.state.timestamp > reconciler.zombie_after:
+                # A runner sets Pending and starts the run's process within seconds; a runner that
+                # died in between leaves it Pending for good (a restarted one takes Scheduled runs only).
+                rerun(reconciler, request, run.state, "flow run stuck Pending (its runner died before starting it)",
+                      report)
+        except Exception as error:  # one request's failure never stops the others' recovery
+            logger.exception("recovering the flow run of request #%s failed", request.id)
+            report.errors.append(f"recover request #{request.id}: {error}")
+    if suspects:
+        alive = runs_with_recent_heartbeat(reconciler.prefect, list(suspects), since=now - reconciler.zombie_after)
+        for flow_run_id, (request, state) in suspects.items():
+            if flow_run_id not in alive:
+                rerun(reconciler, request, state, "flow run stopped sending heartbeats", report)
+
+
+def rerun(reconciler, request: AnalysisRequest, state: State, why: str, report) -> None:
+    if request.flow_reruns >= reconciler.max_flow_reruns:
+        requests.fail(request, f"{why} and was re-run {request.flow_reruns} times already: {state.message or ''}")
+        return
+    if not requests.count_rerun(request, why):
+        return  # another tick re-ran it, or the request moved on
+    reconciler.prefect.set_flow_run_state(request.flow_run_id, Scheduled(message=f"re-run by the reconciler: {why}"),
+                                          force=True)
+    logger.warning("re-running flow run %s of request #%s: %s", request.flow_run_id, request.id, why)
+    report.rerun.append(request.flow_run_id)
+
+
+def read_flow_runs(prefect, flow_run_ids: list[UUID]) -> dict:
+    runs = {}
+    for start in range(0, len(flow_run_ids), PREFECT_FILTER_CHUNK):
+        chunk = flow_run_ids[start : start + PREFECT_FILTER_CHUNK]
+        found = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)), limit=len(chunk))
+        runs.update({run.id: run for run in found})
+    return runs
+
+
+def runs_with_recent_heartbeat(prefect, flow_run_ids: list[UUID], since: datetime) -> set[UUID]:
+    """Runs among these that sent a heartbeat since `since`.
+
+    One events query for all of them; only when its page came back full (the API returns at
+    most `EVENTS_PAGE_LIMIT` events, and a busy run sends several) is each run not seen in it
+    asked about alone, so that a live run is never taken for a zombie for lack of room.
+    """
+    events = heartbeats(prefect, flow_run_ids, since, EVENTS_PAGE_LIMIT)
+    alive = {heartbeat_run_id(event) for event in events}
+    if len(events) >= EVENTS_PAGE_LIMIT:
+        for flow_run_id in flow_run_ids:
+            if flow_run_id not in alive and heartbeats(prefect, [flow_run_id], since, 1):
+                alive.add(flow_run_id)
+    return alive
+
+
+def heartbeats(prefect, flow_run_ids: list[UUID], since: datetime, limit: int) -> list[dict]:
+    response = prefect.request(
+        "POST",
+        "/events/filter",
+        json={
+            "filter": {
+                "occurred": {"since": since.isoformat()},
+                "event": {"name": [HEARTBEAT_EVENT]},
+                "resource": {"id": [f"prefect.flow-run.{run_id}" for run_id in flow_run_ids]},
+            },
+            "limit": limit,
+        },
+    )
+    return response.json().get("events", [])
+
+
+def heartbeat_run_id(event: dict) -> UUID:
+    return UUID(event["resource"]["prefect.resource.id"].removeprefix("prefect.flow-run."))

@@ -146,14 +146,33 @@ def request_cancel_or_refuse(analysis: AnalysisRequest) -> None:
         raise ValidationError(f"#{analysis.id} has already ended or is being cancelled")
 
 
+class UnreadableFilter(admin.SimpleListFilter):
+    """The jobs whose Slurm state we cannot read: polled on, and an operator's to look at."""
+
+    title = "readable by us"
+    parameter_name = "unreadable"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "state unreadable"), ("no", "readable")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.exclude(unreadable_state="")
+        if self.value() == "no":
+            return queryset.filter(unreadable_state="")
+        return queryset
+
+
 @admin.register(ClusterJob)
 class ClusterJobAdmin(admin.ModelAdmin):
-    list_display = ["id", "name", "slurm_job_id", "state", "exit_code", "attempts", "submit_time", "state_checked_at"]
-    list_filter = ["state"]
+    list_display = ["id", "name", "slurm_job_id", "state", "unreadable_state", "exit_code", "attempts", "submit_time",
+                    "state_checked_at"]
+    list_filter = ["state", UnreadableFilter]
     search_fields = ["slurm_job_id", "name", "waits__request__study__accession"]
     actions = ["resubmit"]
     fieldsets = [
-        (None, {"fields": ["name", "state", "raw_state", "slurm_job_id", "exit_code", "signal", "attempts", "tag",
+        (None, {"fields": ["name", "state", "raw_state", "unreadable_state", "unreadable_since", "submit_error",
+                           "next_submit_at", "slurm_job_id", "exit_code", "signal", "attempts", "retries", "tag",
                            "requests", "submit_time", "ended_at", "state_checked_at", "created_at", "updated_at"]}),
         ("State history", {"fields": ["history_table"]}),
         ("Job log", {"fields": ["log_path", "log_tail"]}),

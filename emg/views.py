@@ -18,6 +18,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
 from emg.log import mask_secrets
+from emg.models import ClusterJob
 from slurm_adapter import resolve_backend
 
 CHECK_TIMEOUT_SECONDS = 2
@@ -97,4 +98,18 @@ def health(request):
         for name, future in futures.items()
     }
     healthy = all(result["status"] == "ok" for result in results.values())
-    return JsonResponse({"status": "ok" if healthy else "error", "checks": results}, status=200 if healthy else 503)
+    answer = {"status": "ok" if healthy else "error", "checks": results}
+    if not wanted and results.get("database", {}).get("status") == "ok":
+        answer["alerts"] = alerts()
+    return JsonResponse(answer, status=200 if healthy else 503)
+
+
+def alerts() -> dict:
+    """What an operator must look at although every service answers: never a reason for a 503."""
+    unreadable = ClusterJob.objects.live().exclude(unreadable_state="")
+    return {
+        "unreadable_jobs": [{"job": job.id, "slurm_job_id": job.slurm_job_id, "state": job.unreadable_state,
+                             "since": job.unreadable_since.isoformat() if job.unreadable_since else None}
+                            for job in unreadable[:20]],
+        "jobs_waiting_out_sbatch_errors": ClusterJob.objects.declared().exclude(submit_error="").count(),
+    }

@@ -86,3 +86,20 @@ def test_a_healthcheck_can_ask_for_only_the_checks_it_needs(client, live_service
     assert set(response.json()["checks"]) == {"database"}
     assert both.status_code == 503
     assert unknown.status_code == 400 and "databse" in unknown.json()["error"]
+
+
+def test_a_job_whose_slurm_state_we_cannot_read_is_an_alert_not_an_outage(client, live_services, settings, tmp_path):
+    from django.utils import timezone
+
+    from emg.models import ClusterJob, ClusterJobState
+
+    settings.EMG_CLUSTER_BACKEND = "slurm"
+    job = ClusterJob.objects.create(name="odd-state", fingerprint="f" * 64, spec={"work_dir": str(tmp_path)},
+                                    state=ClusterJobState.RUNNING, slurm_job_id="4242", attempts=1,
+                                    unreadable_state="EXPEDITING", unreadable_since=timezone.now())
+
+    body = client.get("/health").json()
+
+    assert body["status"] == "ok"
+    assert body["alerts"]["unreadable_jobs"] == [
+        {"job": job.id, "slurm_job_id": "4242", "state": "EXPEDITING", "since": job.unreadable_since.isoformat()}]

@@ -7,7 +7,7 @@ Each tick, in order (one module per step, under workers/reconcile/):
 3. `submissions`: declared jobs claimed (a compare-and-set) and submitted, under the cap and the
    rate limit; a claim whose answer was lost is adopted by its tag or superseded;
 4. `orphans`: our Slurm jobs that no row owns (an sbatch answer that came after its claim was
-   superseded) are cancelled;
+   superseded) are cancelled, in ticks that superseded a claim and every few minutes;
 5. `flow_runs`: suspended runs whose jobs have all ended are resumed; broken ones re-run.
 
 One bad job, request or run never stops the others: each step isolates them, and a step that
@@ -51,6 +51,7 @@ class TickReport:
     adopted: list[str] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
+    claims_superseded: int = 0
     orphans_cancelled: list[str] = field(default_factory=list)
     resumed: list[UUID] = field(default_factory=list)
     rerun: list[UUID] = field(default_factory=list)
@@ -83,7 +84,8 @@ class Reconciler:
         self.resumes_per_tick = resumes_per_tick
         self.zombie_after = zombie_after
         self.max_flow_reruns = max_flow_reruns
-        self.claim_lease = claim_lease or timedelta(seconds=settings.EMG_SUBMIT_CLAIM_LEASE_SECONDS)
+        self.claim_lease = (claim_lease if claim_lease is not None
+                            else timedelta(seconds=settings.EMG_SUBMIT_CLAIM_LEASE_SECONDS))
         self.lock = lock
 
     @classmethod

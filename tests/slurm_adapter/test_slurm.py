@@ -44,11 +44,12 @@ def test_requeued_job_is_pending(slurm_cluster, slurm_cmd, spec, tag, wait_for_s
     slurm_cluster.cancel(job.job_id)
 
 
-@pytest.mark.parametrize(
-    ("requeue", "expected"), [("--no-requeue", JobState.NODE_FAIL), ("--requeue", JobState.PENDING)]
-)
-def test_node_failure(slurm_cluster, slurm_cmd, spec, tag, wait_for_state, wait_until, requeue, expected) -> None:
-    job = slurm_cluster.submit(spec("sleep", "300", extra_options=(requeue,)), tag)
+def test_node_failure_ends_the_job_because_slurm_never_requeues_ours(
+    slurm_cluster, slurm_cmd, spec, tag, wait_for_state, wait_until
+) -> None:
+    """Jobs go in with --no-requeue (the reconciler owns retries), so a failed node ends the job."""
+    expected = JobState.NODE_FAIL
+    job = slurm_cluster.submit(spec("sleep", "300"), tag)
     wait_for_state(slurm_cluster, job, {JobState.RUNNING})
     try:
         slurm_cmd("scontrol", "update", "nodename=localhost", "state=down", "reason=slurm_adapter test")
@@ -61,9 +62,30 @@ def test_node_failure(slurm_cluster, slurm_cmd, spec, tag, wait_for_state, wait_
         wait_until(
             lambda: slurm_cmd("sinfo", "-h", "-n", "localhost", "-o", "%t").strip() in ("idle", "mix"), message="node back"
         )
-    if expected is JobState.NODE_FAIL:
-        assert status.state.retry_with == "as_is"
+    assert status.state.retry_with == "as_is"
     slurm_cluster.cancel(job.job_id)
+
+
+def test_partition_limits_come_from_one_sinfo(slurm_cluster) -> None:
+    limits = slurm_cluster.partition_limits()
+
+    assert slurm_cluster.calls["sinfo"] == 1
+    assert None in limits and limits[None].max_memory_mb and limits[None].max_memory_mb > 0
+    assert set(limits) >= {"debug", "datamover"}
+
+
+def test_tag_lookup_selects_by_job_name_and_a_window_from_the_claim(slurm_cluster, spec, tag, wait_final) -> None:
+    from datetime import UTC, datetime
+
+    claimed = datetime.now(UTC)
+    job = slurm_cluster.submit(spec("true"), tag)
+    wait_final(slurm_cluster, job)
+    slurm_cluster.calls.clear()
+
+    found = slurm_cluster.find_by_tag(tag, spec_name=spec("true").name, since=claimed)
+
+    assert [record.job_id for record in found] == [job.job_id]
+    assert slurm_cluster.calls == {"sacct": 1, "squeue": 1}
 
 
 def test_out_of_memory(slurm_cluster, spec, tag, wait_final) -> None:

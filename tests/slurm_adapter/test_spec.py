@@ -44,6 +44,9 @@ def test_round_trip_through_json() -> None:
         {"extra_options": ("--wrap=rm -rf /",)},
         {"extra_options": ("--qos",)},
         {"extra_options": ("--qos=a\nb",)},
+        # Our own --no-requeue: a job Slurm requeued itself would run twice under one attempt.
+        {"extra_options": ("--requeue",)},
+        {"extra_options": ("--no-requeue",)},
         {"partition": "debug;rm"},
     ],
 )

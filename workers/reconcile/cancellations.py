@@ -76,7 +76,8 @@ def cancel_job(reconciler, job: ClusterJob, report) -> bool:
     if not claim_is_stale(job, timezone.now(), reconciler.claim_lease):
         return False
     # Not in Slurm, and its sbatch has returned: a late answer finds its claim gone and cancels its job.
-    jobs.cancel_unsubmitted(job, "cancelled before submission (its claimed attempt never reached Slurm)")
+    if jobs.cancel_unsubmitted(job, "cancelled before submission (its claimed attempt never reached Slurm)"):
+        report.claims_superseded += 1
     return True
 
 

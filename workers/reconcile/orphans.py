@@ -10,15 +10,24 @@ may still be on its way.
 
 import logging
 import re
+import time
 
 from emg.models import ClusterJob, ClusterJobState
 
 logger = logging.getLogger(__name__)
 
 TAG = re.compile(r"^(?P<fingerprint>[0-9a-f]{16})-(?P<row>\d+)-(?P<attempt>\d+)$")
+# Orphans arise only where a claim was superseded: the sweep runs in every tick that superseded one,
+# and otherwise this often, so a steady tick stays one Slurm call.
+SWEEP_INTERVAL_SECONDS = 300
+_last_sweep = time.monotonic()
 
 
 def cancel_orphans(reconciler, report) -> None:
+    global _last_sweep
+    if not report.claims_superseded and time.monotonic() - _last_sweep < SWEEP_INTERVAL_SECONDS:
+        return
+    _last_sweep = time.monotonic()
     live = reconciler.cluster.active_jobs()
     tagged = {}
     for status in live:

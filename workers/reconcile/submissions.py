@@ -12,7 +12,7 @@ ours are pending or running or `max_submissions_per_minute` were claimed in the 
 import logging
 from datetime import datetime, timedelta
 
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from emg import jobs
@@ -64,8 +64,9 @@ def submit_declared_jobs(reconciler, report) -> None:
 
 
 def live_waits():
-    return JobWait.objects.filter(job=OuterRef("pk"), request__isnull=False, request__cancel_requested_at__isnull=True
-                                  ).exclude(request__status__in=AnalysisRequest.FINAL_STATUSES)
+    """Waits that still want their job: of a live request, or of a flow run with no request at all."""
+    live_request = Q(request__cancel_requested_at__isnull=True) & ~Q(request__status__in=AnalysisRequest.FINAL_STATUSES)
+    return JobWait.objects.filter(Q(request__isnull=True) | live_request, job=OuterRef("pk"))
 
 
 def claim_is_stale(job: ClusterJob, now: datetime, lease: timedelta) -> bool:
@@ -108,7 +109,10 @@ def adopt_or_reclaim(reconciler, job: ClusterJob, report) -> jobs.Claim | None:
             logger.warning("adopted Slurm job %s for %s: an earlier sbatch had queued it", status.job_id, job.name)
         return None
     why = job.submit_error or "the claiming tick never recorded an answer"
-    return jobs.reclaim(job, f"attempt {job.attempts} is unknown to Slurm: {why}"[:500])
+    claim = jobs.reclaim(job, f"attempt {job.attempts} is unknown to Slurm: {why}"[:500])
+    if claim is not None:
+        report.claims_superseded += 1
+    return claim
 
 
 def sbatch(reconciler, claim: jobs.Claim, job: ClusterJob, report) -> None:
@@ -129,8 +133,13 @@ def sbatch(reconciler, claim: jobs.Claim, job: ClusterJob, report) -> None:
         report.submitted.append(submitted.job_id)
         logger.info("submitted %s as Slurm job %s (tag %s)", job.name, submitted.job_id, claim.tag)
         return
-    # The claim was superseded while sbatch ran (this tick was frozen past its lease): the job
-    # just queued belongs to no row.
+    # The claim was superseded while sbatch ran (this tick was frozen past its lease). Another tick
+    # either adopted this very job by its tag (then it is the row's, and stays), or moved the row on
+    # (the next attempt, or cancelled): that can no longer change for this attempt, so the job just
+    # queued belongs to no row and is cancelled.
+    if ClusterJob.objects.filter(id=job.id, slurm_job_id=submitted.job_id).exists():
+        logger.info("job #%s: a late sbatch answer for %s, already adopted by tag", job.id, claim.tag)
+        return
     report.errors.append(f"job #{job.id}: claim {claim.tag} was superseded while sbatch ran; "
                          f"cancelled the Slurm job {submitted.job_id} it queued")
     reconciler.cluster.cancel(submitted.job_id)

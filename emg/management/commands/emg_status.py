@@ -108,6 +108,14 @@ class Command(BaseCommand):
             lines.append(f"job #{job.id} (Slurm {job.slurm_job_id or '-'}, {job.state}) not checked for "
                          f"{age(job.state_checked_at, now)}")
 
+        for job in ClusterJob.objects.live().exclude(unreadable_state=""):
+            lines.append(f"job #{job.id} (Slurm {job.slurm_job_id}, last read {job.state}): Slurm reports "
+                         f"{job.unreadable_state!r}, which we cannot read, for {age(job.unreadable_since, now)}; "
+                         f"still polled, never cancelled for it")
+        for job in ClusterJob.objects.declared().exclude(submit_error=""):
+            lines.append(f"job #{job.id} ({job.name}): sbatch failed, retried after "
+                         f"{job.next_submit_at:%Y-%m-%d %H:%M:%S}: {job.submit_error[:200]}")
+
         live_wait = JobWait.objects.filter(request=OuterRef("pk"), released_at__isnull=True).exclude(
             job__state__in=FINAL_JOB_STATES)
         waiting = AnalysisRequest.objects.filter(status=AnalysisRequest.Status.WAITING, updated_at__lt=stale)

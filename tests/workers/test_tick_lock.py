@@ -1,0 +1,74 @@
+"""The tick lock has no TTL: a slow or frozen holder keeps it, a dead one frees it at once."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from emg.processes import wait_until
+from workers.reconcile.lock import TickLock, lock_key
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+HOLDER = """
+import sys, time, psycopg
+connection = psycopg.connect(sys.argv[1], autocommit=True)
+connection.execute("SELECT pg_advisory_lock(%s)", [int(sys.argv[2])])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder():
+    """Another process holding the tick lock, as a ticking worker does."""
+    database = connection.settings_dict
+    dsn = f"postgresql://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, dsn, str(lock_key(settings.EMG_INSTANCE_NAMESPACE))],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    yield process
+    process.kill()
+    process.wait(timeout=30)
+
+
+def test_a_held_lock_is_refused_and_a_frozen_holder_keeps_it_for_as_long_as_it_is_frozen(holder):
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        frozen_since = time.monotonic()
+        lock = TickLock()
+        # Longer than the 60 s the old Redis lock lived; nothing here expires.
+        while time.monotonic() - frozen_since < 65:
+            assert not lock.acquire()
+            time.sleep(5)
+    finally:
+        os.kill(holder.pid, signal.SIGCONT)
+    assert not TickLock().acquire()
+
+
+def test_the_lock_is_free_the_moment_its_holder_dies(holder):
+    lock = TickLock()
+    assert not lock.acquire()
+    holder.kill()
+    holder.wait(timeout=30)
+    assert wait_until(lambda: lock.acquire(), timeout=10, message="the dead holder's lock is free")
+    assert lock.still_held()
+    lock.release()
+
+
+def test_still_held_turns_false_when_the_lock_connection_is_dropped():
+    lock = TickLock()
+    assert lock.acquire()
+    pid = lock._connection.connection.info.backend_pid
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    assert wait_until(lambda: not lock.still_held(), timeout=10, message="the dropped lock is noticed")
+    lock.release()
+    again = TickLock()
+    assert again.acquire()
+    again.release()

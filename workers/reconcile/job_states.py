@@ -64,7 +64,7 @@ def record_one(reconciler, job: ClusterJob, status: JobStatus, now, report) -> b
     if status.state == job.state and status.raw_state == job.raw_state and not job.unreadable_state:
         return False
     report.changed[job.slurm_job_id] = status.state.value
-    retry = escalated_spec(job, status, reconciler.partition_limits(job.spec.get("partition")))
+    retry = escalated_spec(job, status, lambda: reconciler.partition_limits(job.spec.get("partition")))
     if retry is None:
         jobs.record_status(job, status, now)
     else:
@@ -107,7 +107,7 @@ def confirm_lost(reconciler, job: ClusterJob, status: JobStatus, report) -> JobS
     return status
 
 
-def escalated_spec(job: ClusterJob, status: JobStatus, limits=None) -> tuple[JobSpec, str] | None:
+def escalated_spec(job: ClusterJob, status: JobStatus, partition_limits=lambda: None) -> tuple[JobSpec, str] | None:
     """The spec to declare the job again with, per its policy, or None when it has really ended.
 
     Memory and time grow by the policy's factors, capped by the policy and by what the job's
@@ -118,6 +118,8 @@ def escalated_spec(job: ClusterJob, status: JobStatus, limits=None) -> tuple[Job
     if job.retries + 1 >= policy.max_attempts:
         return None
     spec = JobSpec.from_dict(job.spec)
+    # Read only when a limit matters: a steady tick asks Slurm nothing but the states.
+    limits = partition_limits() if status.state.retry_with in ("memory", "time") else None
     if status.state.retry_with == "memory":
         cap = min(policy.max_memory_mb, limits.max_memory_mb) if limits and limits.max_memory_mb else policy.max_memory_mb
         memory = min(int(spec.memory_mb * policy.memory_factor), cap)

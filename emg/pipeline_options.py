@@ -75,9 +75,10 @@ class Option:
                                   code="invalid_option_choice",
                                   params={**params, "choices": ", ".join(map(repr, self.choices))})
         if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
-            raise ValidationError("Pipeline option %(name)r must be between %(minimum)s and %(maximum)s, not %(value)r.",
-                                  code="option_out_of_range",
-                                  params={**params, "minimum": self.minimum, "maximum": self.maximum})
+            raise ValidationError(
+                "Pipeline option %(name)r must be between %(minimum)s and %(maximum)s, not %(value)r.",
+                code="option_out_of_range",
+                params={**params, "minimum": self.minimum, "maximum": self.maximum})
         if self.odd and value % 2 == 0:
             raise ValidationError("Pipeline option %(name)r must be odd, not %(value)r.", code="option_out_of_range",
                                   params=params)
@@ -94,9 +95,9 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
 def validate_pipeline_options(value) -> None:
     """Options reach the pipeline as `--name value` arguments: a JSON object of declared names and valid values."""
     if not isinstance(value, dict):
+        kind = "null" if value is None else type(value).__name__
         raise ValidationError("Pipeline options must be a JSON object of option name to value ({} for none), "
-                              "not %(kind)s.", code="invalid_options", params={"kind": type(value).__name__
-                                                                                    if value is not None else "null"})
+                              "not %(kind)s.", code="invalid_options", params={"kind": kind})
     errors = []
     for name, option_value in value.items():
         try:

@@ -23,8 +23,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.django_db(transact
 
 STUDIES = ("PRJEB40001", "PRJEB40002", "PRJEB40500")
 OPTION_SETS = ({}, {"k": 31})
-# 30 requests fit in about five minutes on this project's 2-CPU machine; fewer can be asked for.
+# 30 as in production bursts; on a loaded 2-CPU machine 30 take over ten minutes (flow resumes are
+# process starts), so CI may ask for fewer. One deadline for the whole burst.
 CONCURRENT_REQUESTS = int(os.environ.get("EMG_TEST_CONCURRENT_REQUESTS", "30"))
+BURST_DEADLINE_SECONDS = max(600, 45 * CONCURRENT_REQUESTS)
 MOVED = {"assembly/assembly_stats.json", "assembly/contigs.fasta"}
 ANALYSED = {"analysis/analysis_summary.json", "analysis/predicted_orfs.faa"}
 
@@ -68,7 +70,7 @@ def test_concurrent_requests_for_three_studies_with_two_option_sets_each_get_the
     requests = [new_request(STUDIES[n % len(STUDIES)], pipeline_options=OPTION_SETS[(n // len(STUDIES)) % 2])
                 for n in range(CONCURRENT_REQUESTS)]
     for request in requests:
-        final_request(request, stack, timeout=max(300, 20 * CONCURRENT_REQUESTS))
+        final_request(request, stack, timeout=max(1, BURST_DEADLINE_SECONDS - (time.monotonic() - started)))
     elapsed = time.monotonic() - started
     print(f"{CONCURRENT_REQUESTS} concurrent requests completed in {elapsed:.0f} s")
 

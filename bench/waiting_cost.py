@@ -2,7 +2,7 @@
 
 Ours: this run's own Prefect server, the Prefect runner (`flows.serve`), a Celery worker
 (concurrency 2) and beat, on a fresh database, Redis and the real cluster. K analysis requests
-(one recorded study, distinct pipeline options, so K distinct assembly jobs, each a `sleep` that
+(one recorded study, distinct values of a declared pipeline option, so K distinct assembly jobs, each a `sleep` that
 runs for an hour) go through the real path: outbox, consumer, flow run, job declared, flow
 suspended, job submitted by the reconciler. Measured once every flow run is suspended and every
 job is in Slurm's queue, RUNNING or PENDING (other users' jobs may hold the node): the figure
@@ -128,12 +128,12 @@ def measure_ours(k: int, processes: list) -> dict:
     existing = AnalysisRequest.objects.count()
     if existing == 0:
         # The first flow stores the study's records; the others then only update them.
-        first = AnalysisRequest.objects.create(study=study, pipeline_options={"bench_pipeline": 0})
+        first = AnalysisRequest.objects.create(study=study, pipeline_options={"min_contig_length": 1})
         wait_until(lambda: AnalysisRequest.objects.get(id=first.id).status == AnalysisRequest.Status.WAITING,
                    timeout=180, interval=0.5, message="the first pipeline waits")
         existing = 1
     for index in range(existing, k):
-        AnalysisRequest.objects.create(study=study, pipeline_options={"bench_pipeline": index})
+        AnalysisRequest.objects.create(study=study, pipeline_options={"min_contig_length": 1 + index})
 
     def all_waiting() -> bool:
         requests = list(AnalysisRequest.objects.all())

@@ -6,6 +6,7 @@ here, and the actions call the models' own operations.
 
 import shlex
 
+from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
@@ -15,6 +16,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick, Study
+from emg.pipeline_options import OPTIONS
 from slurm_adapter import JobSpec, tail_log
 from slurm_adapter.spec import build_script
 
@@ -65,6 +67,27 @@ def apply_to_each(modeladmin: admin.ModelAdmin, request, queryset, operation, de
         modeladmin.message_user(request, f"Not {verb.lower()}: {'; '.join(refused)}", messages.WARNING)
 
 
+class PipelineOptionsField(forms.JSONField):
+    """JSON that can always be answered with a form error: too deep or too long input included."""
+
+    MAX_LENGTH = 10_000
+
+    def to_python(self, value):
+        if isinstance(value, str) and len(value) > self.MAX_LENGTH:
+            raise ValidationError(f"Pipeline options are at most {self.MAX_LENGTH} characters of JSON.",
+                                  code="invalid")
+        try:
+            return super().to_python(value)
+        except RecursionError:
+            raise ValidationError("Pipeline options are nested too deeply to be read.", code="invalid") from None
+
+    def bound_data(self, data, initial):
+        try:
+            return super().bound_data(data, initial)
+        except RecursionError:
+            return forms.fields.InvalidJSONInput(data)
+
+
 @admin.register(Study)
 class StudyAdmin(admin.ModelAdmin):
     list_display = ["accession", "title", "created_at"]
@@ -112,6 +135,19 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(job_count=Count("waits"))
+
+    def formfield_for_dbfield(self, db_field, request, **kwargs):
+        if db_field.name == "pipeline_options":
+            kwargs["form_class"] = PipelineOptionsField
+        field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if db_field.name == "pipeline_options":
+            field.help_text = "A JSON object ({} for the defaults). Options: " + "; ".join(
+                f"{option.name} ({option.pipeline}, {option.type.__name__}"
+                + (f" {option.minimum}..{option.maximum}" if option.minimum is not None else "")
+                + (", odd" if option.odd else "") + f", default {option.default})"
+                for option in OPTIONS.values()
+            )
+        return field
 
     @admin.display(description="reason")
     def short_reason(self, obj: AnalysisRequest):
@@ -177,6 +213,7 @@ class ClusterJobAdmin(admin.ModelAdmin):
         ("State history", {"fields": ["history_table"]}),
         ("Job log", {"fields": ["log_path", "log_tail"]}),
         ("Script and resources", {"fields": ["resources", "command_line", "job_script", "policy_table"]}),
+        ("Outputs", {"fields": ["output_dir", "manifest_table", "manifest_recorded_at"]}),
         ("Nextflow trace", {"fields": ["trace_table"]}),
         ("Inputs", {"fields": ["input_hashes_table", "fingerprint"]}),
     ]
@@ -242,6 +279,11 @@ class ClusterJobAdmin(admin.ModelAdmin):
     @admin.display(description="resubmit policy")
     def policy_table(self, job: ClusterJob):
         return html_table(sorted(job.policy.items()))
+
+    @admin.display(description="declared outputs (sha256 recorded when the job ended)")
+    def manifest_table(self, job: ClusterJob):
+        manifest = job.output_manifest or {}
+        return html_table([(name, manifest.get(name, "not recorded")) for name in job.outputs], ["output", "sha256"])
 
     @admin.display(description="input file hashes")
     def input_hashes_table(self, job: ClusterJob):

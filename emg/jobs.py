@@ -220,6 +220,13 @@ def cancel_unsubmitted(job: ClusterJob, detail: str, now: datetime | None = None
                   ended_at=now, state_checked_at=now, next_submit_at=None)
 
 
+def record_manifest(job: ClusterJob, manifest: dict[str, str], now: datetime | None = None) -> bool:
+    """The sha256 of each declared output of a COMPLETED job, recorded once (the first reader's)."""
+    now = now or timezone.now()
+    rows = ClusterJob.objects.filter(id=job.id, state=ClusterJobState.COMPLETED, output_manifest__isnull=True)
+    return _apply(rows, job.id, "record_manifest", None, output_manifest=manifest, manifest_recorded_at=now)
+
+
 def mark_checked(job_ids: list[int], now: datetime) -> None:
     """Jobs whose state Slurm confirmed unchanged (not a transition: nothing to guard)."""
     ClusterJob.objects.filter(id__in=job_ids).update(state_checked_at=now)

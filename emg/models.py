@@ -1,8 +1,7 @@
-import re
-
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
+from django.db.models.lookups import Exact
 
 from emg.accessions import (
     MAX_ACCESSION_LENGTH,
@@ -10,6 +9,7 @@ from emg.accessions import (
     validate_sample_accession,
     validate_study_accession,
 )
+from emg.pipeline_options import RESERVED_KEYS, validate_pipeline_options  # noqa: F401 (0001 names it here)
 from slurm_adapter import JobState
 
 ClusterJobState = models.TextChoices(
@@ -29,28 +29,15 @@ def job_tag(fingerprint: str, job_id: int, attempt: int) -> str:
     attempt superseded by the next never answers to the next one's tag."""
     return f"{fingerprint[:16]}-{job_id}-{attempt}"
 
-PIPELINE_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
+class JsonType(models.Func):
+    """The JSON type of a value ('object', 'array', ...): jsonb_typeof on PostgreSQL, json_type on SQLite."""
 
-def validate_pipeline_options(value) -> None:
-    """Options reach the pipeline as `--name value` arguments, so names are plain identifiers.
+    function = "jsonb_typeof"
+    output_field = models.CharField()
 
-    Values may contain anything (they are passed as single quoted arguments, never pasted
-    into a shell line), but must be scalars so the command line is well defined.
-    """
-    if not isinstance(value, dict):
-        raise ValidationError("Pipeline options must be a mapping of option name to value.", code="invalid_options")
-    for name, option_value in value.items():
-        if not isinstance(name, str) or not PIPELINE_OPTION_NAME.fullmatch(name):
-            raise ValidationError(
-                "Pipeline option name %(name)r must be lowercase letters, digits and underscores.",
-                code="invalid_option_name",
-                params={"name": name},
-            )
-        if isinstance(option_value, bool) or not isinstance(option_value, (str, int, float)):
-            raise ValidationError(
-                "Pipeline option %(name)r must be a string or a number.", code="invalid_option_value", params={"name": name}
-            )
+    def as_sqlite(self, compiler, connection, **extra_context):
+        return self.as_sql(compiler, connection, function="json_type", **extra_context)
 
 
 class Study(models.Model):
@@ -103,15 +90,15 @@ class Run(models.Model):
         return self.accession
 
 
-# Columns only the transition modules (emg.requests, emg.jobs) write.
+# Columns only the transition modules (emg.requests, emg.jobs) write: a save() never rewrites them.
 TRANSITION_OWNED_REQUEST_FIELDS = frozenset({
     "status", "status_reason", "current_step", "generation", "flow_run_id", "finished_at", "cancel_requested_at",
-    "flow_reruns", "history",
+    "flow_reruns", "history", "ena_fetched_generation", "ena_fetched_at", "ena_runs",
 })
 TRANSITION_OWNED_JOB_FIELDS = frozenset({
     "state", "raw_state", "attempts", "retries", "submission_started_at", "slurm_job_id", "submit_time", "log_path",
     "exit_code", "signal", "ended_at", "submit_error", "next_submit_at", "unreadable_state", "unreadable_since",
-    "history", "spec",
+    "history", "spec", "output_manifest", "manifest_recorded_at",
 })
 
 
@@ -152,11 +139,24 @@ class AnalysisRequest(models.Model):
     flow_reruns = models.PositiveIntegerField(default=0)
     # Every change of status, appended by emg.requests in the statement that made it.
     history = models.JSONField(default=list, blank=True)
+    # The generation whose ENA fetch succeeded and was stored (Study/Sample/Run rows, `ena_runs`): every
+    # resume of that generation reads these instead of asking ENA again.
+    ena_fetched_generation = models.PositiveIntegerField(null=True, blank=True)
+    ena_fetched_at = models.DateTimeField(null=True, blank=True)
+    ena_runs = models.JSONField(default=list, blank=True, help_text="Run accessions ENA listed for this generation.")
 
     objects = AnalysisRequestQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            # Where the ORM's validation is bypassed (bulk_create, update, SQL): options stay a JSON
+            # object, and never name what the orchestrator sets itself (the flow checks the rest).
+            models.CheckConstraint(condition=Q(Exact(JsonType("pipeline_options"), "object")),
+                                   name="pipeline_options_is_an_object"),
+            models.CheckConstraint(condition=~Q(pipeline_options__has_any_keys=list(RESERVED_KEYS)),
+                                   name="pipeline_options_not_reserved"),
+        ]
 
     def __str__(self) -> str:
         return f"Analysis of {self.study_id and self.study.accession} (#{self.pk})"
@@ -176,6 +176,14 @@ class AnalysisRequest(models.Model):
         from emg import requests
 
         requests.rerun(self)
+
+    def clean(self):
+        # A blank field skips its validators, and null is "blank" to Django: check it here, so a
+        # `null` in the admin form is a form error rather than a NOT NULL violation.
+        if self.pipeline_options is None:
+            raise ValidationError({"pipeline_options": ValidationError(
+                "Pipeline options must be a JSON object of option name to value ({} for none), not null.",
+                code="invalid_options")})
 
     def save(self, *args, **kwargs):
         self.full_clean()
@@ -229,7 +237,8 @@ class ClusterJobQuerySet(models.QuerySet):
         """Submitted jobs whose outcome Slurm has not yet told us."""
         return self.live().exclude(state=ClusterJobState.DECLARED)
 
-    def declare(self, *, name: str, fingerprint: str, spec: dict, input_hashes: dict, policy: dict) -> "ClusterJob":
+    def declare(self, *, name: str, fingerprint: str, spec: dict, input_hashes: dict, policy: dict,
+                output_dir: str = "", outputs: list | tuple = ()) -> "ClusterJob":
         """A new declared job, or the live one with this fingerprint.
 
         Race-free across processes: the partial unique index on live fingerprints lets
@@ -238,7 +247,8 @@ class ClusterJobQuerySet(models.QuerySet):
         try:
             with transaction.atomic():
                 return self.create(
-                    name=name, fingerprint=fingerprint, spec=spec, input_hashes=input_hashes, policy=policy
+                    name=name, fingerprint=fingerprint, spec=spec, input_hashes=input_hashes, policy=policy,
+                    output_dir=output_dir, outputs=list(outputs),
                 )
         except IntegrityError:
             return self.live().get(fingerprint=fingerprint)
@@ -275,6 +285,14 @@ class ClusterJob(models.Model):
     history = models.JSONField(default=list, blank=True)
     # The pipeline's Nextflow trace (tasks, exit status, duration, peak memory), for provenance.
     trace = models.JSONField(null=True, blank=True)
+    # Content-addressed outputs: the job writes only under its own directory, named by its fingerprint
+    # (EMG_WORK_DIR/jobs/<fingerprint>/, results in its `results/`), and declares what it produces there.
+    output_dir = models.CharField(max_length=1024, blank=True)
+    outputs = models.JSONField(default=list, blank=True, help_text="Declared outputs, relative to output_dir.")
+    # sha256 of each declared output, recorded once by the first flow that sees the job COMPLETED;
+    # the job is reused only while its outputs still hash to this.
+    output_manifest = models.JSONField(null=True, blank=True)
+    manifest_recorded_at = models.DateTimeField(null=True, blank=True)
     state_checked_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -316,7 +334,7 @@ class ClusterJob(models.Model):
             raise ValidationError(f"cluster job #{self.id} is still {self.state}")
         return ClusterJob.objects.declare(
             name=self.name, fingerprint=self.fingerprint, spec=self.spec, input_hashes=self.input_hashes,
-            policy=self.policy,
+            policy=self.policy, output_dir=self.output_dir, outputs=self.outputs,
         )
 
     @property

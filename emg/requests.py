@@ -89,6 +89,13 @@ def attach_flow_run(request_id: int, generation: int, flow_run_id: uuid.UUID) ->
                   request_id, "attach_flow_run", None, flow_run_id=flow_run_id)
 
 
+def record_ena_fetch(request_id: int, generation: int, run_accessions: list[str]) -> bool:
+    """What this generation fetched from ENA is stored: its resumes read it instead of asking again."""
+    return _apply(AnalysisRequest.objects.filter(id=request_id, generation=generation), request_id,
+                  "record_ena_fetch", None, ena_fetched_generation=generation, ena_fetched_at=timezone.now(),
+                  ena_runs=run_accessions)
+
+
 def request_cancel(request: AnalysisRequest) -> bool:
     """Ask the reconciler to cancel this request; False if it has already ended or was asked before."""
     rows = AnalysisRequest.objects.filter(id=request.id, cancel_requested_at__isnull=True, status__in=UNFINISHED)

@@ -1,8 +1,12 @@
 """The MGnify flow: fetch a study from ENA, assemble its reads, analyse the assembly, move the results.
 
-It re-runs from the top at every resume, so each step is a cached task (the ENA fetches),
-an idempotent upsert (the database rows), a file written once (the samplesheet), or a
-cluster job found again through `require_job` (the pipelines).
+It re-runs from the top at every resume, so each step is done once per generation and found
+again: the row is validated first (before anything is fetched or submitted), the ENA fetch is
+stored on the request (a resume reads the stored rows, and never asks ENA again), the samplesheet
+is a file named by its content, and each cluster job is found again through `require_job`.
+
+Each job works in its own directory, named by its fingerprint (`flows.cluster_jobs.JOB_DIR`), and
+a request reads only its own jobs' declared outputs, verified against their recorded sha256.
 """
 
 import dataclasses
@@ -15,17 +19,27 @@ from flows.django_setup import setup_django
 setup_django()
 
 from django.conf import settings  # noqa: E402
+from django.core.exceptions import ValidationError  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from emg import requests  # noqa: E402
-from emg.models import Analysis, AnalysisRequest, Assembly, ClusterJob, ClusterJobState  # noqa: E402
+from emg.models import Analysis, AnalysisRequest, Assembly, ClusterJob, ClusterJobState, Run  # noqa: E402
+from emg.pipeline_options import option_arguments, resolved_options  # noqa: E402
 from emg.policies import ResubmitPolicy, Reuse  # noqa: E402
-from flows.cluster_jobs import require_job, wait_for_jobs  # noqa: E402
+from flows.cluster_jobs import (  # noqa: E402
+    JOB_DIR,
+    RESULTS,
+    OutputsMissing,
+    manifest_problems,
+    record_manifest,
+    require_job,
+    wait_for_jobs,
+)
 from flows.deployments import ANALYSIS_FLOW_NAME  # noqa: E402
 from flows.ena import EnaError, UnknownStudy, fetch_read_runs, fetch_study  # noqa: E402
 from flows.nextflow_trace import parse_trace, summarise  # noqa: E402
-from flows.study_records import ensure_samplesheet, store_study_and_runs  # noqa: E402
+from flows.study_records import content_addressed, ensure_samplesheet, store_study_and_runs  # noqa: E402
 from slurm_adapter import JobSpec, tail_log  # noqa: E402
 
 Status = AnalysisRequest.Status
@@ -35,6 +49,11 @@ ASSEMBLY_POLICY = ResubmitPolicy(reuse=Reuse.IF_SUCCEEDED)
 ANALYSIS_POLICY = ResubmitPolicy(reuse=Reuse.IF_SUCCEEDED)
 # Moving data is cheap and must reflect the latest results: always do it again.
 DATAMOVE_POLICY = ResubmitPolicy(reuse=Reuse.NEVER)
+# What each pipeline must leave in its output dir: hashed when the job ends, verified before reuse, moved.
+ASSEMBLY_OUTPUTS = ("assembly_stats.json", "contigs.fasta")
+ANALYSIS_OUTPUTS = ("analysis_summary.json", "predicted_orfs.faa")
+# The job's output dir, as its command names it (the job dir is filled in when the job is declared).
+OUTDIR = f"{JOB_DIR}/{RESULTS}"
 
 
 class StepFailed(Exception):
@@ -50,23 +69,30 @@ def command(setting: str, *arguments: str) -> tuple[str, ...]:
     return (*shlex.split(setting), *arguments)
 
 
-def pipeline_options(request: AnalysisRequest) -> list[str]:
-    """The request's options as Nextflow-style `--name value` arguments (quoted when the script is built)."""
-    options = []
-    for name, value in sorted(request.pipeline_options.items()):
-        options += [f"--{name.replace('_', '-')}", str(value)]
-    return options
-
-
 def study_dir(accession: str) -> Path:
-    # Per study, not per request: identical work for two requests is one job (and one Nextflow -resume cache).
+    # Per study: only the operator-editable samplesheet lives here; jobs work in their own directories.
     return settings.EMG_WORK_DIR / "studies" / accession
 
 
-def cluster_step(request: AnalysisRequest, step: str, spec: JobSpec, *, inputs=(), policy: ResubmitPolicy) -> ClusterJob:
-    """Declare the step's job (once per flow run), wait for it suspended, and return it ended."""
+def invalid_request_reason(request: AnalysisRequest) -> str:
+    """Why this row must not run, or "": rows written around the model (bulk_create, SQL) are checked here."""
+    try:
+        request.study.full_clean(validate_unique=False)
+        request.full_clean(validate_unique=False)
+    except ValidationError as error:
+        return "invalid request: " + "; ".join(
+            f"{field}: {' '.join(messages)}" if field != "__all__" else " ".join(messages)
+            for field, messages in error.message_dict.items()
+        )
+    return ""
+
+
+def cluster_step(request: AnalysisRequest, step: str, spec: JobSpec, *, inputs=(), policy: ResubmitPolicy,
+                 outputs=()) -> ClusterJob:
+    """Declare the step's job (once per flow run), wait for it suspended, and return it ended, its outputs verified."""
     set_status(request, Status.RUNNING, step=step)
-    job_id = require_job(step, spec, inputs=list(map(str, inputs)), policy=policy, request_id=request.id)
+    job_id = require_job(step, spec, inputs=list(map(str, inputs)), policy=policy, request_id=request.id,
+                         outputs=list(outputs))
     declared = ClusterJob.objects.get(id=job_id)
     if not declared.is_final:  # a re-run past an ended job neither waits nor describes it again
         publish_job_artifact(declared, step)
@@ -76,6 +102,14 @@ def cluster_step(request: AnalysisRequest, step: str, spec: JobSpec, *, inputs=(
     if job.state != ClusterJobState.COMPLETED:
         log_tail = tail_log(job.log_path, 8) if job.log_path else ""
         raise StepFailed(f"{step} failed: {job.outcome}" + (f"\nlast log lines:\n{log_tail}" if log_tail else ""))
+    try:
+        record_manifest(job)
+    except OutputsMissing as error:
+        raise StepFailed(f"{step}: {error}") from error
+    problems = manifest_problems(job)
+    if problems:
+        raise StepFailed(f"{step}: the outputs of cluster job #{job.id} changed after it ended: {'; '.join(problems)}")
+    job.refresh_from_db()
     return job
 
 
@@ -108,29 +142,63 @@ def read_json(path: Path) -> dict:
 
 
 def store_trace(job: ClusterJob, outdir: Path) -> None:
+    """Record the job's Nextflow trace; one that cannot be read is recorded as such and fails nothing."""
     trace_path = outdir / TRACE_FILE
     if not trace_path.exists():
         return
-    tasks = parse_trace(trace_path.read_text())
-    trace = {"summary": summarise(tasks), "tasks": [dataclasses.asdict(task) for task in tasks]}
+    try:
+        tasks = parse_trace(trace_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        trace = {"error": f"malformed Nextflow trace {trace_path}: {error}"[:2000], "summary": None, "tasks": []}
+    else:
+        trace = {"summary": summarise(tasks), "tasks": [dataclasses.asdict(task) for task in tasks]}
     # Round-trip through JSON so datetimes become ISO strings the JSONField can hold.
     ClusterJob.objects.filter(id=job.id).update(trace=json.loads(json.dumps(trace, default=str)))
 
 
+def study_runs(request: AnalysisRequest, generation: int) -> list[Run]:
+    """The runs this generation fetched from ENA: fetched and stored once, read back on every resume.
+
+    Only the first fetch of a generation asks ENA (its transient errors are retried with backoff by
+    the fetch tasks); once stored, no outage or rate limit can end the request.
+    """
+    if request.ena_fetched_generation == generation:
+        runs = list(Run.objects.filter(accession__in=request.ena_runs).select_related("sample"))
+        if len(runs) == len(request.ena_runs):
+            return runs
+    accession = request.study.accession
+    try:
+        study_record = fetch_study(accession)
+        run_records = fetch_read_runs(accession)
+    except UnknownStudy as error:
+        raise StepFailed(f"{error}: check the accession") from error
+    except EnaError as error:
+        raise StepFailed(f"ENA: {error}") from error
+    if not run_records:
+        raise StepFailed(f"study {accession} has no read runs in ENA: nothing to assemble")
+    runs = store_study_and_runs(request.study, study_record, run_records)
+    requests.record_ena_fetch(request.id, generation, [run.accession for run in runs])
+    return runs
+
+
 def assemble(request: AnalysisRequest, runs) -> Assembly:
-    work = study_dir(request.study.accession)
-    samplesheet = ensure_samplesheet(work / "samplesheet.csv", runs)
-    outdir = work / "assembly"
+    editable = ensure_samplesheet(study_dir(request.study.accession) / "samplesheet.csv", runs)
+    # The job reads a copy named by its content: no later edit or rewrite can change what it read.
+    samplesheet = content_addressed(editable, settings.EMG_WORK_DIR / "samplesheets")
+    options = resolved_options("assembly", request.pipeline_options)
     spec = JobSpec(
         name=f"emg-assembly-{request.study.accession}",
-        command=command(settings.EMG_ASSEMBLY_COMMAND, "--samplesheet", str(samplesheet), "--outdir", str(outdir),
-                        *pipeline_options(request)),
-        work_dir=str(work),
+        # Our own arguments last: a pipeline taking the last of repeated options still gets ours.
+        command=command(settings.EMG_ASSEMBLY_COMMAND, *option_arguments(options),
+                        "--samplesheet", str(samplesheet), "--outdir", OUTDIR),
+        work_dir=JOB_DIR,
         time_limit_minutes=settings.EMG_PIPELINE_TIME_LIMIT_MINUTES,
         memory_mb=settings.EMG_PIPELINE_MEMORY_MB,
         partition=settings.EMG_SLURM_PARTITION,
     )
-    job = cluster_step(request, "assembly", spec, inputs=[samplesheet], policy=ASSEMBLY_POLICY)
+    job = cluster_step(request, "assembly", spec, inputs=[samplesheet], policy=ASSEMBLY_POLICY,
+                       outputs=ASSEMBLY_OUTPUTS)
+    outdir = Path(job.output_dir)
     stats = read_json(outdir / "assembly_stats.json")
     store_trace(job, outdir)
     assembly, _ = Assembly.objects.update_or_create(
@@ -144,19 +212,18 @@ def assemble(request: AnalysisRequest, runs) -> Assembly:
 
 
 def analyse(request: AnalysisRequest, assembly: Assembly) -> Analysis:
-    work = study_dir(request.study.accession)
-    outdir = work / "analysis"
+    contigs = Path(assembly.job.output_dir) / "contigs.fasta"
     spec = JobSpec(
         name=f"emg-analysis-{request.study.accession}",
-        command=command(settings.EMG_ANALYSIS_COMMAND, "--contigs", str(Path(assembly.results_path) / "contigs.fasta"),
-                        "--outdir", str(outdir)),
-        work_dir=str(work),
+        command=command(settings.EMG_ANALYSIS_COMMAND, "--contigs", str(contigs), "--outdir", OUTDIR),
+        work_dir=JOB_DIR,
         time_limit_minutes=settings.EMG_PIPELINE_TIME_LIMIT_MINUTES,
         memory_mb=settings.EMG_PIPELINE_MEMORY_MB,
         partition=settings.EMG_SLURM_PARTITION,
     )
-    job = cluster_step(request, "analysis", spec, inputs=[Path(assembly.results_path) / "contigs.fasta"],
-                       policy=ANALYSIS_POLICY)
+    job = cluster_step(request, "analysis", spec, inputs=[contigs], policy=ANALYSIS_POLICY,
+                       outputs=ANALYSIS_OUTPUTS)
+    outdir = Path(job.output_dir)
     store_trace(job, outdir)
     analysis, _ = Analysis.objects.update_or_create(
         request=request,
@@ -166,13 +233,20 @@ def analyse(request: AnalysisRequest, assembly: Assembly) -> Analysis:
     return analysis
 
 
-def move_results(request: AnalysisRequest) -> Path:
-    work = study_dir(request.study.accession)
+def declared_outputs(jobs: dict[str, ClusterJob]) -> list[str]:
+    """`<step>/<name>:<sha256>:<source>` for each declared output of these jobs (this request's own)."""
+    return [f"{step}/{name}:{sha256}:{Path(job.output_dir) / name}"
+            for step, job in jobs.items() for name, sha256 in sorted((job.output_manifest or {}).items())]
+
+
+def move_results(request: AnalysisRequest, jobs: dict[str, ClusterJob]) -> Path:
     destination = settings.EMG_RESULTS_DIR / request.study.accession / f"request-{request.id}"
     spec = JobSpec(
         name=f"emg-datamove-{request.study.accession}",
-        command=command(settings.EMG_DATAMOVE_COMMAND, str(work), str(destination)),
-        work_dir=str(work),
+        # Only the declared outputs, each checked against the sha256 recorded when its job ended:
+        # never another request's files, a job log, or Nextflow's work/.
+        command=command(settings.EMG_DATAMOVE_COMMAND, "--files", str(destination), *declared_outputs(jobs)),
+        work_dir=JOB_DIR,
         time_limit_minutes=60,
         memory_mb=256,
         partition=settings.EMG_DATAMOVER_PARTITION,
@@ -191,29 +265,25 @@ def analyse_study(request_id: int, generation: int = 1) -> str:
         return "superseded"
     if request.is_final:
         return request.status
-    accession = request.study.accession
+    invalid = invalid_request_reason(request)
+    if invalid:
+        logger.warning("request #%s cannot run: %s", request_id, invalid)
+        set_status(request, Status.FAILED, step="validating the request", reason=invalid)
+        return Status.FAILED
     try:
         set_status(request, Status.RUNNING, step="fetching from ENA")
-        try:
-            study_record = fetch_study(accession)
-            run_records = fetch_read_runs(accession)
-        except UnknownStudy as error:
-            raise StepFailed(f"{error}: check the accession") from error
-        except EnaError as error:
-            raise StepFailed(f"ENA: {error}") from error
-        if not run_records:
-            raise StepFailed(f"study {accession} has no read runs in ENA: nothing to assemble")
-        runs = store_study_and_runs(request.study, study_record, run_records)
+        runs = study_runs(request, generation)
 
         assembly = assemble(request, runs)
+        jobs = {"assembly": assembly.job}
         if assembly.total_length >= settings.EMG_MIN_ASSEMBLY_LENGTH:
-            analyse(request, assembly)
+            jobs["analysis"] = analyse(request, assembly).job
         else:
             reason = (f"assembly too small to analyse: {assembly.total_length} bp in {assembly.contigs} contigs "
                       f"(minimum {settings.EMG_MIN_ASSEMBLY_LENGTH} bp)")
             Assembly.objects.filter(id=assembly.id).update(analysis_skipped_reason=reason)
             logger.info("request #%s: %s", request_id, reason)
-        destination = move_results(request)
+        destination = move_results(request, jobs)
     except StepFailed as failure:
         logger.warning("request #%s failed: %s", request_id, failure)
         set_status(request, Status.FAILED, step=AnalysisRequest.objects.get(id=request_id).current_step,

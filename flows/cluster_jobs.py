@@ -8,7 +8,8 @@ the reconciler has seen all the jobs end and resumes it.
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from django.conf import settings
 from django.db import close_old_connections
@@ -18,13 +19,32 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.flow_runs import suspend_flow_run
 
-from emg import waits
+from emg import jobs, waits
 from emg.models import ClusterJob, ClusterJobState, JobWait
 from emg.policies import ResubmitPolicy, Reuse
 from slurm_adapter import JobSpec
-from slurm_adapter.fingerprint import fingerprint, hash_inputs
+from slurm_adapter.fingerprint import file_sha256, fingerprint, hash_inputs
 
 logger = logging.getLogger(__name__)
+
+# Stands, in a spec's work dir and command, for the job's own directory: EMG_WORK_DIR/jobs/<fingerprint>.
+# The fingerprint is taken over the spec as written (so it cannot depend on the directory it names),
+# then the placeholder is replaced. Each job therefore runs, keeps its log, Nextflow's launch dir,
+# work/ and -resume cache, and writes its results, in a directory no job with other work shares.
+JOB_DIR = "/@emg-job-dir@"
+RESULTS = "results"
+
+
+def job_dir(job_fingerprint: str) -> Path:
+    return settings.EMG_WORK_DIR / "jobs" / job_fingerprint
+
+
+def in_job_dir(spec: JobSpec, directory: Path) -> JobSpec:
+    """The spec with every mention of JOB_DIR (in its work dir and its arguments) made `directory`."""
+    return dataclasses.replace(
+        spec, work_dir=spec.work_dir.replace(JOB_DIR, str(directory)),
+        command=tuple(argument.replace(JOB_DIR, str(directory)) for argument in spec.command),
+    )
 
 
 def current_flow_run_id():
@@ -34,10 +54,16 @@ def current_flow_run_id():
     return context.flow_run.id
 
 
-def declare_job(spec: JobSpec, inputs: Iterable[str] = (), policy: ResubmitPolicy = ResubmitPolicy()) -> ClusterJob:
-    """The job to wait for: the live identical one, an ended one the policy reuses, or a new declaration."""
+def declare_job(spec: JobSpec, inputs: Iterable[str] = (), policy: ResubmitPolicy = ResubmitPolicy(),
+                outputs: Sequence[str] = ()) -> ClusterJob:
+    """The job to wait for: the live identical one, an ended one the policy reuses, or a new declaration.
+
+    `outputs` are the files (relative to the job's output dir, `<job dir>/results`) the job must
+    produce; an ended job is reused only while they still exist and still hash to its manifest.
+    """
     input_hashes = hash_inputs(inputs)
     job_fingerprint = fingerprint(spec, input_hashes)
+    directory = job_dir(job_fingerprint)
     identical = ClusterJob.objects.filter(fingerprint=job_fingerprint)
     live = identical.live().first()
     if live is not None:
@@ -48,8 +74,9 @@ def declare_job(spec: JobSpec, inputs: Iterable[str] = (), policy: ResubmitPolic
     if previous is not None and policy.prepare_on_resubmit:
         spec = with_preparation(spec, policy.prepare_on_resubmit)
     return ClusterJob.objects.declare(
-        name=spec.name, fingerprint=job_fingerprint, spec=spec.to_dict(), input_hashes=input_hashes,
-        policy=policy.to_dict(),
+        name=spec.name, fingerprint=job_fingerprint, spec=in_job_dir(spec, directory).to_dict(),
+        input_hashes=input_hashes, policy=policy.to_dict(), output_dir=str(directory / RESULTS),
+        outputs=sorted(set(outputs)),
     )
 
 
@@ -58,10 +85,63 @@ def reusable(job: ClusterJob, policy: ResubmitPolicy) -> bool:
         if (timezone.now() - job.ended_at).total_seconds() > policy.max_age_seconds:
             return False
     if policy.reuse == Reuse.ANY:
-        return True
+        return job.state != ClusterJobState.COMPLETED or outputs_intact(job)
     if policy.reuse == Reuse.IF_SUCCEEDED:
-        return job.state == ClusterJobState.COMPLETED
+        return job.state == ClusterJobState.COMPLETED and outputs_intact(job)
     return False
+
+
+class OutputsMissing(Exception):
+    """A job that COMPLETED did not leave one of its declared outputs."""
+
+
+def record_manifest(job: ClusterJob) -> dict[str, str]:
+    """The sha256 of each declared output of this COMPLETED job, recorded on its row the first time.
+
+    The flow that first sees the job ended records it (not the job: in production the job is a
+    Nextflow pipeline we do not change, and the row, not a file beside the outputs, is what nobody
+    else can edit). Nothing but this job writes in its content-addressed directory, so what the
+    first reader hashes is what the job wrote. Raises OutputsMissing if a declared output is absent.
+    """
+    if job.output_manifest is not None:
+        return job.output_manifest
+    manifest = {}
+    for name in job.outputs:
+        path = Path(job.output_dir) / name
+        if not path.is_file():
+            raise OutputsMissing(f"cluster job #{job.id} completed but its declared output {path} does not exist")
+        manifest[name] = file_sha256(path)
+    # Compare-and-set: of two flows seeing the job end at once, one records and both read the same.
+    jobs.record_manifest(job, manifest)
+    job.refresh_from_db(fields=["output_manifest", "manifest_recorded_at"])
+    return job.output_manifest
+
+
+def manifest_problems(job: ClusterJob) -> list[str]:
+    """What is wrong with the job's recorded outputs now: missing, altered, or unlisted files."""
+    manifest = job.output_manifest or {}
+    problems = [f"{name} is not in the manifest" for name in job.outputs if name not in manifest]
+    for name, expected in sorted(manifest.items()):
+        path = Path(job.output_dir) / name
+        if not path.is_file():
+            problems.append(f"{path} is missing")
+        elif file_sha256(path) != expected:
+            problems.append(f"{path} no longer matches its sha256 {expected[:12]}")
+    return problems
+
+
+def outputs_intact(job: ClusterJob) -> bool:
+    """An ended COMPLETED job's declared outputs exist and hash to its manifest (recorded now if it never was)."""
+    try:
+        record_manifest(job)
+    except OutputsMissing as error:
+        logger.warning("not reusing: %s", error)
+        return False
+    problems = manifest_problems(job)
+    if problems:
+        logger.warning("not reusing cluster job #%s (fingerprint %s): %s", job.id, job.fingerprint[:16],
+                       "; ".join(problems))
+    return not problems
 
 
 def with_preparation(spec: JobSpec, preparation: str) -> JobSpec:
@@ -78,12 +158,13 @@ def require_job(
     inputs: Iterable[str] = (),
     policy: ResubmitPolicy = ResubmitPolicy(),
     request_id: int | None = None,
+    outputs: Sequence[str] = (),
 ) -> int:
     """The id of the job this flow run needs at `step`; declared once, found again on every re-run."""
     flow_run_id = current_flow_run_id()
     wait = JobWait.objects.filter(flow_run_id=flow_run_id, step=step).first()
     if wait is None:
-        job = declare_job(spec, inputs, policy)
+        job = declare_job(spec, inputs, policy, outputs)
         wait = waits.attach(flow_run_id, step, job.id, request_id)
     return wait.job_id
 

@@ -1,8 +1,9 @@
 """Fetching a study and its read runs from the ENA Portal API.
 
-Each fetch is a Prefect task cached per accession with a persisted result: the flow re-runs
-from the top at every resume, and must not ask ENA again each time. Server errors and
-timeouts are retried with exponential backoff; a 4xx is an answer, not an outage.
+Each fetch is a Prefect task cached per accession with a persisted result, and the flow stores
+what a generation fetched on its request (flows/analysis.py `study_runs`), so a resume never asks
+ENA again. Server errors, rate limiting (429) and timeouts are retried with exponential backoff;
+any other 4xx is an answer, not an outage.
 """
 
 from datetime import timedelta
@@ -50,7 +51,8 @@ def search(result: str, accession: str, fields: tuple[str, ...]) -> list[dict]:
         )
     except httpx.TransportError as error:
         raise EnaUnavailable(f"ENA did not answer ({type(error).__name__}: {error})") from error
-    if response.status_code >= 500:
+    if response.status_code >= 500 or response.status_code in (408, 429):
+        # Overloaded, rate limiting us, or timed out: ask again later, never a verdict on the study.
         raise EnaUnavailable(f"ENA answered HTTP {response.status_code}")
     if response.status_code == 404:
         raise UnknownStudy(f"ENA does not know study {accession}")

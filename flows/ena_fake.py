@@ -23,6 +23,8 @@ Recorded faults, to exercise the client (each overridable, see `FakeEnaServer`):
 - PRJEB40500 answers 500 to its first 2 search requests, then its data;
 - PRJEB40404 answers 404 to every request (the real API answers an unknown study with `[]`);
 - PRJEB40408 answers after 15 s.
+An outage can also be started at any moment: `fail_next(accession, [(503, 3), (429, 2)])` makes
+the accession's next 3 searches answer 503 and the 2 after those 429 (with `Retry-After: 1`).
 
 The reads are simulated, deterministically, from a few small random genomes (flows/ena_recordings/reads.json)
 on first request and kept in memory; so `fastq_md5`/`fastq_bytes` are computed from the
@@ -355,21 +357,25 @@ class _Handler(BaseHTTPRequestHandler):
         if delay and fake.stopping.wait(delay):
             return  # the server is stopping: give up on the answer
         if fault:
-            self._send_error(HTTPStatus(fault), f"Recorded fault for {', '.join(sorted(search.accessions))}")
+            self._send_error(HTTPStatus(fault), f"Recorded fault for {', '.join(sorted(search.accessions))}",
+                             headers={"Retry-After": "1"} if fault == HTTPStatus.TOO_MANY_REQUESTS else None)
             return
         content_type, body = answer(search, fake.recordings, fake.fastq)
         self._send(HTTPStatus.OK, content_type, body.encode())
 
-    def _send_error(self, status: HTTPStatus, message: str) -> None:
+    def _send_error(self, status: HTTPStatus, message: str, headers: Mapping[str, str] | None = None) -> None:
         # Shaped like the Spring Boot error body the Portal API's errors come in; clients should rely on `message`.
         body = {
             "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "status": status.value, "error": status.phrase, "message": message, "path": urlsplit(self.path).path,
         }
-        self._send(status, "application/json", json.dumps(body).encode())
+        self._send(status, "application/json", json.dumps(body).encode(), headers)
 
-    def _send(self, status: HTTPStatus, content_type: str, body: bytes) -> None:
+    def _send(self, status: HTTPStatus, content_type: str, body: bytes,
+              headers: Mapping[str, str] | None = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -404,6 +410,7 @@ class FakeEnaServer:
         self.verbose = verbose
         self.stopping = threading.Event()
         self._requests: list[tuple[str, frozenset[str]]] = []
+        self._queued_faults: dict[str, list[int]] = {}
         self._lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -439,11 +446,20 @@ class FakeEnaServer:
             self._thread.join(timeout=10)
             self._server = None
 
+    def fail_next(self, accession: str, faults: list[tuple[int, int]]) -> None:
+        """From now on, answer the accession's next searches with these (HTTP status, times), in order."""
+        with self._lock:
+            self._queued_faults[accession] = [status for status, times in faults for _ in range(times)]
+
     def record_request(self, search: Search) -> tuple[int | None, float]:
         """Count a search; return the (fault status or None, delay in seconds) it gets."""
         with self._lock:
             earlier = {accession: self._count(accession, None) for accession in search.accessions}
             self._requests.append((search.result, search.accessions))
+            queued = [self._queued_faults[accession].pop(0) for accession in sorted(search.accessions)
+                      if self._queued_faults.get(accession)]
+        if queued:
+            return queued[0], 0.0
         fault = None
         for accession in sorted(search.accessions):
             status, times = self.failures.get(accession, (None, 0))
@@ -464,6 +480,7 @@ class FakeEnaServer:
     def reset_counts(self) -> None:
         with self._lock:
             self._requests.clear()
+            self._queued_faults.clear()
 
 
 def main() -> None:

@@ -4,13 +4,17 @@ Every function here is idempotent: the flow re-runs from the top at every resume
 """
 
 import csv
+import hashlib
 import io
+import os
+import tempfile
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
 
 from emg.models import Run, Sample, Study
+from slurm_adapter.fingerprint import file_sha256
 
 
 @transaction.atomic
@@ -68,12 +72,37 @@ def samplesheet_text(runs: list[Run]) -> str:
     return out.getvalue()
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """A reader sees the whole file or none; concurrent writers each use a temporary file of their own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def ensure_samplesheet(path: Path, runs: list[Run]) -> Path:
-    """Write the samplesheet once. An operator may edit it between attempts; the edit then
-    changes the assembly job's fingerprint, so the job runs again on the edited sheet."""
+    """Write the study's samplesheet once. An operator may edit it between attempts; jobs never read
+    it directly but a copy named by its content (`content_addressed`), so an edit means a new job."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(samplesheet_text(runs))
-        temporary.replace(path)
+        write_atomically(path, samplesheet_text(runs).encode())
     return path
+
+
+def content_addressed(source: Path, directory: Path) -> Path:
+    """An immutable copy of `source` at `directory/<sha256><suffix>`: what a job read can never change.
+
+    The bytes are read once and named by their own hash, so an edit racing this copy yields either
+    the old content under the old name or the new under the new one. A copy found damaged is rewritten.
+    """
+    data = source.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    target = directory / f"{digest}{source.suffix}"
+    if not target.exists() or file_sha256(target) != digest:
+        write_atomically(target, data)
+    return target

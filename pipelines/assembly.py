@@ -250,7 +250,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--samplesheet", required=True, type=Path)
     parser.add_argument("--outdir", required=True, type=Path)
     parser.add_argument("--k", type=int, default=21, help="k-mer length, odd (default 21)")
-    parser.add_argument("--min-contig-length", type=int, default=200)
+    # Both spellings: the orchestrator passes options by their declared (Nextflow-style) names.
+    parser.add_argument("--min-contig-length", "--min_contig_length", dest="min_contig_length", type=int, default=200)
     args = parser.parse_args(argv)
     # An odd k means no k-mer is its own reverse complement, which the unitig walk relies on.
     if args.k < 11 or args.k % 2 == 0:

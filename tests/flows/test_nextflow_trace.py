@@ -141,3 +141,22 @@ def test_the_recorder_writes_a_failed_row_for_the_step_that_raised(tmp_path):
     assert (fetch.status, fetch.exit, assemble.status, assemble.exit) == ("COMPLETED", 0, "FAILED", 1)
     assert fetch.realtime_s is not None and fetch.peak_rss_bytes > 0
     assert fetch.hash != assemble.hash and len(fetch.hash) == 9
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("content", [b"", b"not a trace at all\n", b"task_id\tname\tstatus\n1\tX\n",
+                                     b"task_id\tname\tstatus\tduration\n1\tX\tCOMPLETED\tforever\n",
+                                     b"\xff\xfe\x00garbage"])
+def test_a_malformed_trace_is_recorded_as_such_on_the_job_and_raises_nothing(tmp_path, content):
+    from emg.models import ClusterJob
+    from flows.analysis import TRACE_FILE, store_trace
+
+    job = ClusterJob.objects.create(name="j", fingerprint="f" * 64, spec={})
+    (tmp_path / TRACE_FILE).parent.mkdir(parents=True)
+    (tmp_path / TRACE_FILE).write_bytes(content)
+
+    store_trace(job, tmp_path)
+
+    job.refresh_from_db()
+    assert job.trace["error"].startswith(f"malformed Nextflow trace {tmp_path / TRACE_FILE}")
+    assert job.trace["summary"] is None and job.trace["tasks"] == []

@@ -281,3 +281,47 @@ def test_symlinked_results_are_copied_as_files(tmp_path):
     copied = destination / "published.txt"
     assert not copied.is_symlink() and copied.read_text() == "published"
     assert "./published.txt" in (destination / "MANIFEST.sha256").read_text()
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_datamove_of_named_files_copies_only_those_checked_against_their_recorded_sha256(tmp_path):
+    work = make_results(tmp_path / "jobs" / "abc" / "results")
+    (work.parent / ".emg").mkdir()
+    (work.parent / ".emg" / "abc-1-1.42.log").write_text("a job log")
+    (work / "stats.json").write_text("{}")
+    destination = tmp_path / "store" / "request-1"
+
+    result = run_pipeline("bash", PIPELINES / "datamove.sh", "--files", destination,
+                          f"assembly/contigs.fasta:{sha256(work / 'contigs.fasta')}:{work / 'contigs.fasta'}",
+                          f"assembly/stats.json:{sha256(work / 'stats.json')}:{work / 'stats.json'}")
+
+    assert result.returncode == 0, result.stderr
+    assert sorted(str(path.relative_to(destination)) for path in destination.rglob("*") if path.is_file()) == [
+        "MANIFEST.sha256", "assembly/contigs.fasta", "assembly/stats.json"]
+    manifest = (destination / "MANIFEST.sha256").read_text().splitlines()
+    assert [line.split("  ")[1] for line in manifest] == ["./assembly/contigs.fasta", "./assembly/stats.json"]
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "MANIFEST.sha256"], cwd=destination).returncode == 0
+
+
+@pytest.mark.parametrize(("name", "message"), [("../escape", "refusing the result name"),
+                                               ("/etc/x", "refusing the result name"),
+                                               ("MANIFEST.sha256", "refusing the result name"),
+                                               ("contigs.fasta", "changed after its job ended")])
+def test_datamove_of_named_files_refuses_a_changed_file_or_a_name_outside_the_destination(tmp_path, name, message):
+    work = make_results(tmp_path / "work")
+    recorded = sha256(work / "contigs.fasta")
+    (work / "contigs.fasta").write_text("altered after the job ended")
+    if message != "changed after its job ended":
+        recorded = sha256(work / "contigs.fasta")
+    destination = tmp_path / "store" / "request-1"
+
+    result = run_pipeline("bash", PIPELINES / "datamove.sh", "--files", destination,
+                          f"{name}:{recorded}:{work / 'contigs.fasta'}")
+
+    assert result.returncode == 1 and message in result.stderr
+    assert not destination.exists() and list(destination.parent.iterdir()) == []

@@ -1,4 +1,4 @@
-"""Issue 8, bad input: each gives a clear error, leaves the database consistent, and submits nothing
+"""Bad input: each gives a clear error, leaves the database consistent, and submits nothing
 that should not be.
 
 No stack: models are saved here, the flow runs in this process, and the reconciler ticks against a

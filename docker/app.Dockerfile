@@ -22,13 +22,18 @@ RUN apt-get update \
 # The source stays in /opt/emg as well as being installed: the Prefect runner imports
 # flows by their path relative to its working directory, and manage.py lives here.
 WORKDIR /opt/emg
+# Dependencies first, from the lock (exact versions, hashes checked), so a source change
+# does not reinstall them. The lock holds the test and lint tools too: one lock, the same
+# versions the test suite ran with.
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
 COPY pyproject.toml manage.py ./
 COPY emg ./emg
 COPY workers ./workers
 COPY flows ./flows
 COPY slurm_adapter ./slurm_adapter
 COPY pipelines ./pipelines
-RUN pip install .
+RUN pip install --no-deps .
 
 COPY --chmod=0755 docker/app-entrypoint.sh /usr/local/bin/emg-entrypoint
 

@@ -99,7 +99,7 @@ class JobWaitInline(admin.TabularInline):
     extra = 0
     can_delete = False
     fields = ["step", "job_link", "job_state", "slurm_job_id", "suspensions", "created_at", "released_at"]
-    readonly_fields = fields
+    readonly_fields = fields  # type: ignore[assignment]  # the stubs type fields wider than readonly_fields
 
     def get_queryset(self, request):
         return super().get_queryset(request).select_related("job")
@@ -161,10 +161,10 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
 
     @admin.display(description="cluster jobs")
     def jobs_link(self, obj: AnalysisRequest):
-        if not obj.job_count:
+        if not obj.job_count:  # type: ignore[attr-defined]  # annotated by get_queryset
             return "-"
         url = f"{reverse('admin:emg_clusterjob_changelist')}?{urlencode({JOBS_OF_REQUEST: obj.id})}"
-        return format_html('<a href="{}">{} job(s)</a>', url, obj.job_count)
+        return format_html('<a href="{}">{} job(s)</a>', url, obj.job_count)  # type: ignore[attr-defined]
 
     @admin.action(description="Cancel the selected requests (their flow runs and the jobs only they need)")
     def cancel(self, request, queryset):
@@ -217,7 +217,7 @@ class ClusterJobAdmin(admin.ModelAdmin):
         ("Nextflow trace", {"fields": ["trace_table"]}),
         ("Inputs", {"fields": ["input_hashes_table", "fingerprint"]}),
     ]
-    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]
+    readonly_fields = [field for _, options in fieldsets for field in options["fields"]]  # type: ignore[misc]
 
     def lookup_allowed(self, lookup, value, request=None):
         return lookup == JOBS_OF_REQUEST or super().lookup_allowed(lookup, value, request)
@@ -324,7 +324,7 @@ class OutboxEventAdmin(admin.ModelAdmin):
 @admin.register(ReconcileTick)
 class ReconcileTickAdmin(admin.ModelAdmin):
     list_display = ["started_at", "finished_at", "worker", "report"]
-    readonly_fields = list_display
+    readonly_fields = list_display  # type: ignore[assignment]  # as above
 
     def has_add_permission(self, request):
         return False

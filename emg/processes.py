@@ -39,6 +39,7 @@ class ManagedProcess:
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.running:
+            assert self.process is not None
             try:
                 os.killpg(self.process.pid, sig)
             except ProcessLookupError:
@@ -48,6 +49,7 @@ class ManagedProcess:
         if not self.running:
             return
         self.kill(signal.SIGTERM)
+        assert self.process is not None
         try:
             self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:

@@ -69,7 +69,7 @@ def timed(check: Callable[[], None]) -> dict:
     try:
         check()
     except Exception as error:  # any failure of a dependency is the answer, not a crash
-        outcome = {"status": "error", "error": mask_secrets(f"{type(error).__name__}: {error}")[:500]}
+        outcome: dict[str, object] = {"status": "error", "error": mask_secrets(f"{type(error).__name__}: {error}")[:500]}
     else:
         outcome = {"status": "ok"}
     outcome["latency_ms"] = round((time.monotonic() - started) * 1000, 1)

@@ -426,8 +426,9 @@ class FakeEnaServer:
 
     @property
     def root_url(self) -> str:
+        assert self._server is not None, "the fake ENA is not serving"
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
     @property
     def base_url(self) -> str:
@@ -443,7 +444,8 @@ class FakeEnaServer:
         if self._server:
             self._server.shutdown()
             self._server.server_close()
-            self._thread.join(timeout=10)
+            if self._thread is not None:
+                self._thread.join(timeout=10)
             self._server = None
 
     def fail_next(self, accession: str, faults: list[tuple[int, int]]) -> None:

@@ -21,9 +21,11 @@ import os
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 NOT_AVAILABLE = "-"
 DEFAULT_FIELDS = (
@@ -96,7 +98,7 @@ def parse_date(text: str) -> datetime:
 
 
 # Column -> (TraceTask attribute, parser). Columns not listed here are ignored.
-COLUMN_PARSERS = {
+COLUMN_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "exit": ("exit", int),
     "submit": ("submit", parse_date),
     "duration": ("duration_s", parse_duration),
@@ -132,7 +134,7 @@ def _parse_row(header: list[str], line: str, number: int) -> TraceTask:
     cells = line.split("\t")
     if len(cells) != len(header):
         raise ValueError(f"not a Nextflow trace: line {number} has {len(cells)} columns, the header {len(header)}")
-    values: dict[str, object] = {attribute: None for attribute, _ in COLUMN_PARSERS.values()}
+    values: dict[str, Any] = {attribute: None for attribute, _ in COLUMN_PARSERS.values()}
     values.update(dict.fromkeys(TEXT_COLUMNS))
     for column, cell in zip(header, cells):
         if cell == NOT_AVAILABLE:
@@ -212,7 +214,7 @@ def format_trace(rows: list[dict[str, object]]) -> str:
     Row keys are the column names; `submit` is a datetime, `duration`/`realtime` are seconds,
     `%cpu` is a percentage and the size columns are bytes.
     """
-    formatters = {
+    formatters: dict[str, Callable[[Any], str]] = {
         "submit": format_date, "duration": format_duration, "realtime": format_duration,
         "%cpu": format_percent, "peak_rss": format_size, "peak_vmem": format_size,
         "rchar": format_size, "wchar": format_size,

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the project with its test tools, plus the Debian packages
-# the tests use that a fresh machine may lack. Safe to run again.
+# Creates .venv and installs the project with its test and lint tools, plus the Debian
+# packages the tests use that a fresh machine may lack. Safe to run again.
+# Python packages come from requirements.lock only (exact versions, hashes checked); the
+# project itself is installed on top without resolving anything. `make lock` upgrades the lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,5 +21,6 @@ fi
 python=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+.venv/bin/pip install -q --require-hashes -r requirements.lock
+.venv/bin/pip install -q --no-deps -e .
 echo "bootstrap: .venv ready ($(.venv/bin/python --version))"

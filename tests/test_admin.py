@@ -60,7 +60,7 @@ def rows(tmp_path):
 
 def admin_urls(rows) -> list[str]:
     urls = []
-    for name, obj in rows.items():
+    for obj in rows.values():
         meta = obj._meta
         urls.append(reverse(f"admin:{meta.app_label}_{meta.model_name}_changelist"))
         urls.append(reverse(f"admin:{meta.app_label}_{meta.model_name}_change", args=[obj.pk]))

@@ -10,6 +10,7 @@ even a beat that survived would never send a task again. Here:
 """
 
 import logging
+from typing import Any
 
 import redis
 from redbeat import RedBeatScheduler
@@ -19,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 class RestartSafeRedBeatScheduler(RedBeatScheduler):
+    lock: Any  # RedBeat's redis lock, None until made
+
     def tick(self, min=min, **kwargs):
         try:
             client = get_redis(self.app)

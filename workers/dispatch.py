@@ -2,12 +2,14 @@
 
 import logging
 import uuid
+from typing import cast
 
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempotencyKey
+from prefect.client.schemas.objects import FlowRun
 from prefect.deployments import run_deployment
 
 from emg import requests
@@ -44,14 +46,15 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
             OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now())
         return None
 
-    flow_run = run_deployment(
+    # Called from sync code, run_deployment returns the FlowRun itself (not a coroutine).
+    flow_run = cast(FlowRun, run_deployment(
         ANALYSIS_DEPLOYMENT,
         parameters={"request_id": request.id, "generation": event.generation},
         timeout=0,
         idempotency_key=idempotency_key(event),
         flow_run_name=f"{request.study.accession}-request-{request.id}-gen-{event.generation}",
         tags=["emg", f"request-{request.id}"],
-    )
+    ))
     with transaction.atomic():
         requests.attach_flow_run(request.id, event.generation, flow_run.id)
         OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now(), last_error="")

@@ -1,4 +1,4 @@
-"""Issue 8, the chaos suite: requests in flight while every service is killed, one at a time, at random.
+"""The chaos suite: requests in flight while every service is killed, one at a time, at random.
 
 On a stack of this module's own (Redis, Prefect server on PostgreSQL, runner, Celery worker and
 beat), the test database and the real Slurm cluster, the test creates requests for three studies

@@ -1,4 +1,4 @@
-"""Issue 5: a flow run whose runner died is found by its missing heartbeats and re-run in place;
+"""A flow run whose runner died is found by its missing heartbeats and re-run in place;
 a suspended run, which sends no heartbeats, is never taken for such a zombie.
 
 Runs on a runner, Celery worker and beat of this module's own (heartbeats every 30 s, Prefect's

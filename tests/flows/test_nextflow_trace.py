@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from flows.nextflow_trace import (
-    TaskRecorder, format_duration, format_size, format_trace, parse_duration, parse_size, parse_trace, summarise,
+    TaskRecorder,
+    format_duration,
+    format_size,
+    format_trace,
+    parse_duration,
+    parse_size,
+    parse_trace,
+    summarise,
 )
 
 DATA = Path(__file__).parent / "data"

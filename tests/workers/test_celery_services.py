@@ -1,4 +1,4 @@
-"""Issue 5: each saved request gets exactly one flow run, whatever happens to Redis and Celery on the
+"""Each saved request gets exactly one flow run, whatever happens to Redis and Celery on the
 way, and beat ticks never overlap.
 
 Runs on a Redis, Celery worker and beat of this module's own (the `own_redis_stack` fixture), which

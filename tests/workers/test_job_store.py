@@ -1,4 +1,4 @@
-"""Issue 4: a cluster job is declared once, submitted once by the one submitter, and retried as its policy says.
+"""A cluster job is declared once, submitted once by the one submitter, and retried as its policy says.
 
 Real PostgreSQL and the real single-node Slurm cluster; each test drives reconciler ticks itself
 (see conftest.py) and counts what Slurm ran by tag in its own accounting.

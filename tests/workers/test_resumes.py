@@ -1,4 +1,4 @@
-"""Issue 5: the reconciler resumes suspended flow runs gently, and never leaves one waiting forever.
+"""The reconciler resumes suspended flow runs gently, and never leaves one waiting forever.
 
 Real Slurm jobs and real flow runs on the session's Prefect server; the flow runs are moved
 through the states a waiting flow goes through (tests/workers/flow_runs.py), the test drives the ticks.

@@ -140,7 +140,7 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
         if db_field.name == "pipeline_options":
             kwargs["form_class"] = PipelineOptionsField
         field = super().formfield_for_dbfield(db_field, request, **kwargs)
-        if db_field.name == "pipeline_options":
+        if db_field.name == "pipeline_options" and field is not None:
             field.help_text = "A JSON object ({} for the defaults). Options: " + "; ".join(
                 f"{option.name} ({option.pipeline}, {option.type.__name__}"
                 + (f" {option.minimum}..{option.maximum}" if option.minimum is not None else "")

@@ -7,6 +7,7 @@ race: the entry lands only if, and in the same statement as, the guarded change 
 import json
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any
 
 from django.db import models
 from django.db.models import F, Func, Value
@@ -21,7 +22,7 @@ class HistoryEntry:
     detail: str
     at: datetime
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "state": str(self.state), "at": self.at.isoformat()}
 
 
@@ -30,16 +31,17 @@ class AppendToHistory(Func):
 
     output_field = models.JSONField()
 
-    def __init__(self, *entries: HistoryEntry, column: str = "history"):
+    def __init__(self, *entries: HistoryEntry, column: str = "history") -> None:
         self.count = len(entries)
         super().__init__(F(column), Cast(Value(json.dumps([entry.to_json() for entry in entries])),
                                          output_field=models.JSONField()))
 
-    def as_sql(self, compiler, connection, **extra_context):
-        return super().as_sql(compiler, connection, template="(%(expressions)s)", arg_joiner=" || ",
-                              **extra_context)
+    def as_sql(self, compiler: Any, connection: Any, function: str | None = None, template: str | None = None,
+               arg_joiner: str | None = None, **extra_context: Any) -> Any:
+        return super().as_sql(compiler, connection, function=function, template=template or "(%(expressions)s)",
+                              arg_joiner=arg_joiner or " || ", **extra_context)
 
-    def as_sqlite(self, compiler, connection, **extra_context):
+    def as_sqlite(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
         column, entries = self.source_expressions
         column_sql, column_params = compiler.compile(column)
         entries_sql, entries_params = compiler.compile(entries)

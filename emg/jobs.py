@@ -23,6 +23,7 @@ The submission of one attempt:
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -47,17 +48,17 @@ class Claim:
     attempt: int
     at: datetime
     tag: str
-    spec: dict
+    spec: dict[str, Any]
     work_dir: str
 
 
-def _claimed_row(claim: Claim) -> QuerySet:
+def _claimed_row(claim: Claim) -> QuerySet[ClusterJob]:
     return ClusterJob.objects.filter(
         id=claim.job_id, state=ClusterJobState.DECLARED, attempts=claim.attempt, submission_started_at=claim.at
     )
 
 
-def _as_read(job: ClusterJob) -> QuerySet:
+def _as_read(job: ClusterJob) -> QuerySet[ClusterJob]:
     """The row, only if it is still in the state, attempt and claim it was read in."""
     claim = (Q(submission_started_at__isnull=True) if job.submission_started_at is None
              else Q(submission_started_at=job.submission_started_at))
@@ -65,8 +66,8 @@ def _as_read(job: ClusterJob) -> QuerySet:
                                      slurm_job_id=job.slurm_job_id)
 
 
-def _apply(rows: QuerySet, job_id: int, step: str, entries: HistoryEntry | list[HistoryEntry] | None,
-           **changes) -> bool:
+def _apply(rows: QuerySet[ClusterJob], job_id: int, step: str, entries: HistoryEntry | list[HistoryEntry] | None,
+           **changes: Any) -> bool:
     entries = [entries] if isinstance(entries, HistoryEntry) else entries or []
     if entries:
         changes["history"] = AppendToHistory(*entries)
@@ -150,7 +151,7 @@ def adopt(job: ClusterJob, status: JobStatus, log_path: str, now: datetime | Non
 
 # --- the cluster's answers ---------------------------------------------------------------------------
 
-def status_fields(status: JobStatus, now: datetime) -> dict:
+def status_fields(status: JobStatus, now: datetime) -> dict[str, Any]:
     """What a status read from the cluster sets on the job's row."""
     return {
         "state": status.state.value,

@@ -12,7 +12,8 @@ from emg.accessions import (
 from emg.pipeline_options import RESERVED_KEYS, validate_pipeline_options  # noqa: F401 (0001 names it here)
 from slurm_adapter import JobState
 
-ClusterJobState = models.TextChoices(
+# The functional form (the members come from JobState), which django-stubs does not describe.
+ClusterJobState = models.TextChoices(  # type: ignore[call-overload]
     "ClusterJobState",
     # Declared: known to us, not yet given to the cluster; then every state the adapter reports;
     # Rejected: sbatch refused the job for good (its message is the job's submit_error).
@@ -246,7 +247,7 @@ class ClusterJobQuerySet(models.QuerySet):
         """
         try:
             with transaction.atomic():
-                return self.create(
+                return self.create(  # type: ignore[return-value]
                     name=name, fingerprint=fingerprint, spec=spec, input_hashes=input_hashes, policy=policy,
                     output_dir=output_dir, outputs=list(outputs),
                 )

@@ -10,6 +10,7 @@ or `history` (tests/test_transition_owners.py checks).
 import logging
 import uuid
 from datetime import datetime
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
@@ -25,12 +26,13 @@ Status = AnalysisRequest.Status
 UNFINISHED = (Status.PENDING, Status.RUNNING, Status.WAITING)
 
 
-def _as_read(request: AnalysisRequest) -> QuerySet:
+def _as_read(request: AnalysisRequest) -> QuerySet[AnalysisRequest]:
     return AnalysisRequest.objects.filter(id=request.id, status=request.status, generation=request.generation,
                                           flow_reruns=request.flow_reruns)
 
 
-def _apply(rows: QuerySet, request_id: int, step: str, entry: HistoryEntry | None, **changes) -> bool:
+def _apply(rows: QuerySet[AnalysisRequest], request_id: int, step: str, entry: HistoryEntry | None,
+           **changes: Any) -> bool:
     if entry is not None:
         changes["history"] = AppendToHistory(entry)
     applied = rows.update(**changes, updated_at=timezone.now()) == 1

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import shlex
 from pathlib import Path
+from typing import Any
 
 from flows.django_setup import setup_django
 
@@ -146,6 +147,7 @@ def store_trace(job: ClusterJob, outdir: Path) -> None:
     trace_path = outdir / TRACE_FILE
     if not trace_path.exists():
         return
+    trace: dict[str, Any]
     try:
         tasks = parse_trace(trace_path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import cast
 
 from django.conf import settings
 from django.db import close_old_connections
@@ -114,7 +115,7 @@ def record_manifest(job: ClusterJob) -> dict[str, str]:
     # Compare-and-set: of two flows seeing the job end at once, one records and both read the same.
     jobs.record_manifest(job, manifest)
     job.refresh_from_db(fields=["output_manifest", "manifest_recorded_at"])
-    return job.output_manifest
+    return cast(dict[str, str], job.output_manifest)
 
 
 def manifest_problems(job: ClusterJob) -> list[str]:

@@ -58,9 +58,10 @@ def record_one(reconciler, job: ClusterJob, status: JobStatus, now, report) -> b
                        job.state)
         return False
     if status.state == JobState.LOST:
-        status = confirm_lost(reconciler, job, status, report)
-        if status is None:
+        confirmed = confirm_lost(reconciler, job, status, report)
+        if confirmed is None:
             return False
+        status = confirmed
     if status.state == job.state and status.raw_state == job.raw_state and not job.unreadable_state:
         return False
     report.changed[job.slurm_job_id] = status.state.value

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Any, TextIO
 
 from django.conf import settings
 from django.db import connections
@@ -37,8 +38,8 @@ class TickLock:
         self.alias = alias
         self.key = lock_key(namespace or settings.EMG_INSTANCE_NAMESPACE)
         self.vendor = connections[alias].vendor
-        self._connection = None
-        self._file = None
+        self._connection: Any = None  # a Django DatabaseWrapper of its own
+        self._file: TextIO | None = None
 
     def acquire(self, timeout: float = 0, interval: float = 0.2) -> bool:
         deadline = time.monotonic() + timeout
@@ -59,13 +60,13 @@ class TickLock:
                 return bool(cursor.fetchone()[0])
         path = Path(settings.VAR_DIR) / f"reconcile-{settings.EMG_INSTANCE_NAMESPACE}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a+")  # noqa: SIM115 (held open for the lock's whole life)
+        lock_file = open(path, "a+")  # noqa: SIM115 (held open for the lock's whole life)
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._file.close()
-            self._file = None
+            lock_file.close()
             return False
+        self._file = lock_file
         return True
 
     def still_held(self) -> bool:

@@ -73,7 +73,7 @@ def claim_is_stale(job: ClusterJob, now: datetime, lease: timedelta) -> bool:
     """Whether the claim's sbatch has certainly returned (or been killed) by now."""
     if job.next_submit_at is not None:
         return now >= job.next_submit_at
-    return now - job.submission_started_at >= lease
+    return job.submission_started_at is None or now - job.submission_started_at >= lease
 
 
 def submit_one(reconciler, job: ClusterJob, now: datetime, report) -> bool:

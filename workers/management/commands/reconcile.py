@@ -2,8 +2,8 @@
 
 from django.core.management import BaseCommand, CommandError
 
-from workers.reconciler import TickReport
 from workers.reconcile.ticks import run_tick
+from workers.reconciler import TickReport
 
 
 def describe(report: TickReport) -> list[str]:

@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test install services slurm-up slurm-down bench
+.PHONY: demo test install services slurm-up slurm-down bench model-check
 
 .venv/.installed: pyproject.toml scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -19,7 +19,12 @@ slurm-up: services
 slurm-down:
 	bash scripts/slurm-down.sh
 
-test: install slurm-up
+# spin checks the ClusterJob submission protocol's model (docs/protocol/README.md).
+model-check:
+	bash scripts/model-check.sh
+	bash scripts/model-check.sh --planted
+
+test: install slurm-up model-check
 	DJANGO_SETTINGS_MODULE=emg.settings DATABASE_URL=sqlite://:memory: $(PYTHON) manage.py makemigrations --check --dry-run
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 

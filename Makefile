@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install lock services slurm-up slurm-down bench
+.PHONY: demo test lint install lock services slurm-up slurm-down bench model-check
 
 .venv/.installed: pyproject.toml requirements.lock scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -35,6 +35,12 @@ slurm-up: services
 
 slurm-down:
 	bash scripts/slurm-down.sh
+
+# spin checks the ClusterJob submission protocol's model (docs/protocol/README.md); the test suite
+# runs the same checks (tests/test_submission_model.py), so `make test` needs no separate step.
+model-check:
+	bash scripts/model-check.sh
+	bash scripts/model-check.sh --planted
 
 test: install slurm-up
 	DJANGO_SETTINGS_MODULE=emg.settings DATABASE_URL=sqlite://:memory: $(PYTHON) manage.py makemigrations --check --dry-run

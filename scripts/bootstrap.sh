@@ -12,6 +12,9 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 # Headless Chromium and its driver take the operator-surface screenshots in the e2e tests.
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+# spin model-checks the submission protocol (make model-check); its verifiers are compiled with gcc.
+command -v spin >/dev/null || missing+=(spin)
+command -v gcc >/dev/null || missing+=(gcc)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "bootstrap: installing ${missing[*]} from Debian's packages"
     apt-get update -q

@@ -187,9 +187,9 @@ def assert_ticks_never_overlapped(since: datetime) -> None:
 
 
 def test_a_submission_answered_after_three_lock_lifetimes_is_one_slurm_job(make_stack):
-    """The first sbatch creates its job at once but answers 30 s later, while beat sends a tick every second:
-    the late answer and the ticks meanwhile end up with one Slurm job per attempt, and nothing
-    runs that a row's history does not record."""
+    """The first sbatch creates its job at once but answers 30 s later, while beat sends a tick
+    every second: the late answer and the ticks meanwhile end up with one Slurm job per attempt,
+    nothing runs that a row's history does not record, and no two ticks run at once."""
     own = make_stack("sbatch-answers-late")
     # The first submission only: one late answer is the fault; more would only make the test longer.
     own.faults.stall("sbatch", FAULT_SECONDS, when="after", times=1, match=ASSEMBLY)
@@ -205,7 +205,8 @@ def test_a_worker_frozen_in_the_middle_of_a_submission_leaves_one_slurm_job_per_
     """The Celery worker running the tick is SIGSTOPped (its main process and the pool process in
     the tick) while that tick's sbatch is out, and continued 30 s later, while a second worker takes
     the beat's ticks. 30 s rather than minutes: it is 3 lock lifetimes, so any lock the frozen tick
-    took has long expired, and a frozen process holds whatever it held for as long as it is frozen."""
+    took has long expired, and a frozen process holds whatever it held for as long as it is frozen.
+    Afterwards: one Slurm job per attempt, and no two ticks ran at once."""
     own = make_stack("worker-frozen")
     second = own.stack.start_another_worker()
     # The job is created at once and its id told 5 s later: the freeze lands while sbatch is out.
@@ -227,9 +228,10 @@ def test_a_worker_frozen_in_the_middle_of_a_submission_leaves_one_slurm_job_per_
 
 
 def test_redis_restarted_empty_while_a_tick_submits_leaves_one_slurm_job_per_attempt(make_stack):
-    """The first sbatch hangs 30 s before it reaches the controller; meanwhile Redis (broker, beat
-    schedule, and today the tick's lock) is killed and started again empty. The hung submission and
-    everything the stack does after the restart end up with one Slurm job per attempt."""
+    """The first sbatch hangs 30 s before it reaches the controller; meanwhile Redis (the broker,
+    the beat schedule, whatever else is kept there) is killed and started again empty. The hung
+    submission and everything the stack does after the restart end up with one Slurm job per
+    attempt, and no two ticks run at once."""
     own = make_stack("redis-restarted")
     own.faults.stall("sbatch", FAULT_SECONDS, when="before", times=1, match=ASSEMBLY)
 

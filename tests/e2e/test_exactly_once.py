@@ -212,9 +212,10 @@ def test_a_worker_frozen_in_the_middle_of_a_submission_leaves_one_slurm_job_per_
     # The job is created at once and its id told 5 s later: the freeze lands while sbatch is out.
     own.faults.stall("sbatch", 5, when="after", match=ASSEMBLY)
 
-    # A worker that loses its broker connection while frozen may exit: a supervisor starts it again.
+    requests = backlog_declared(own, BACKLOG)
+    # A worker that loses its broker connection while frozen may exit: a supervisor starts it
+    # again. (Only now: it would start the beat too, before the backlog is declared.)
     with own.stack.supervised() as revived:
-        requests = backlog_declared(own, BACKLOG)
         [call, *_] = wait_until(lambda: own.faults.calls("sbatch"), timeout=60, interval=0.1,
                                 message="a tick ran sbatch")
         pool = call["ppid"]  # the shim's parent: the pool process running the tick
@@ -235,8 +236,9 @@ def test_redis_restarted_empty_while_a_tick_submits_leaves_one_slurm_job_per_att
     own = make_stack("redis-restarted")
     own.faults.stall("sbatch", FAULT_SECONDS, when="before", times=1, match=ASSEMBLY)
 
+    requests = backlog_declared(own, BACKLOG)
+    # A worker may not survive its Redis restarting: a supervisor starts it again, as in production.
     with own.stack.supervised() as revived:
-        requests = backlog_declared(own, BACKLOG)
         wait_until(lambda: own.faults.calls("sbatch"), timeout=60, interval=0.1, message="a tick ran sbatch")
         own.restart_redis()
         [first, *_] = own.faults.calls("sbatch")

@@ -23,11 +23,18 @@ def django_process_env(**overrides: str) -> dict[str, str]:
 
 
 @contextmanager
-def broker_unreachable():
-    """Publishing fails as if Redis were down, for the test process only: events stay in the outbox."""
-    with override_settings(CELERY_BROKER_URL=f"redis://127.0.0.1:{free_port()}/0"):
+def broker_at(url: str, **also: str):
+    """The test process publishes its events (emg.outbox) to `url`, through a producer made for it."""
+    with override_settings(CELERY_BROKER_URL=url, **also):
         _producer.cache_clear()
         try:
             yield
         finally:
             _producer.cache_clear()
+
+
+@contextmanager
+def broker_unreachable():
+    """Publishing fails as if Redis were down, for the test process only: events stay in the outbox."""
+    with broker_at(f"redis://127.0.0.1:{free_port()}/0"):
+        yield

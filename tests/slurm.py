@@ -10,12 +10,13 @@ from slurm_adapter.cluster import job_comment
 ACTIVE_SQUEUE_STATES = "PENDING,RUNNING"
 
 
-def slurm_jobs_tagged(tag: str, *, including: Iterable[str] = ()) -> list[str]:
-    """Job ids Slurm's accounting holds for this tag, oldest first (ids grow with submission).
+def accounted_comments(*, including: Iterable[str] = (), timeout: float = 30) -> dict[str, str]:
+    """Job id -> comment of every job Slurm's accounting holds from the last day.
 
     Accounting's time-window listing trails a job's end by a second or two: pass the ids we know
     of as `including` to wait until it shows them, so that any twin is listed as well.
     """
+    including = set(including)
 
     def listed() -> dict[str, str]:
         output = subprocess.run(
@@ -23,10 +24,30 @@ def slurm_jobs_tagged(tag: str, *, including: Iterable[str] = ()) -> list[str]:
             capture_output=True, text=True, check=True, timeout=30,
         ).stdout
         comments = dict(line.split("|", 1) for line in output.splitlines() if "|" in line)
-        return comments if set(including) <= comments.keys() else {}
+        return comments if including <= comments.keys() else {}
 
-    comments = wait_until(listed, timeout=30, interval=0.5, message=f"Slurm accounting lists jobs {list(including)}")
+    return wait_until(listed, timeout=timeout, interval=0.5, message=f"Slurm accounting lists jobs {sorted(including)}")
+
+
+def slurm_jobs_tagged(tag: str, *, including: Iterable[str] = ()) -> list[str]:
+    """Job ids Slurm's accounting holds for this tag, oldest first (ids grow with submission)."""
+    comments = accounted_comments(including=including)
     return sorted((job_id for job_id, comment in comments.items() if comment == job_comment(tag)), key=int)
+
+
+def cancel_jobs_under(work_dir: str) -> list[str]:
+    """scancel every job of ours still queued or running whose working directory is under `work_dir`
+    (what a test submitted through a stack of its own), so a failed test leaves nothing behind."""
+    output = subprocess.run(
+        ["squeue", "--noheader", "--all", "--me", "-t", ACTIVE_SQUEUE_STATES, "-o", "%A|%Z"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout
+    prefix = work_dir.rstrip("/") + "/"
+    ids = [job_id for job_id, _, directory in (line.partition("|") for line in output.splitlines())
+           if (directory.rstrip("/") + "/").startswith(prefix)]
+    if ids:
+        subprocess.run(["scancel", *ids], check=False, timeout=30)
+    return ids
 
 
 def active_jobs_of(fingerprints: set[str]) -> list[str]:

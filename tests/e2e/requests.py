@@ -1,10 +1,15 @@
 """Creating requests against the live stack and watching them: shared by the e2e tests."""
 
+import re
+from collections import Counter
+from collections.abc import Iterable
+
 from prefect.client.orchestration import get_client
 
 from emg.models import AnalysisRequest, ClusterJob, JobWait, Study
 from emg.processes import wait_until
-from tests.slurm import slurm_jobs_tagged, squeue_state
+from slurm_adapter.cluster import job_comment
+from tests.slurm import accounted_comments, slurm_jobs_tagged, squeue_state
 
 
 def state_names(flow_run_id) -> list[str]:
@@ -32,6 +37,36 @@ def jobs_of(request: AnalysisRequest) -> dict[str, ClusterJob]:
 def assert_each_job_ran_once_in_slurm(jobs) -> None:
     for job in jobs:
         assert slurm_jobs_tagged(job.tag, including=[job.slurm_job_id]) == [job.slurm_job_id], job
+
+
+def assert_exactly_once_in_slurm(jobs: Iterable[ClusterJob]) -> None:
+    """What Slurm's accounting holds against these rows (read from any database): no tag was
+    submitted twice, every Slurm job of a row, whatever its attempt, is one the row's history names
+    (nothing ran that the database does not know of), no attempt beyond the row's last, and the
+    row's job is the one its current attempt's tag names."""
+    jobs = list(jobs)
+    comments = accounted_comments(including=[job.slurm_job_id for job in jobs if job.slurm_job_id], timeout=60)
+    per_tag = Counter(comments.values())
+    problems = []
+    for job in jobs:
+        # A tag is "<fingerprint16>-<row>-<attempt>": the row's jobs, any attempt, share the rest.
+        prefix = job_comment(job.tag.rsplit("-", 1)[0] + "-")
+        of_row = {job_id: comment for job_id, comment in comments.items() if comment.startswith(prefix)}
+        recorded = " ".join(str(entry.get("detail", "")) for entry in job.history)
+        for comment, count in per_tag.items():
+            if comment.startswith(prefix) and count > 1:
+                problems.append(f"{comment} submitted {count} times: "
+                                f"{sorted(i for i, c in of_row.items() if c == comment)}")
+        for job_id, comment in of_row.items():
+            if not re.search(rf"\b{job_id}\b", recorded):
+                problems.append(f"Slurm job {job_id} ({comment}) is not in the history of row #{job.id}")
+            if int(comment.rsplit("-", 1)[1]) > job.attempts:
+                problems.append(f"Slurm job {job_id} ({comment}) is beyond row #{job.id}'s {job.attempts} attempts")
+        if job.slurm_job_id and of_row.get(job.slurm_job_id) != job_comment(job.tag):
+            problems.append(f"row #{job.id} names Slurm job {job.slurm_job_id}, which Slurm lists as "
+                            f"{of_row.get(job.slurm_job_id)!r}, not {job_comment(job.tag)!r}")
+    assert not problems, "\n".join(problems + [f"row #{job.id} {job.name} attempts={job.attempts} "
+                                                f"slurm={job.slurm_job_id} history={job.history}" for job in jobs])
 
 
 def new_request(accession: str, **fields) -> AnalysisRequest:

@@ -15,7 +15,6 @@ The seed is printed; EMG_CHAOS_SEED=<seed> replays the same kills in the same or
 import os
 import random
 import signal
-import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from tests.e2e.chaos import (
 )
 from tests.e2e.requests import final_request, new_request
 from tests.ports import free_port
+from tests.slurm import accounted_comments
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.slurm, pytest.mark.slow,
               pytest.mark.django_db(transaction=True)]
@@ -187,14 +187,6 @@ KILLS = [kill_worker, kill_beat, kill_runner, kill_prefect_server, kill_redis, k
 
 # --- what Slurm and Prefect hold, not our database ----------------------------------------------
 
-def sacct_comments() -> dict[str, str]:
-    output = subprocess.run(
-        ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobIDRaw,Comment", "-S", "now-1days", "-E", "now"],
-        capture_output=True, text=True, check=True, timeout=60,
-    ).stdout
-    return dict(line.split("|", 1) for line in output.splitlines() if "|" in line)
-
-
 def flow_runs_of(request: AnalysisRequest) -> list:
     with get_client(sync_client=True) as client:
         return client.read_flow_runs(
@@ -255,13 +247,7 @@ def test_requests_survive_every_service_killed_once_at_random_and_nothing_runs_t
     assert all(run.name == f"{r.study.accession}-request-{r.id}-gen-1" for r in finished for run in runs[r.id])
     # One Slurm job per fingerprint and attempt, as sacct counts them.
     jobs = list(ClusterJob.objects.all())
-    own_ids = {job.slurm_job_id for job in jobs if job.slurm_job_id}
-
-    def accounted() -> dict[str, str]:
-        listed = sacct_comments()
-        return listed if own_ids <= listed.keys() else {}
-
-    comments = wait_until(accounted, timeout=60, interval=1, message="Slurm accounting lists every job of ours")
+    comments = accounted_comments(including=[job.slurm_job_id for job in jobs if job.slurm_job_id], timeout=60)
     per_tag = Counter(comments.values())
     for job in jobs:
         prefix = job.tag.rsplit("-", 1)[0]

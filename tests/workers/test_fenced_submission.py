@@ -19,6 +19,7 @@ from flows.cluster_jobs import declare_job
 from slurm_adapter import ClusterError, JobSpec, SlurmCluster
 from tests.slurm import slurm_jobs_tagged
 from tests.workers.conftest import DEFAULT_LIMITS
+from tests.workers.flow_runs import await_job, request_with_flow_run
 from tests.workers.ticking import job_ended, shell_job, tick_until
 from workers.reconcile import orphans, submissions
 from workers.reconciler import Reconciler, TickReport
@@ -256,3 +257,23 @@ def test_a_live_slurm_job_of_a_superseded_attempt_is_cancelled_and_the_current_o
 ])
 def test_which_jobs_are_orphans(row, job_id, attempt, orphan):
     assert orphans.is_orphan(ClusterJob(**row), job_id, attempt) is orphan
+
+
+def test_cancelling_a_request_finds_the_job_its_lost_sbatch_answer_queued_and_cancels_it(
+    make_reconciler, prefect, cluster, work_dir
+):
+    request = request_with_flow_run(prefect, "PRJEB55601")
+    job = declare_job(shell_job("cancel-while-claimed", "sleep 120", work_dir))
+    await_job(request.flow_run_id, job, request)
+    # Claimed and queued, but the submitting tick died before it recorded the answer.
+    claim = submissions.jobs.claim(job)
+    queued = cluster.submit(JobSpec.from_dict(claim.spec), tag=claim.tag)
+    assert request.request_cancel()
+
+    report = make_reconciler().tick()
+
+    assert report.adopted == [queued.job_id] and report.cancelled == [request.id]
+    wait_until(lambda: slurm_state(queued.job_id).startswith("CANCELLED"), timeout=60, message="the job is cancelled")
+    request.refresh_from_db()
+    assert request.status == "CANCELLED"
+    assert [entry["state"] for entry in request.history][-1] == "CANCELLED"

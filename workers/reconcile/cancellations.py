@@ -14,9 +14,7 @@ from prefect.states import Cancelled
 
 from emg import jobs, requests, waits
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait
-from slurm_adapter import ClusterError
-from slurm_adapter.files import log_path
-from workers.reconcile.submissions import claim_is_stale
+from workers.reconcile.submissions import LookupFailed, adopt_by_tag, claim_is_stale
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +61,11 @@ def cancel_job(reconciler, job: ClusterJob, report) -> bool:
         return True
     # Claimed: sbatch may have queued it although no answer was recorded. Adopt it, then cancel it.
     try:
-        found = reconciler.cluster.find_by_tag(job.tag, spec_name=job.spec["name"], since=job.submission_started_at)
-    except (ClusterError, ValueError) as error:
-        report.errors.append(f"job #{job.id}: cannot look its tag up to cancel it: {error}")
+        adopted = adopt_by_tag(reconciler, job, report)
+    except LookupFailed:
         return False
-    if found:
-        status = found[0]
-        if jobs.adopt(job, status, log_path(job.spec["work_dir"], job.tag, status.job_id)):
-            report.adopted.append(status.job_id)
-        reconciler.cluster.cancel(status.job_id)
+    if adopted is not None:
+        reconciler.cluster.cancel(adopted.job_id)
         return True
     if not claim_is_stale(job, timezone.now(), reconciler.claim_lease):
         return False

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from emg import jobs
 from emg.models import AnalysisRequest, ClusterJob, JobWait
-from slurm_adapter import ClusterError, JobSpec, SubmissionRejected
+from slurm_adapter import ClusterError, JobSpec, JobStatus, SubmissionRejected
 from slurm_adapter.files import log_path
 
 logger = logging.getLogger(__name__)
@@ -94,19 +94,34 @@ def submit_one(reconciler, job: ClusterJob, now: datetime, report) -> bool:
     return True
 
 
-def adopt_or_reclaim(reconciler, job: ClusterJob, report) -> jobs.Claim | None:
-    """A stale claim: its tag found in Slurm means the job was queued (adopt it); not found, the
-    next attempt is claimed. A look-up that fails decides nothing."""
+class LookupFailed(Exception):
+    """Slurm could not be asked for a claimed attempt's tag: nothing may be decided about it this tick."""
+
+
+def adopt_by_tag(reconciler, job: ClusterJob, report) -> JobStatus | None:
+    """Look a claimed attempt's tag up in Slurm; the job found, adopted for the row, or None if Slurm
+    has none. Raises LookupFailed (reported) when the look-up itself failed."""
     try:
         found = reconciler.cluster.find_by_tag(job.tag, spec_name=job.spec["name"], since=job.submission_started_at)
     except (ClusterError, ValueError) as error:
         report.errors.append(f"job #{job.id}: its claimed attempt could not be looked up by tag: {error}")
+        raise LookupFailed(str(error)) from error
+    if not found:
         return None
-    if found:
-        status = found[0]
-        if jobs.adopt(job, status, log_path(job.spec["work_dir"], job.tag, status.job_id)):
-            report.adopted.append(status.job_id)
-            logger.warning("adopted Slurm job %s for %s: an earlier sbatch had queued it", status.job_id, job.name)
+    status = found[0]
+    if jobs.adopt(job, status, log_path(job.spec["work_dir"], job.tag, status.job_id)):
+        report.adopted.append(status.job_id)
+        logger.warning("adopted Slurm job %s for %s: an earlier sbatch had queued it", status.job_id, job.name)
+    return status
+
+
+def adopt_or_reclaim(reconciler, job: ClusterJob, report) -> jobs.Claim | None:
+    """A stale claim: its tag found in Slurm means the job was queued (adopt it); not found, the
+    next attempt is claimed. A look-up that fails decides nothing."""
+    try:
+        if adopt_by_tag(reconciler, job, report) is not None:
+            return None
+    except LookupFailed:
         return None
     why = job.submit_error or "the claiming tick never recorded an answer"
     claim = jobs.reclaim(job, f"attempt {job.attempts} is unknown to Slurm: {why}"[:500])

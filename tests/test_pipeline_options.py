@@ -134,8 +134,8 @@ def test_the_database_refuses_a_reserved_name_or_a_non_object_however_the_row_is
 
         cursor.execute(
             "INSERT INTO emg_analysisrequest (study_id, pipeline_options, status, status_reason, current_step,"
-            " generation, created_at, updated_at, flow_reruns, ena_runs) VALUES (%s, %s::jsonb, 'PENDING', '', '',"
-            " 1, now(), now(), 0, '[]')", [study().id, json.dumps(options)],
+            " generation, created_at, updated_at, flow_reruns, ena_runs, history) VALUES (%s, %s::jsonb, 'PENDING',"
+            " '', '', 1, now(), now(), 0, '[]', '[]')", [study().id, json.dumps(options)],
         )
     assert AnalysisRequest.objects.count() == 0
 

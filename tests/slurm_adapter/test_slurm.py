@@ -34,13 +34,14 @@ def test_suspend_and_resume(slurm_cluster, slurm_cmd, spec, tag, wait_for_state)
     slurm_cluster.cancel(job.job_id)
 
 
-def test_requeued_job_is_pending(slurm_cluster, slurm_cmd, spec, tag, wait_for_state) -> None:
+def test_slurm_refuses_to_requeue_our_jobs_so_it_never_runs_one_twice(slurm_cluster, slurm_cmd, spec, tag,
+                                                                      wait_for_state) -> None:
+    """Submitted with --no-requeue: the reconciler owns retries, and even an admin's requeue is refused."""
     job = slurm_cluster.submit(spec("sleep", "300"), tag)
     wait_for_state(slurm_cluster, job, {JobState.RUNNING})
-    slurm_cmd("scontrol", "requeue", job.job_id)
-    # Slurm holds a requeued job back for a while (Reason=BeginTime) before it runs again.
-    requeued = wait_for_state(slurm_cluster, job, {JobState.PENDING})
-    assert requeued.raw_state in ("REQUEUED", "PENDING")
+    refused = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True, timeout=30)
+    assert refused.returncode != 0 and "disabled" in (refused.stdout + refused.stderr)
+    assert wait_for_state(slurm_cluster, job, {JobState.RUNNING}).state is JobState.RUNNING
     slurm_cluster.cancel(job.job_id)
 
 

@@ -5,13 +5,15 @@ race: the entry lands only if, and in the same statement as, the guarded change 
 """
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 from django.db import models
-from django.db.models import F, Func, Value
+from django.db.models import F, Func, QuerySet, Value
 from django.db.models.functions import Cast
+from django.utils import timezone
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,16 @@ class AppendToHistory(Func):
         # json(...) is '[{...}, ...]'; its '$[i]' is the i-th entry itself.
         pairs = ", ".join(f"'$[#]', json({entries_sql}) -> '$[{i}]'" for i in range(self.count))
         return f"json_insert({column_sql}, {pairs})", (*column_params, *(entries_params * self.count))
+
+
+def apply_transition(rows: QuerySet[Any], what: str, step: str, entries: HistoryEntry | list[HistoryEntry] | None,
+                     logger: logging.Logger, **changes: Any) -> bool:
+    """One guarded UPDATE of one row (`rows` holds the guard) with its history entries; whether it
+    applied. A change that no longer applies is logged and skipped, never forced."""
+    entries = [entries] if isinstance(entries, HistoryEntry) else entries or []
+    if entries:
+        changes["history"] = AppendToHistory(*entries)
+    applied: bool = rows.update(**changes, updated_at=timezone.now()) == 1
+    if not applied:
+        logger.info("%s: %s skipped, the row has moved on since it was read", what, step)
+    return applied

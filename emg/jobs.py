@@ -28,7 +28,7 @@ from typing import Any
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from emg.history import AppendToHistory, HistoryEntry
+from emg.history import HistoryEntry, apply_transition
 from emg.models import ClusterJob, ClusterJobState, job_tag
 from slurm_adapter import JobSpec, JobStatus, SubmittedJob
 
@@ -49,7 +49,6 @@ class Claim:
     at: datetime
     tag: str
     spec: dict[str, Any]
-    work_dir: str
 
 
 def _claimed_row(claim: Claim) -> QuerySet[ClusterJob]:
@@ -68,18 +67,12 @@ def _as_read(job: ClusterJob) -> QuerySet[ClusterJob]:
 
 def _apply(rows: QuerySet[ClusterJob], job_id: int, step: str, entries: HistoryEntry | list[HistoryEntry] | None,
            **changes: Any) -> bool:
-    entries = [entries] if isinstance(entries, HistoryEntry) else entries or []
-    if entries:
-        changes["history"] = AppendToHistory(*entries)
-    applied = rows.update(**changes, updated_at=timezone.now()) == 1
-    if not applied:
-        logger.info("cluster job #%s: %s skipped, the row has moved on since it was read", job_id, step)
-    return applied
+    return apply_transition(rows, f"cluster job #{job_id}", step, entries, logger, **changes)
 
 
 def _claim_from(job: ClusterJob, attempt: int, at: datetime) -> Claim:
     return Claim(job_id=job.id, attempt=attempt, at=at, tag=job_tag(job.fingerprint, job.id, attempt),
-                 spec=job.spec, work_dir=job.spec["work_dir"])
+                 spec=job.spec)
 
 
 # --- submission ----------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from emg.history import AppendToHistory, HistoryEntry
+from emg.history import HistoryEntry, apply_transition
 from emg.models import AnalysisRequest
 
 logger = logging.getLogger(__name__)
@@ -33,12 +33,7 @@ def _as_read(request: AnalysisRequest) -> QuerySet[AnalysisRequest]:
 
 def _apply(rows: QuerySet[AnalysisRequest], request_id: int, step: str, entry: HistoryEntry | None,
            **changes: Any) -> bool:
-    if entry is not None:
-        changes["history"] = AppendToHistory(entry)
-    applied = rows.update(**changes, updated_at=timezone.now()) == 1
-    if not applied:
-        logger.info("request #%s: %s skipped, the row has moved on since it was read", request_id, step)
-    return applied
+    return apply_transition(rows, f"request #{request_id}", step, entry, logger, **changes)
 
 
 def _entry(status: str, detail: str, now: datetime) -> HistoryEntry:

@@ -94,7 +94,7 @@ class Run(models.Model):
 # Columns only the transition modules (emg.requests, emg.jobs) write: a save() never rewrites them.
 TRANSITION_OWNED_REQUEST_FIELDS = frozenset({
     "status", "status_reason", "current_step", "generation", "flow_run_id", "finished_at", "cancel_requested_at",
-    "flow_reruns", "history", "ena_fetched_generation", "ena_fetched_at", "ena_runs",
+    "flow_reruns", "history", "ena_fetched_generation", "ena_fetched_at", "ena_runs", "deferred_until", "deferrals",
 })
 TRANSITION_OWNED_JOB_FIELDS = frozenset({
     "state", "raw_state", "attempts", "retries", "submission_started_at", "slurm_job_id", "submit_time", "log_path",
@@ -145,6 +145,10 @@ class AnalysisRequest(models.Model):
     ena_fetched_generation = models.PositiveIntegerField(null=True, blank=True)
     ena_fetched_at = models.DateTimeField(null=True, blank=True)
     ena_runs = models.JSONField(default=list, blank=True, help_text="Run accessions ENA listed for this generation.")
+    # The flow asked to be run again later (ENA unavailable for its first fetch): the reconciler
+    # schedules its run for then, and counts it here, not against the re-run budget.
+    deferred_until = models.DateTimeField(null=True, blank=True)
+    deferrals = models.PositiveIntegerField(default=0)
 
     objects = AnalysisRequestQuerySet.as_manager()
 

@@ -55,6 +55,7 @@ class TickReport:
     orphans_cancelled: list[str] = field(default_factory=list)
     resumed: list[UUID] = field(default_factory=list)
     rerun: list[UUID] = field(default_factory=list)
+    deferred: list[UUID] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
     released: int = 0
     errors: list[str] = field(default_factory=list)

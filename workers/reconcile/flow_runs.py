@@ -5,7 +5,8 @@ per 200 runs. Resumes at most `resumes_per_tick` suspended runs whose awaited jo
 ended, oldest wait first (the rest go to later ticks): Prefect accepts the resume of a paused run
 once, so that transition is Prefect's own compare-and-set, and the waits are released after it.
 Re-runs in place any run that crashed, failed, went silent while Running or stayed Pending, at
-most `max_flow_reruns` times per request generation: only the tick whose re-run count update
+most `max_flow_reruns` times per request generation (a run that deferred its request is scheduled
+for the time it asked instead, and costs no re-run): only the tick whose re-run count update
 (emg.requests.count_rerun) applied sets the run Scheduled.
 """
 
@@ -82,7 +83,9 @@ def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], run
         if run is None or request.cancel_requested_at is not None:
             continue
         try:
-            if run.state.type in RECOVERABLE_STATE_TYPES:
+            if run.state.type in RECOVERABLE_STATE_TYPES and request.deferred_until is not None:
+                schedule_deferred(reconciler, request, report)
+            elif run.state.type in RECOVERABLE_STATE_TYPES:
                 rerun(reconciler, request, run.state, f"flow run {run.state.name.lower()}", report)
             elif run.state.type == StateType.CANCELLED:
                 requests.cancel(request, "flow run cancelled in Prefect")
@@ -113,6 +116,21 @@ def rerun(reconciler, request: AnalysisRequest, state: State, why: str, report) 
                                           force=True)
     logger.warning("re-running flow run %s of request #%s: %s", request.flow_run_id, request.id, why)
     report.rerun.append(request.flow_run_id)
+
+
+def schedule_deferred(reconciler, request: AnalysisRequest, report) -> None:
+    """A run that ended after deferring its request (emg.requests.defer) runs again when it asked to,
+    taken from the deferral and not from the request's re-run budget."""
+    if not requests.take_deferral(request):
+        return
+    reconciler.prefect.set_flow_run_state(
+        request.flow_run_id,
+        Scheduled(scheduled_time=request.deferred_until, message=f"deferred by the flow: {request.status_reason}"),
+        force=True,
+    )
+    logger.info("flow run %s of request #%s deferred until %s", request.flow_run_id, request.id,
+                request.deferred_until)
+    report.deferred.append(request.flow_run_id)
 
 
 def read_flow_runs(prefect, flow_run_ids: list[UUID]) -> dict:

@@ -86,6 +86,17 @@ def attach_flow_run(request_id: int, generation: int, flow_run_id: uuid.UUID) ->
                   request_id, "attach_flow_run", None, flow_run_id=flow_run_id)
 
 
+def replace_flow_run(request_id: int, generation: int, old: uuid.UUID, new: uuid.UUID, why: str) -> bool:
+    """The generation's flow run is gone (deleted from Prefect): record its replacement, once."""
+    rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, flow_run_id=old,
+                                          status__in=UNFINISHED)
+    current = rows.values_list("status", flat=True).first()
+    if current is None:
+        return False
+    entry = _entry(current, f"flow run {old} replaced by {new}: {why}", timezone.now())
+    return _apply(rows, request_id, "replace_flow_run", entry, flow_run_id=new)
+
+
 def record_ena_fetch(request_id: int, generation: int, run_accessions: list[str]) -> bool:
     """What this generation fetched from ENA is stored: its resumes read it instead of asking again."""
     return _apply(AnalysisRequest.objects.filter(id=request_id, generation=generation), request_id,

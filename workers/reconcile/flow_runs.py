@@ -19,10 +19,11 @@ import httpx
 from django.utils import timezone
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State, StateType
-from prefect.states import Scheduled
+from prefect.states import Cancelled, Scheduled
 
 from emg import requests, waits
 from emg.models import AnalysisRequest, JobWait
+from workers import dispatch
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +81,31 @@ def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], run
     suspects = {}
     for flow_run_id, request in requests_by_run.items():
         run = runs.get(flow_run_id)
-        if run is None or request.cancel_requested_at is not None:
-            continue
+        if request.cancel_requested_at is not None:
+            continue  # workers.reconcile.cancellations has it
         try:
-            if run.state.type in RECOVERABLE_STATE_TYPES and request.deferred_until is not None:
+            if run is None:
+                replace_deleted(reconciler, request, report)
+            elif run.state.type == StateType.COMPLETED:
+                # Marked Completed by hand, or a flow that returned without ending its request: it
+                # has no outcome, so it runs again (and finds its jobs again).
+                rerun(reconciler, request, run.state, f"flow run completed while the request is {request.status}",
+                      report)
+            elif run.state.type == StateType.CANCELLING:
+                # Cancelled in Prefect's UI (the runner stops the process and sets Cancelled); a run with
+                # no process (suspended) would stay Cancelling for good: it is Cancelled by force.
+                if requests.cancel(request, "flow run cancelled in Prefect"):
+                    report.cancelled.append(request.id)
+                if now - run.state.timestamp > reconciler.zombie_after:
+                    reconciler.prefect.set_flow_run_state(flow_run_id, Cancelled(message="cancelled in Prefect"),
+                                                          force=True)
+            elif run.state.type in RECOVERABLE_STATE_TYPES and request.deferred_until is not None:
                 schedule_deferred(reconciler, request, report)
             elif run.state.type in RECOVERABLE_STATE_TYPES:
                 rerun(reconciler, request, run.state, f"flow run {run.state.name.lower()}", report)
             elif run.state.type == StateType.CANCELLED:
-                requests.cancel(request, "flow run cancelled in Prefect")
+                if requests.cancel(request, "flow run cancelled in Prefect"):
+                    report.cancelled.append(request.id)
             elif run.state.type == StateType.RUNNING and now - run.state.timestamp > reconciler.zombie_after:
                 suspects[flow_run_id] = (request, run.state)
             elif run.state.type == StateType.PENDING and now - run.state.timestamp > reconciler.zombie_after:
@@ -116,6 +133,27 @@ def rerun(reconciler, request: AnalysisRequest, state: State, why: str, report) 
                                           force=True)
     logger.warning("re-running flow run %s of request #%s: %s", request.flow_run_id, request.id, why)
     report.rerun.append(request.flow_run_id)
+
+
+def replace_deleted(reconciler, request: AnalysisRequest, report) -> None:
+    """The request's flow run was deleted from Prefect (or Prefect lost its database): a fresh run,
+    with a key of its own, taken from the re-run budget. A replacement that an earlier tick made
+    but died before recording is found by its key, not made twice."""
+    why = f"its flow run {request.flow_run_id} no longer exists in Prefect"
+    new_id = dispatch.flow_run_id_by_key(dispatch.replacement_key(request)) if request.flow_reruns else None
+    if new_id == request.flow_run_id:
+        new_id = None
+    if new_id is None:
+        if request.flow_reruns >= reconciler.max_flow_reruns:
+            requests.fail(request, f"{why}, and the request was re-run {request.flow_reruns} times already")
+            return
+        if not requests.count_rerun(request, why):
+            return
+        request.flow_reruns += 1
+        new_id = dispatch.create_flow_run(request, request.generation, dispatch.replacement_key(request)).id
+    if requests.replace_flow_run(request.id, request.generation, request.flow_run_id, new_id, why):
+        logger.warning("request #%s: %s; replaced by flow run %s", request.id, why, new_id)
+        report.flow_runs_replaced.append(new_id)
 
 
 def schedule_deferred(reconciler, request: AnalysisRequest, report) -> None:

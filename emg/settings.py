@@ -95,6 +95,11 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 # An event not dispatched within this many seconds is published again by the sweep.
 EMG_OUTBOX_GRACE_SECONDS = _env_float("EMG_OUTBOX_GRACE_SECONDS", 30)
 EMG_OUTBOX_SWEEP_SECONDS = _env_float("EMG_OUTBOX_SWEEP_SECONDS", 15)
+# A dispatch task retries this many times (backoff 2 s doubling to 60 s), then gives the event
+# back to the sweep, which publishes it again only when no task of it is in flight.
+EMG_DISPATCH_MAX_RETRIES = _env_int("EMG_DISPATCH_MAX_RETRIES", 6)
+# A task recorded in flight for longer than this is taken for lost, and its event published again.
+EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS = _env_float("EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS", 3600)
 # Prefect idempotency keys must be unique across every database that talks to the
 # same Prefect server, or a key from another database returns that database's run.
 # They also name cache files, so only letters, digits and dashes.

@@ -104,13 +104,13 @@ class OwnRedisStack:
     def stop_redis(self) -> None:
         self.redis.stop()
 
-    def start_worker(self) -> ManagedProcess:
+    def start_worker(self, **env: str) -> ManagedProcess:
         name = f"own-{os.getpid()}-{len(self.workers)}"
         worker = ManagedProcess(
             f"celery-worker-{name}",
             [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2",
              "--without-gossip", "--without-mingle", "-n", f"{name}@%h"],
-            env=self.env, log_dir=self.log_dir,
+            env={**self.env, **env}, log_dir=self.log_dir,
         ).start()
         self.workers.append(worker)
         wait_until(lambda: any(name in reply for answer in self.control.control.ping(timeout=1) for reply in answer),

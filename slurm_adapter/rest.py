@@ -351,6 +351,13 @@ class RestCluster:
     def tail_log(self, path: str, lines: int = 50) -> str:
         return logs.tail_log(path, lines)
 
+    def ping(self) -> None:
+        """One GET of /ping: slurmrestd, our token and slurmctld behind it all answer, or ClusterError."""
+        body = self._request("GET", f"/slurm/{self.version}/ping")
+        pings = body.get("pings")
+        if not isinstance(pings, list) or not pings:
+            raise ClusterError("slurmrestd's ping names no slurmctld")
+
     # --- reading ----------------------------------------------------------------------------------
     def _accounting(self, params: Mapping[str, str], only_tag: str | None = None) -> list[JobStatus]:
         body = self._request("GET", f"/slurmdb/{self.version}/jobs", params=params)

@@ -132,6 +132,8 @@ class Dialect:
             job["environment"] = [f"PATH={DEFAULT_PATH}"]
             job["time_limit"] = {"set": True, "infinite": False, "number": spec.time_limit_minutes}
             job["memory_per_node"] = {"set": True, "infinite": False, "number": spec.memory_mb}
+            if self.version == "v0.0.40":  # the script moved into the job description in v0.0.41
+                return {"script": script, "job": job}
             job["script"] = script
             return {"job": job}
         job["environment"] = {"PATH": DEFAULT_PATH}

@@ -1,5 +1,6 @@
 """Asking Slurm itself what ran: the counts a bug in our database cannot fake."""
 
+import getpass
 import subprocess
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -8,6 +9,15 @@ from emg.processes import wait_until
 from slurm_adapter.cluster import job_comment
 
 ACTIVE_SQUEUE_STATES = "PENDING,RUNNING"
+# Where scripts/slurm-up.sh has slurmrestd listen.
+SLURMRESTD_URL = "http://127.0.0.1:6820"
+
+
+def mint_token(lifespan_s: int = 3600) -> str:
+    """A JWT for the current user, as a site's token service would hand one out (`scontrol token`)."""
+    output = subprocess.run(["scontrol", "token", f"username={getpass.getuser()}", f"lifespan={lifespan_s}"],
+                            capture_output=True, text=True, check=True, timeout=30).stdout
+    return output.strip().removeprefix("SLURM_JWT=")
 
 
 def accounted_comments(*, including: Iterable[str] = (), timeout: float = 30) -> dict[str, str]:

@@ -18,6 +18,7 @@ import pytest
 
 from emg.processes import wait_until
 from slurm_adapter import JobSpec, JobState, JobStatus, LocalCluster, RestCluster, SlurmCluster, SubmittedJob
+from tests.slurm import SLURMRESTD_URL, mint_token
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = uuid.uuid4().hex[:6]
@@ -37,16 +38,6 @@ def _wait_final(cluster, job: SubmittedJob, timeout: float = 30.0) -> JobStatus:
 
 def _slurm_cmd(*args: str, timeout: float = 30) -> str:
     return subprocess.run(args, check=True, capture_output=True, text=True, timeout=timeout).stdout
-
-
-# Where scripts/slurm-up.sh has slurmrestd listen.
-SLURMRESTD_URL = "http://127.0.0.1:6820"
-
-
-def mint_token(lifespan_s: int = 3600) -> str:
-    """A JWT for the current user, as a site's token service would hand out (`scontrol token`)."""
-    output = _slurm_cmd("scontrol", "token", f"username={getpass.getuser()}", f"lifespan={lifespan_s}")
-    return output.strip().removeprefix("SLURM_JWT=")
 
 
 def _slurm_answers() -> bool:

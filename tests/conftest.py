@@ -65,6 +65,41 @@ def slurm_cluster():
     return "slurm"
 
 
+# Slurm's commands, which a stack on the slurmrestd backend must never run.
+SLURM_COMMANDS = ("sbatch", "sacct", "squeue", "scancel", "sinfo", "scontrol", "srun", "salloc", "sacctmgr")
+
+
+@pytest.fixture(scope="session")
+def cluster_backend_env(slurm_cluster, tmp_path_factory):
+    """What the stack's processes need for the backend of the real cluster under test:
+    EMG_TEST_CLUSTER_BACKEND=slurm (Slurm's commands, the default) or slurmrestd (its REST API, with
+    a token file, and every Slurm command on the processes' PATH a stand-in that fails and says so)."""
+    backend = os.environ.get("EMG_TEST_CLUSTER_BACKEND", "slurm")
+    if backend == "slurm":
+        yield {"EMG_CLUSTER_BACKEND": "slurm"}
+        return
+    if backend != "slurmrestd":
+        raise pytest.UsageError(f"EMG_TEST_CLUSTER_BACKEND must be slurm or slurmrestd, not {backend!r}")
+    from tests.slurm import SLURMRESTD_URL, mint_token
+
+    directory = tmp_path_factory.mktemp("slurmrestd")
+    token_file = directory / "jwt"
+    token_file.write_text(mint_token(lifespan_s=6 * 3600))
+    token_file.chmod(0o600)
+    stand_ins = directory / "no-slurm-commands"
+    stand_ins.mkdir()
+    called = directory / "slurm-commands-called"
+    for command in SLURM_COMMANDS:
+        path = stand_ins / command
+        path.write_text(f'#!/bin/sh\necho "$0 $*" >> {called}\n'
+                        'echo "$0: the slurmrestd backend must not run Slurm commands" >&2\nexit 127\n')
+        path.chmod(0o755)
+    yield {"EMG_CLUSTER_BACKEND": "slurmrestd", "EMG_SLURMRESTD_URL": SLURMRESTD_URL,
+           "EMG_SLURMRESTD_TOKEN_FILE": str(token_file), "PATH": f"{stand_ins}:{os.environ['PATH']}"}
+    if called.exists():
+        pytest.fail(f"the stack ran Slurm commands on the slurmrestd backend:\n{called.read_text()}")
+
+
 @pytest.fixture(scope="session")
 def ena_server():
     """Our local fake of the ENA Portal API, serving recorded studies and their reads."""
@@ -88,7 +123,7 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(django_db_setup, prefect_api_url, slurm_cluster, ena_server, service_logs, tmp_path_factory):
+def stack(django_db_setup, prefect_api_url, cluster_backend_env, ena_server, service_logs, tmp_path_factory):
     """Prefect runner, Celery worker and Celery beat, all on the test database."""
     database = settings.DATABASES["default"]
     env = dict(os.environ)
@@ -96,7 +131,7 @@ def stack(django_db_setup, prefect_api_url, slurm_cluster, ena_server, service_l
         DJANGO_SETTINGS_MODULE="emg.settings",
         DATABASE_URL=f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}",
         PREFECT_RUNNER_POLL_FREQUENCY="1",
-        EMG_CLUSTER_BACKEND=slurm_cluster,
+        **cluster_backend_env,
         EMG_ENA_PORTAL_API=ena_server.base_url,
         EMG_ENA_FASTQ_URL_PREFIX=ena_server.fastq_url_prefix,
         EMG_ENA_RETRY_DELAY_SECONDS="1",

@@ -18,6 +18,8 @@ Errors are ClusterError, never the token: it is sent in a header and appears in 
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 from collections import Counter
@@ -88,6 +90,28 @@ class TokenSource:
         if not self._token:
             raise ClusterError(f"the slurmrestd token file {self._file} is empty")
         return self._token
+
+    def checked(self) -> str:
+        """The token, unless it has expired by its own "exp" claim: 22.05's slurmctld refuses an
+        expired token with an unspecified error, so we say it first."""
+        token = self.get()
+        expires = _expiry(token)
+        if expires is not None and expires <= datetime.now(UTC):
+            source = f"token file {self._file}" if self._file else "token"
+            raise ClusterError(f"the slurmrestd {source} expired at {expires.isoformat()}: renew it")
+        return token
+
+
+def _expiry(token: str) -> datetime | None:
+    """A JWT's "exp" (read, not verified: slurmctld verifies), or None if it has none we can read."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        return datetime.fromtimestamp(int(claims["exp"]), UTC)
+    except (ValueError, KeyError, TypeError, OverflowError):
+        return None
 
 
 def _clean_token(text: str) -> str:
@@ -210,7 +234,7 @@ class RestCluster:
         attempt = 0
         while True:
             self.calls[kind] += 1
-            headers = {"X-SLURM-USER-NAME": self.user, "X-SLURM-USER-TOKEN": self.token.get()}
+            headers = {"X-SLURM-USER-NAME": self.user, "X-SLURM-USER-TOKEN": self.token.checked()}
             try:
                 response = self._http.request(method, path, params=params, json=json, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:

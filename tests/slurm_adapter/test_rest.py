@@ -238,3 +238,20 @@ def test_no_slurmrestd_is_a_cluster_error_after_retries(slurm_up) -> None:
     with pytest.raises(ClusterError, match="cannot connect"):
         cluster.count_active()
     assert cluster.calls == {"GET /slurm/jobs": 3}
+
+
+@pytest.mark.slurm
+def test_an_expired_token_is_a_clear_error_on_every_call(slurm_up, wait_until) -> None:
+    cluster = _rest(token=mint_token(lifespan_s=2), api_version="v0.0.38")
+    job = SubmittedJob("99999992", datetime.now(UTC), "/x.log")
+
+    def refused() -> str | None:
+        try:
+            cluster.query([job])
+        except ClusterError as error:
+            return str(error)
+        return None
+
+    assert "token expired at" in wait_until(refused, timeout=30, message="the 2-second token to expire")
+    with pytest.raises(ClusterError, match="token expired at"):
+        cluster.count_active()

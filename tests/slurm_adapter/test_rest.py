@@ -255,3 +255,51 @@ def test_an_expired_token_is_a_clear_error_on_every_call(slurm_up, wait_until) -
     assert "token expired at" in wait_until(refused, timeout=30, message="the 2-second token to expire")
     with pytest.raises(ClusterError, match="token expired at"):
         cluster.count_active()
+
+
+@pytest.fixture
+def own_slurmrestd(slurm_up, tmp_path: Path):
+    """A slurmrestd of this test's own on a free port, as slurm-up.sh runs it (its own user, JWT),
+    so that killing it disturbs nobody else's."""
+    import os
+    import shutil
+
+    from emg.processes import ManagedProcess
+    from tests.ports import free_port
+
+    if os.geteuid() != 0:
+        pytest.skip("starting slurmrestd as its own user needs root")
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [shutil.which("setpriv") or "setpriv", "--reuid=emg-slurmrestd", "--regid=emg-slurmrestd",
+            "--clear-groups", "slurmrestd", "-a", "rest_auth/jwt", url.removeprefix("http://")]
+    env = {"PATH": os.environ["PATH"], "SLURM_JWT": "daemon", "SLURM_CONF": "/etc/slurm/slurm.conf"}
+    server = ManagedProcess("own-slurmrestd", argv, env=env, log_dir=tmp_path)
+    yield server, url
+    server.stop()
+
+
+@pytest.mark.slurm
+def test_slurmrestd_killed_and_restarted_mid_run_costs_only_the_ticks_in_between(own_slurmrestd, spec, tag,
+                                                                                 wait_until, wait_final) -> None:
+    server, url = own_slurmrestd
+    server.start()
+    cluster = _rest(url, api_version="v0.0.38")
+    wait_until(lambda: _answers(cluster), timeout=30, message="our slurmrestd answers")
+    job = cluster.submit(spec("sleep", "3"), tag)
+
+    server.kill()
+    with pytest.raises(ClusterError, match="cannot connect"):
+        cluster.query([job])  # a tick while it is down: an error, nothing recorded
+
+    server.start()
+    wait_until(lambda: _answers(cluster), timeout=30, message="our slurmrestd answers again")
+    status = wait_final(cluster, job)
+    assert (status.state, status.exit_code, status.tag) == (JobState.COMPLETED, 0, tag)
+
+
+def _answers(cluster: RestCluster) -> bool:
+    try:
+        cluster.ping()
+    except ClusterError:
+        return False
+    return True

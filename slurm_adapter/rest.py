@@ -384,7 +384,8 @@ class RestCluster:
 
     # --- reading ----------------------------------------------------------------------------------
     def _accounting(self, params: Mapping[str, str], only_tag: str | None = None) -> list[JobStatus]:
-        body = self._request("GET", f"/slurmdb/{self.version}/jobs", params=params)
+        # Steps are not read, and are a quarter of 22.05's answer (sacct -X).
+        body = self._request("GET", f"/slurmdb/{self.version}/jobs", params={**params, "skip_steps": "true"})
         return self._records(body.get("jobs", []), self.dialect.accounting_record, only_tag)
 
     def _controller_jobs(self, *, only_tag: str | None = None, mine: bool = False,

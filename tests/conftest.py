@@ -74,18 +74,13 @@ def cluster_backend_env(slurm_cluster, tmp_path_factory):
     """What the stack's processes need for the backend of the real cluster under test:
     EMG_TEST_CLUSTER_BACKEND=slurm (Slurm's commands, the default) or slurmrestd (its REST API, with
     a token file, and every Slurm command on the processes' PATH a stand-in that fails and says so)."""
-    backend = os.environ.get("EMG_TEST_CLUSTER_BACKEND", "slurm")
-    if backend == "slurm":
+    from tests.slurm import SLURMRESTD_URL, test_cluster_backend, write_token_file
+
+    if test_cluster_backend() == "slurm":
         yield {"EMG_CLUSTER_BACKEND": "slurm"}
         return
-    if backend != "slurmrestd":
-        raise pytest.UsageError(f"EMG_TEST_CLUSTER_BACKEND must be slurm or slurmrestd, not {backend!r}")
-    from tests.slurm import SLURMRESTD_URL, mint_token
-
     directory = tmp_path_factory.mktemp("slurmrestd")
-    token_file = directory / "jwt"
-    token_file.write_text(mint_token(lifespan_s=6 * 3600))
-    token_file.chmod(0o600)
+    token_file = write_token_file(directory)
     stand_ins = directory / "no-slurm-commands"
     stand_ins.mkdir()
     called = directory / "slurm-commands-called"

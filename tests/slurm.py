@@ -1,9 +1,11 @@
 """Asking Slurm itself what ran: the counts a bug in our database cannot fake."""
 
 import getpass
+import os
 import subprocess
 from collections.abc import Iterable
 from contextlib import contextmanager
+from pathlib import Path
 
 from emg.processes import wait_until
 from slurm_adapter.cluster import job_comment
@@ -11,6 +13,23 @@ from slurm_adapter.cluster import job_comment
 ACTIVE_SQUEUE_STATES = "PENDING,RUNNING"
 # Where scripts/slurm-up.sh has slurmrestd listen.
 SLURMRESTD_URL = "http://127.0.0.1:6820"
+
+
+def test_cluster_backend() -> str:
+    """Which backend of the real cluster the stacks and the reconciler tests use:
+    EMG_TEST_CLUSTER_BACKEND=slurm (Slurm's commands, the default) or slurmrestd."""
+    backend = os.environ.get("EMG_TEST_CLUSTER_BACKEND", "slurm")
+    if backend not in ("slurm", "slurmrestd"):
+        raise ValueError(f"EMG_TEST_CLUSTER_BACKEND must be slurm or slurmrestd, not {backend!r}")
+    return backend
+
+
+def write_token_file(directory: Path, lifespan_s: int = 6 * 3600) -> Path:
+    """A JWT in a file only we can read, as a site's token renewer would keep it."""
+    path = directory / "jwt"
+    path.write_text(mint_token(lifespan_s))
+    path.chmod(0o600)
+    return path
 
 
 def mint_token(lifespan_s: int = 3600) -> str:

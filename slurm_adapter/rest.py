@@ -55,8 +55,10 @@ MAX_IDS_PER_REQUEST = 2000
 TRANSIENT_STATUS = frozenset({408, 429, 502, 503, 504})
 # Slurm's errors (errors[].error) that no retry changes for cancel(): the job is gone or done.
 _CANCEL_HARMLESS = ("Invalid job id specified", "already completing or completed")
-# 22.05 answers a refused token so (200 from slurmdbd, 500 from slurmctld).
-_AUTH_ERRORS = ("Protocol authentication error", "slurmctld config is unable to load", "Authentication failure")
+# How 22.05 answers a refused token: slurmdbd's is unambiguous; slurmctld's is also what it says
+# when it cannot load the controller's configuration at all.
+_AUTH_ERRORS = ("Protocol authentication error", "Authentication failure")
+_AUTH_OR_UNREACHABLE = ("slurmctld config is unable to load",)
 
 
 class TokenSource:
@@ -181,6 +183,10 @@ class RestCluster:
             raise ValueError("slurmrestd needs the user name the token is for")
         if api_version != "auto":
             check_version(api_version)
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a whole number >= 0, got {retries!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
         self.url = url.rstrip("/")
         self.user = user
         self.token = TokenSource(token, token_file)
@@ -269,6 +275,8 @@ class RestCluster:
         if status == 401 or any(marker in e for e in errors for marker in _AUTH_ERRORS):
             raise ClusterError(f"{where}: the token was refused (expired, or not for user {self.user}?): "
                                f"{'; '.join(errors) or status}")
+        if any(marker in e for e in errors for marker in _AUTH_OR_UNREACHABLE):
+            raise ClusterError(f"{where}: the token was refused, or slurmctld is unreachable: {'; '.join(errors)}")
         # 22.05 lists "Job is in held state" as an error of a submission that succeeded.
         if errors and not (status == 200 and method == "POST" and isinstance(body, dict) and body.get("job_id")):
             raise ClusterError(f"{where} answered {status}: {'; '.join(errors)}"[:1000])

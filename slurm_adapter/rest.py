@@ -138,6 +138,16 @@ def _kind(method: str, path: str) -> str:
 _NOTHING_FOUND = 9003
 
 
+# Slurm's own errors (errors[].error) that pass by themselves: a busy or restarting slurmctld/slurmdbd.
+_TRANSIENT_SLURM_ERRORS = ("Socket timed out", "Unable to contact slurm controller", "Connection refused",
+                           "Resource temporarily unavailable", "Slurm backup controller in standby mode",
+                           "Unable to connect to database")
+
+
+def _transient_slurm_error(body: Any) -> bool:
+    return any(marker in error for error in _slurm_errors(body) for marker in _TRANSIENT_SLURM_ERRORS)
+
+
 def _slurm_errors(body: Any) -> list[str]:
     """slurmrestd's errors[] as text ("Invalid partition name specified (2000)"), less "nothing found"."""
     if not isinstance(body, dict) or not isinstance(body.get("errors"), list):
@@ -252,7 +262,8 @@ class RestCluster:
                 retry = idempotent
             else:
                 body = self._decode(response)
-                if response.status_code in TRANSIENT_STATUS or (response.status_code >= 500 and body is None):
+                if response.status_code in TRANSIENT_STATUS or (response.status_code >= 500 and (
+                        body is None or _transient_slurm_error(body))):
                     failure = f"slurmrestd {method} {path} answered {response.status_code}"
                     retry = idempotent
                 else:

@@ -6,6 +6,7 @@ back unchanged. What it adds is what a load balancer or a restarting slurmrestd 
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +20,7 @@ class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.rstrip("/")
         self.requests: list[tuple[str, str]] = []
-        self._faults: deque[int] = deque()
+        self._faults: deque[int | tuple[int, dict]] = deque()
         self._lock = threading.Lock()
         proxy = self
 
@@ -36,9 +37,10 @@ class FaultProxy:
                     proxy.requests.append((self.command, self.path.split("?", 1)[0]))
                     fault = proxy._faults.popleft() if proxy._faults else None
                 if fault is not None:
-                    payload = b"injected fault"
-                    self.send_response(fault)
-                    self.send_header("Content-Type", "text/plain")
+                    status, body = fault if isinstance(fault, tuple) else (fault, None)
+                    payload = json.dumps(body).encode() if body is not None else b"injected fault"
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json" if body is not None else "text/plain")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
@@ -64,10 +66,11 @@ class FaultProxy:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def fail_next(self, *statuses: int) -> None:
-        """The next requests get these status codes instead of slurmrestd's answer."""
+    def fail_next(self, *faults: int | tuple[int, dict]) -> None:
+        """The next requests get these answers instead of slurmrestd's: a status code, or a status
+        code and a JSON body (slurmrestd's own shape of an error, say)."""
         with self._lock:
-            self._faults.extend(statuses)
+            self._faults.extend(faults)
 
     def __enter__(self) -> FaultProxy:
         self._thread.start()

@@ -206,6 +206,14 @@ def test_a_transient_error_is_retried(slurm_up) -> None:
         with pytest.raises(ClusterError, match="answered 503"):
             cluster.count_active()
 
+        # slurmrestd up, slurmctld behind it restarting: Slurm's own error, in slurmrestd's shape.
+        proxy.requests.clear()
+        unreachable = {"errors": [{"error": "Unable to contact slurm controller (connect failure)",
+                                   "error_number": 1001, "description": "slurm_load_jobs"}]}
+        proxy.fail_next((500, unreachable))
+        assert cluster.count_active() >= 0
+        assert proxy.requests == [("GET", "/slurm/v0.0.38/jobs")] * 2
+
 
 @pytest.mark.slurm
 def test_a_permanent_error_is_not_retried(slurm_up, spec, tag) -> None:

@@ -65,30 +65,19 @@ def slurm_cluster():
     return "slurm"
 
 
-# Slurm's commands, which a stack on the slurmrestd backend must never run.
-SLURM_COMMANDS = ("sbatch", "sacct", "squeue", "scancel", "sinfo", "scontrol", "srun", "salloc", "sacctmgr")
-
-
 @pytest.fixture(scope="session")
 def cluster_backend_env(slurm_cluster, tmp_path_factory):
     """What the stack's processes need for the backend of the real cluster under test:
     EMG_TEST_CLUSTER_BACKEND=slurm (Slurm's commands, the default) or slurmrestd (its REST API, with
     a token file, and every Slurm command on the processes' PATH a stand-in that fails and says so)."""
-    from tests.slurm import SLURMRESTD_URL, test_cluster_backend, write_token_file
+    from tests.slurm import SLURMRESTD_URL, slurm_command_stand_ins, test_cluster_backend, write_token_file
 
     if test_cluster_backend() == "slurm":
         yield {"EMG_CLUSTER_BACKEND": "slurm"}
         return
     directory = tmp_path_factory.mktemp("slurmrestd")
     token_file = write_token_file(directory)
-    stand_ins = directory / "no-slurm-commands"
-    stand_ins.mkdir()
-    called = directory / "slurm-commands-called"
-    for command in SLURM_COMMANDS:
-        path = stand_ins / command
-        path.write_text(f'#!/bin/sh\necho "$0 $*" >> {called}\n'
-                        'echo "$0: the slurmrestd backend must not run Slurm commands" >&2\nexit 127\n')
-        path.chmod(0o755)
+    stand_ins, called = slurm_command_stand_ins(directory)
     yield {"EMG_CLUSTER_BACKEND": "slurmrestd", "EMG_SLURMRESTD_URL": SLURMRESTD_URL,
            "EMG_SLURMRESTD_TOKEN_FILE": str(token_file), "PATH": f"{stand_ins}:{os.environ['PATH']}"}
     if called.exists():

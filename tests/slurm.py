@@ -32,6 +32,37 @@ def write_token_file(directory: Path, lifespan_s: int = 6 * 3600) -> Path:
     return path
 
 
+# Slurm's commands, which a process on the slurmrestd backend must never run.
+SLURM_COMMANDS = ("sbatch", "sacct", "squeue", "scancel", "sinfo", "scontrol", "srun", "salloc", "sacctmgr")
+
+
+def slurm_command_stand_ins(directory: Path) -> tuple[Path, Path]:
+    """A directory to put first on PATH in which every Slurm command fails and says so, and the
+    file each call is logged to (absent while none was made)."""
+    stand_ins = directory / "no-slurm-commands"
+    stand_ins.mkdir()
+    called = directory / "slurm-commands-called"
+    for command in SLURM_COMMANDS:
+        path = stand_ins / command
+        path.write_text(f'#!/bin/sh\necho "$0 $*" >> {called}\n'
+                        'echo "$0: the slurmrestd backend must not run Slurm commands" >&2\nexit 127\n')
+        path.chmod(0o755)
+    return stand_ins, called
+
+
+def own_slurmrestd(log_dir: Path):
+    """A slurmrestd of a test's own on a free port, run as scripts/slurm-up.sh runs it (its own
+    user, JWT), so that killing it disturbs nobody else's: (the process, not started yet; its URL)."""
+    from emg.processes import ManagedProcess
+    from tests.ports import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    argv = ["setpriv", "--reuid=emg-slurmrestd", "--regid=emg-slurmrestd", "--clear-groups",
+            "slurmrestd", "-a", "rest_auth/jwt", address]
+    env = {"PATH": os.environ["PATH"], "SLURM_JWT": "daemon", "SLURM_CONF": "/etc/slurm/slurm.conf"}
+    return ManagedProcess(f"slurmrestd-{address.rsplit(':', 1)[1]}", argv, env=env, log_dir=log_dir), f"http://{address}"
+
+
 def mint_token(lifespan_s: int = 3600) -> str:
     """A JWT for the current user, as a site's token service would hand one out (`scontrol token`)."""
     output = subprocess.run(["scontrol", "token", f"username={getpass.getuser()}", f"lifespan={lifespan_s}"],

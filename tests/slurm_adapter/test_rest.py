@@ -267,21 +267,13 @@ def test_an_expired_token_is_a_clear_error_on_every_call(slurm_up, wait_until) -
 
 @pytest.fixture
 def own_slurmrestd(slurm_up, tmp_path: Path):
-    """A slurmrestd of this test's own on a free port, as slurm-up.sh runs it (its own user, JWT),
-    so that killing it disturbs nobody else's."""
     import os
-    import shutil
 
-    from emg.processes import ManagedProcess
-    from tests.ports import free_port
+    from tests.slurm import own_slurmrestd
 
     if os.geteuid() != 0:
         pytest.skip("starting slurmrestd as its own user needs root")
-    url = f"http://127.0.0.1:{free_port()}"
-    argv = [shutil.which("setpriv") or "setpriv", "--reuid=emg-slurmrestd", "--regid=emg-slurmrestd",
-            "--clear-groups", "slurmrestd", "-a", "rest_auth/jwt", url.removeprefix("http://")]
-    env = {"PATH": os.environ["PATH"], "SLURM_JWT": "daemon", "SLURM_CONF": "/etc/slurm/slurm.conf"}
-    server = ManagedProcess("own-slurmrestd", argv, env=env, log_dir=tmp_path)
+    server, url = own_slurmrestd(tmp_path)
     yield server, url
     server.stop()
 

@@ -303,3 +303,19 @@ def _answers(cluster: RestCluster) -> bool:
     except ClusterError:
         return False
     return True
+
+
+@pytest.mark.slurm
+def test_auto_picks_the_newest_version_both_sides_serve(slurm_up) -> None:
+    """What /openapi/v3 lists decides; the answers are slurmrestd's shape, given through the proxy."""
+    def spec(*paths: str) -> tuple[int, dict]:
+        return 200, {"openapi": "3.0.2", "paths": {path: {} for path in paths}}
+
+    with FaultProxy(SLURMRESTD_URL) as proxy:
+        proxy.fail_next(spec("/slurm/v0.0.40/job/submit", "/slurmdb/v0.0.40/jobs/",
+                             "/slurm/v0.0.41/job/submit", "/slurmdb/v0.0.41/jobs/", "/slurm/v0.0.42/job/submit"))
+        assert _rest(proxy.url).version == "v0.0.41"  # v0.0.42 without its slurmdbd side is not enough
+        proxy.fail_next(spec("/slurm/v0.0.39/job/submit", "/slurmdb/v0.0.39/jobs"))
+        with pytest.raises(ClusterError, match="serves none of the API versions supported"):
+            _rest(proxy.url).discover_version()
+        assert _rest(proxy.url).version == "v0.0.38"  # the real one, past the proxy

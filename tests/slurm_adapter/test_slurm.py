@@ -94,6 +94,7 @@ def test_partition_limits_come_from_one_sinfo_or_two_requests(real_cluster) -> N
     assert real_cluster.calls == _calls(real_cluster, sinfo=1, rest={"GET /slurm/partitions": 1, "GET /slurm/nodes": 1})
     assert None in limits and limits[None].max_memory_mb and limits[None].max_memory_mb > 0
     assert set(limits) >= {"debug", "datamover"}
+    assert limits == SlurmCluster().partition_limits()  # both backends read the same limits
 
 
 def test_tag_lookup_selects_by_job_name_and_a_window_from_the_claim(real_cluster, spec, tag, wait_final) -> None:

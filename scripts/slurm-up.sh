@@ -7,7 +7,8 @@
 #
 # Tunables (environment): EMG_SLURM_CPUS (default 64), EMG_SLURM_MEM_MB
 # (default 65536) are what the node advertises; it may be more than the machine
-# has so that many small test jobs run side by side.
+# has so that many small test jobs run side by side. EMG_SLURMRESTD_LISTEN
+# (default 127.0.0.1:6820) is where slurmrestd listens.
 set -euo pipefail
 
 CLUSTER=emg
@@ -230,7 +231,8 @@ wait_for "sacct" sacct -n -X -S now -o JobID
 
 # --- slurmrestd ------------------------------------------------------------------
 # It refuses to run as root (or SlurmUser), so it runs as a system user of its own; who a
-# request acts for comes from its JWT. setpriv and env exec, so $! is slurmrestd itself.
+# request acts for comes from its JWT. setsid (out of the caller's process group, so that a test
+# harness stopping its own group leaves it be), setpriv and env all exec: $! is slurmrestd itself.
 REST_USER=emg-slurmrestd
 REST_LISTEN=${EMG_SLURMRESTD_LISTEN:-127.0.0.1:6820}
 REST_PID=$RUN_DIR/slurmrestd.pid
@@ -240,7 +242,7 @@ if ((changed)) && alive "$REST_PID"; then
     wait_for "the old slurmrestd to exit" bash -c "! kill -0 $(cat "$REST_PID")"
 fi
 if ! alive "$REST_PID"; then
-    setpriv --reuid="$REST_USER" --regid="$REST_USER" --clear-groups \
+    setsid setpriv --reuid="$REST_USER" --regid="$REST_USER" --clear-groups \
         env SLURM_JWT=daemon SLURM_CONF="$CONF_DIR/slurm.conf" \
         slurmrestd -a rest_auth/jwt "$REST_LISTEN" </dev/null >>"$LOG_DIR/slurmrestd.out" 2>&1 &
     echo $! >"$REST_PID"

@@ -1,5 +1,6 @@
 """Settings come from the environment; every one has a default that runs the local demo."""
 
+import getpass
 import os
 import re
 from pathlib import Path
@@ -115,7 +116,17 @@ PREFECT_UI_URL = os.environ.get("PREFECT_UI_URL", PREFECT_API_URL.removesuffix("
 EMG_SUSPEND_TIMEOUT_SECONDS = _env_int("EMG_SUSPEND_TIMEOUT_SECONDS", 30 * 24 * 3600)
 
 # --- Cluster -----------------------------------------------------------------------
-EMG_CLUSTER_BACKEND = os.environ.get("EMG_CLUSTER_BACKEND", "auto")  # slurm | local | auto
+EMG_CLUSTER_BACKEND = os.environ.get("EMG_CLUSTER_BACKEND", "auto")  # slurm | slurmrestd | local | auto
+# The slurmrestd backend: where, which API version ("auto": the newest both sides support), and
+# whose JWT. A token file is re-read whenever it changes, so a renewer can rotate it underneath us;
+# the token itself never reaches the database, the logs or a job.
+EMG_SLURMRESTD_URL = os.environ.get("EMG_SLURMRESTD_URL", "http://127.0.0.1:6820")
+EMG_SLURMRESTD_API_VERSION = os.environ.get("EMG_SLURMRESTD_API_VERSION", "auto")
+EMG_SLURMRESTD_USER = os.environ.get("EMG_SLURMRESTD_USER") or getpass.getuser()
+EMG_SLURMRESTD_TOKEN = os.environ.get("EMG_SLURMRESTD_TOKEN") or None
+EMG_SLURMRESTD_TOKEN_FILE = os.environ.get("EMG_SLURMRESTD_TOKEN_FILE") or None
+EMG_SLURMRESTD_TIMEOUT_SECONDS = _env_float("EMG_SLURMRESTD_TIMEOUT_SECONDS", 30)
+EMG_SLURMRESTD_RETRIES = _env_int("EMG_SLURMRESTD_RETRIES", 2)
 EMG_WORK_DIR = Path(os.environ.get("EMG_WORK_DIR", VAR_DIR / "work"))
 EMG_SLURM_PARTITION = os.environ.get("EMG_SLURM_PARTITION") or None
 EMG_SLURM_MIN_QUERY_INTERVAL_SECONDS = _env_float("EMG_SLURM_MIN_QUERY_INTERVAL_SECONDS", 0)

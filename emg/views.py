@@ -17,9 +17,10 @@ from django.http import JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
+from emg.cluster import cluster_from_settings
 from emg.log import mask_secrets
 from emg.models import ClusterJob
-from slurm_adapter import resolve_backend
+from slurm_adapter import RestCluster, resolve_backend
 
 CHECK_TIMEOUT_SECONDS = 2
 SLURM_TIMEOUT_SECONDS = 5
@@ -53,6 +54,16 @@ def check_slurm() -> None:
         raise RuntimeError((result.stdout + result.stderr).strip() or f"scontrol ping exited {result.returncode}")
 
 
+def check_slurmrestd() -> None:
+    """slurmrestd answers, with our token, and slurmctld behind it: a refused token shows here."""
+    cluster = cluster_from_settings()
+    assert isinstance(cluster, RestCluster)
+    try:
+        cluster.ping()
+    finally:
+        cluster.close()
+
+
 def slurm_is_the_backend() -> bool:
     return resolve_backend(settings.EMG_CLUSTER_BACKEND) == "slurm"
 
@@ -61,6 +72,8 @@ def checks() -> dict[str, Callable[[], None]]:
     selected = {"database": check_database, "redis": check_redis, "prefect": check_prefect}
     if slurm_is_the_backend():
         selected["slurm"] = check_slurm
+    elif resolve_backend(settings.EMG_CLUSTER_BACKEND) == "slurmrestd":
+        selected["slurmrestd"] = check_slurmrestd
     return selected
 
 

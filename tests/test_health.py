@@ -103,3 +103,24 @@ def test_a_job_whose_slurm_state_we_cannot_read_is_an_alert_not_an_outage(client
     assert body["status"] == "ok"
     assert body["alerts"]["unreadable_jobs"] == [
         {"job": job.id, "slurm_job_id": "4242", "state": "EXPEDITING", "since": job.unreadable_since.isoformat()}]
+
+
+def test_slurmrestd_backend_is_checked_with_its_token_and_a_refused_one_is_an_error(client, live_services, settings,
+                                                                                   tmp_path):
+    from tests.slurm import SLURMRESTD_URL, mint_token
+
+    token_file = tmp_path / "jwt"
+    token_file.write_text(mint_token())
+    settings.EMG_CLUSTER_BACKEND = "slurmrestd"
+    settings.EMG_SLURMRESTD_URL = SLURMRESTD_URL
+    settings.EMG_SLURMRESTD_TOKEN_FILE = str(token_file)
+
+    healthy = client.get("/health")
+    assert healthy.status_code == 200, healthy.json()
+    assert set(healthy.json()["checks"]) == {"database", "redis", "prefect", "slurmrestd"}
+
+    token_file.write_text("SLURM_JWT=expired-or-wrong-token")
+    refused = client.get("/health")
+    assert refused.status_code == 503
+    assert "token was refused" in refused.json()["checks"]["slurmrestd"]["error"]
+    assert "expired-or-wrong-token" not in refused.content.decode()

@@ -104,8 +104,14 @@ def test_planted_secret_reaches_neither_database_nor_logs(stack, service_logs):
     logs = "\n".join(path.read_text(errors="replace") for path in sorted(service_logs.glob("*.log")))
 
     assert job.slurm_job_id in ours and str(request.flow_run_id) in prefects and logs  # the scans saw real data
-    for text in (ours, prefects, logs):
-        assert PLANTED not in text and PLANTED.encode().hex() not in text
+    # On the slurmrestd backend (EMG_TEST_CLUSTER_BACKEND=slurmrestd) its JWT is a secret as well.
+    token_file = stack.env.get("EMG_SLURMRESTD_TOKEN_FILE")
+    planted = [PLANTED] + ([Path(token_file).read_text().strip()] if token_file else [])
+    scripts = "\n".join(path.read_text() for path in Path(job.spec["work_dir"]).glob(".emg/*.sbatch"))
+    assert scripts
+    for secret in planted:
+        for text in (ours, prefects, logs, scripts):
+            assert secret not in text and secret.encode().hex() not in text
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import shlex
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
@@ -67,6 +67,35 @@ def apply_to_each(modeladmin: admin.ModelAdmin, request, queryset, operation, de
         modeladmin.message_user(request, f"Not {verb.lower()}: {'; '.join(refused)}", messages.WARNING)
 
 
+class GuardedActionsAdmin(admin.ModelAdmin):
+    """Actions that each declare a permission (`@admin.action(permissions=[...])`), refused with a 403.
+
+    Django leaves an action the user may not run out of the list, but a POST naming it anyway is
+    answered with the list page again, as if nothing was asked: here it is a PermissionDenied, so a
+    view-only staff user, or a forged form, is told no."""
+
+    def changelist_view(self, request, extra_context=None):
+        name = request.POST.get("action") if request.method == "POST" else None
+        if name and name not in self.get_actions(request):
+            declared = {getattr(action, "__name__", str(action)) for action in self.actions or ()}
+            if name in declared or name == "delete_selected":
+                raise PermissionDenied(f"You may not run the action {name!r} on {self.opts.verbose_name_plural}.")
+        return super().changelist_view(request, extra_context)
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            # Only what the form changed: a full-row write from a form read minutes ago would put
+            # back whatever the reconciler wrote since (models' save() already spares the state).
+            changed = [name for name in form.changed_data if name in {f.name for f in obj._meta.concrete_fields}]
+            obj.save(update_fields=changed)
+        else:
+            obj.save()
+
+
+def has_model_permission(request, codename: str) -> bool:
+    return request.user.has_perm(f"emg.{codename}")
+
+
 class PipelineOptionsField(forms.JSONField):
     """JSON that can always be answered with a form error: too deep or too long input included."""
 
@@ -121,7 +150,7 @@ class JobWaitInline(admin.TabularInline):
 
 
 @admin.register(AnalysisRequest)
-class AnalysisRequestAdmin(admin.ModelAdmin):
+class AnalysisRequestAdmin(GuardedActionsAdmin):
     list_display = ["id", "study", "status", "current_step", "short_reason", "generation", "flow_run_link",
                     "jobs_link", "created_at"]
     list_filter = ["status"]
@@ -136,10 +165,27 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(job_count=Count("waits"))
 
+    def get_readonly_fields(self, request, obj=None):
+        # A flow reads the study and options again on every resume: an edit while it runs would be
+        # picked up halfway through. They can be changed once the request has ended, then re-run.
+        if obj is not None and not obj.is_final:
+            return ["study", "pipeline_options", *self.readonly_fields]
+        return self.readonly_fields
+
+    def has_cancel_permission(self, request):
+        return has_model_permission(request, "cancel_analysisrequest")
+
+    def has_rerun_permission(self, request):
+        return has_model_permission(request, "rerun_analysisrequest")
+
     def formfield_for_dbfield(self, db_field, request, **kwargs):
         if db_field.name == "pipeline_options":
             kwargs["form_class"] = PipelineOptionsField
         field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if db_field.name in ("study", "pipeline_options") and field is not None:
+            # The form carries what it was shown, so `changed_data` (what a save writes) is what
+            # this operator changed, not whatever differs from a row someone else edited since.
+            field.show_hidden_initial = True
         if db_field.name == "pipeline_options" and field is not None:
             field.help_text = "A JSON object ({} for the defaults). Options: " + "; ".join(
                 f"{option.name} ({option.pipeline}, {option.type.__name__}"
@@ -166,12 +212,14 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
         url = f"{reverse('admin:emg_clusterjob_changelist')}?{urlencode({JOBS_OF_REQUEST: obj.id})}"
         return format_html('<a href="{}">{} job(s)</a>', url, obj.job_count)  # type: ignore[attr-defined]
 
-    @admin.action(description="Cancel the selected requests (their flow runs and the jobs only they need)")
+    @admin.action(description="Cancel the selected requests (their flow runs and the jobs only they need)",
+                  permissions=["cancel"])
     def cancel(self, request, queryset):
         apply_to_each(self, request, queryset, request_cancel_or_refuse,
                       lambda analysis, _: f"#{analysis.id}", "Cancellation requested")
 
-    @admin.action(description="Re-run the selected ended requests (new generation, new flow run)")
+    @admin.action(description="Re-run the selected ended requests (new generation, new flow run)",
+                  permissions=["rerun"])
     def rerun(self, request, queryset):
         apply_to_each(self, request, queryset, AnalysisRequest.rerun,
                       lambda analysis, _: f"#{analysis.id} (generation {analysis.generation})", "Re-run")
@@ -200,7 +248,7 @@ class UnreadableFilter(admin.SimpleListFilter):
 
 
 @admin.register(ClusterJob)
-class ClusterJobAdmin(admin.ModelAdmin):
+class ClusterJobAdmin(GuardedActionsAdmin):
     list_display = ["id", "name", "slurm_job_id", "state", "unreadable_state", "exit_code", "attempts", "submit_time",
                     "state_checked_at"]
     list_filter = ["state", UnreadableFilter]
@@ -224,6 +272,9 @@ class ClusterJobAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+    def has_resubmit_permission(self, request):
+        return has_model_permission(request, "resubmit_clusterjob")
 
     @admin.display(description="waiting requests")
     def requests(self, job: ClusterJob):
@@ -289,7 +340,7 @@ class ClusterJobAdmin(admin.ModelAdmin):
     def input_hashes_table(self, job: ClusterJob):
         return html_table(sorted(job.input_hashes.items()), ["input", "hash"])
 
-    @admin.action(description="Resubmit the selected ended jobs now (as new jobs)")
+    @admin.action(description="Resubmit the selected ended jobs now (as new jobs)", permissions=["resubmit"])
     def resubmit(self, request, queryset):
         apply_to_each(self, request, queryset, ClusterJob.resubmit,
                       lambda job, twin: f"#{job.id} as #{twin.id}", "Resubmitted")

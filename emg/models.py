@@ -150,6 +150,10 @@ class AnalysisRequest(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # The admin's actions each need their own permission: viewing (or editing) a request is not
+        # the right to cancel a multi-day pipeline, or to run it again.
+        permissions = [("cancel_analysisrequest", "Can cancel analysis requests"),
+                       ("rerun_analysisrequest", "Can re-run ended analysis requests")]
         constraints = [
             # Where the ORM's validation is bypassed (bulk_create, update, SQL): options stay a JSON
             # object, and never name what the orchestrator sets itself (the flow checks the rest).
@@ -303,6 +307,7 @@ class ClusterJob(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
+        permissions = [("resubmit_clusterjob", "Can resubmit ended cluster jobs")]
         constraints = [
             # Two flows declaring the same work at once get one live row: the loser of the
             # insert race reads the winner's row instead of submitting a twin.

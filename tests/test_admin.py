@@ -4,6 +4,7 @@ import re
 import uuid
 
 import pytest
+from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -194,3 +195,107 @@ def test_resubmit_action_declares_an_ended_job_again_and_refuses_a_live_one(admi
     assert ClusterJob.objects.get(id=failed.id).state == "FAILED"  # its history stays
     assert any(f"#{failed.id} as #{twin.id}" in note for note in notes)
     assert any("still RUNNING" in note for note in notes)
+
+
+# --- who may act --------------------------------------------------------------------------------
+
+def staff_user(username: str, *codenames: str) -> User:
+    user = User.objects.create_user(username, password="pw-for-tests", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="emg", codename__in=codenames))
+    return user
+
+
+VIEW_ONLY = ("view_analysisrequest", "view_clusterjob")
+ACTIONS = [("analysisrequest", "cancel"), ("analysisrequest", "rerun"), ("clusterjob", "resubmit"),
+           ("analysisrequest", "delete_selected"), ("clusterjob", "delete_selected")]
+
+
+def post_raw_action(client, model: str, action: str, objects):
+    return client.post(reverse(f"admin:emg_{model}_changelist"),
+                       {"action": action, "_selected_action": [obj.pk for obj in objects]})
+
+
+@pytest.mark.parametrize(("model", "action"), ACTIONS)
+def test_a_view_only_staff_user_is_refused_every_action_and_nothing_changes(client, rows, tmp_path, model, action):
+    waiting = make_request(accession="PRJEB33334", status=AnalysisRequest.Status.WAITING)
+    client.force_login(staff_user("viewer", *VIEW_ONLY))
+    target = {"analysisrequest": [waiting, rows["request"]], "clusterjob": [rows["job"]]}[model]
+    page = client.get(reverse(f"admin:emg_{model}_changelist"))
+    assert page.status_code == 200 and f'value="{action}"' not in page.content.decode()
+
+    assert post_raw_action(client, model, action, target).status_code == 403
+
+    waiting.refresh_from_db()
+    rows["request"].refresh_from_db()
+    assert waiting.cancel_requested_at is None and rows["request"].generation == 1
+    assert ClusterJob.objects.count() == 1 and AnalysisRequest.objects.count() == 2
+
+
+def test_the_change_permission_alone_does_not_allow_cancelling_or_rerunning(client, rows):
+    waiting = make_request(accession="PRJEB33335", status=AnalysisRequest.Status.WAITING)
+    client.force_login(staff_user("editor", *VIEW_ONLY, "change_analysisrequest", "change_clusterjob"))
+
+    assert post_raw_action(client, "analysisrequest", "cancel", [waiting]).status_code == 403
+    assert post_raw_action(client, "analysisrequest", "rerun", [rows["request"]]).status_code == 403
+    assert post_raw_action(client, "clusterjob", "resubmit", [rows["job"]]).status_code == 403
+    waiting.refresh_from_db()
+    assert waiting.cancel_requested_at is None
+
+
+def test_each_action_runs_for_a_staff_user_granted_its_permission(client, rows):
+    waiting = make_request(accession="PRJEB33336", status=AnalysisRequest.Status.WAITING)
+    client.force_login(staff_user("operator", *VIEW_ONLY, "cancel_analysisrequest", "rerun_analysisrequest",
+                                  "resubmit_clusterjob"))
+    listing = client.get(reverse("admin:emg_analysisrequest_changelist")).content.decode()
+    assert 'value="cancel"' in listing and 'value="rerun"' in listing
+
+    notes = post_action(client, "analysisrequest", "cancel", [waiting])
+    assert any("Cancellation requested" in note for note in notes)
+    post_action(client, "analysisrequest", "rerun", [rows["request"]])
+    post_action(client, "clusterjob", "resubmit", [rows["job"]])
+
+    waiting.refresh_from_db()
+    rows["request"].refresh_from_db()
+    assert waiting.cancel_requested_at is not None and rows["request"].generation == 2
+    assert ClusterJob.objects.filter(fingerprint=rows["job"].fingerprint).count() == 2
+
+
+# --- what may be edited --------------------------------------------------------------------------
+
+def form_fields(admin_client, request: AnalysisRequest) -> set[str]:
+    response = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id]))
+    return set(response.context["adminform"].form.fields)
+
+
+@pytest.mark.parametrize("status", ["PENDING", "RUNNING", "WAITING"])
+def test_an_unfinished_requests_study_and_options_are_read_only(admin_client, status):
+    request = make_request(accession="PRJEB66601", status=status, pipeline_options={"k": 31})
+    other = Study.objects.create(accession="PRJEB66602")
+    assert form_fields(admin_client, request) == set()
+    page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
+    assert 'name="pipeline_options"' not in page and 'name="study"' not in page
+
+    response = admin_client.post(reverse("admin:emg_analysisrequest_change", args=[request.id]),
+                                 {"study": other.id, "pipeline_options": '{"k": 21}', "waits-TOTAL_FORMS": 0,
+                                  "waits-INITIAL_FORMS": 0})
+    assert response.status_code == 302  # saved: the posted study and options were not form fields
+
+    request.refresh_from_db()
+    assert (request.study.accession, request.pipeline_options) == ("PRJEB66601", {"k": 31})
+
+
+def test_an_ended_request_can_be_edited_and_a_save_writes_only_what_its_form_changed(admin_client):
+    request = make_request(accession="PRJEB66603", status="FAILED", pipeline_options={"k": 31})
+    other = Study.objects.create(accession="PRJEB66604")
+    assert form_fields(admin_client, request) == {"study", "pipeline_options"}
+    url = reverse("admin:emg_analysisrequest_change", args=[request.id])
+    shown = {"initial-study": request.study.id, "initial-pipeline_options": '{"k": 31}',
+             "waits-TOTAL_FORMS": 0, "waits-INITIAL_FORMS": 0}
+    # Two operators opened the form; the first changes the options, the second (shown the old
+    # options) the study: the second save must not put the old options back.
+    first = admin_client.post(url, {**shown, "study": request.study.id, "pipeline_options": '{"k": 21}'})
+    second = admin_client.post(url, {**shown, "study": other.id, "pipeline_options": '{"k": 31}'})
+    assert (first.status_code, second.status_code) == (302, 302)
+
+    request.refresh_from_db()
+    assert (request.study, request.pipeline_options) == (other, {"k": 21})

@@ -12,9 +12,11 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
+from emg import timeline as timelines
 from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick, Study
 from emg.pipeline_options import OPTIONS
 from slurm_adapter import JobSpec, tail_log
@@ -157,7 +159,7 @@ class AnalysisRequestAdmin(GuardedActionsAdmin):
     list_select_related = ["study"]
     search_fields = ["study__accession", "waits__job__slurm_job_id"]
     readonly_fields = ["status", "current_step", "status_reason", "generation", "flow_run_link", "jobs_link",
-                       "cancel_requested_at", "created_at", "updated_at", "finished_at"]
+                       "cancel_requested_at", "created_at", "updated_at", "finished_at", "timeline"]
     fields = ["study", "pipeline_options", *readonly_fields]
     inlines = [JobWaitInline]
     actions = ["cancel", "rerun"]
@@ -194,6 +196,10 @@ class AnalysisRequestAdmin(GuardedActionsAdmin):
                 for option in OPTIONS.values()
             )
         return field
+
+    @admin.display(description="timeline")
+    def timeline(self, obj: AnalysisRequest):
+        return timelines.timeline(obj, timezone.now()) if obj.pk else "-"
 
     @admin.display(description="reason")
     def short_reason(self, obj: AnalysisRequest):

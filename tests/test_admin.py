@@ -1,7 +1,10 @@
 """The Django admin, driven through the test client on real PostgreSQL rows."""
 
 import re
+import shutil
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -14,6 +17,8 @@ from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait, Ou
 from slurm_adapter import JobSpec
 
 pytestmark = pytest.mark.django_db
+
+ROOT_ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "admin"
 
 
 def make_job(tmp_path, name: str = "emg-analysis-PRJEB1", state: str = "FAILED", slurm_job_id: str = "4242",
@@ -299,3 +304,61 @@ def test_an_ended_request_can_be_edited_and_a_save_writes_only_what_its_form_cha
 
     request.refresh_from_db()
     assert (request.study, request.pipeline_options) == (other, {"k": 21})
+
+
+# --- a picture per request ---------------------------------------------------------------------
+
+def test_a_request_page_draws_its_life_and_its_jobs_phases_with_the_retry_and_the_waiting_times(admin_client,
+                                                                                               tmp_path):
+    start = timezone.now() - timezone.timedelta(days=7)
+
+    def at(hours: float) -> str:
+        return (start + timezone.timedelta(hours=hours)).isoformat()
+
+    request = make_request(accession="PRJEB88801", status="COMPLETED", finished_at=start + timezone.timedelta(days=6),
+                           created_at=start, history=[
+                               {"state": "RUNNING", "detail": "fetching from ENA", "at": at(0.1)},
+                               {"state": "WAITING", "detail": "assembly", "at": at(0.2)},
+                               {"state": "RUNNING", "detail": "assembly", "at": at(6 * 24 - 1)},
+                               {"state": "COMPLETED", "detail": "results in /r <b>", "at": at(6 * 24)}])
+    job = make_job(tmp_path, name="emg-assembly-PRJEB88801", state="COMPLETED", created_at=start, history=[
+        {"state": "CLAIMED", "detail": "attempt 1", "at": at(0.2)},
+        {"state": "SUBMITTED", "detail": "sbatch -> 1", "at": at(0.2)},
+        {"state": "RUNNING", "detail": "RUNNING", "at": at(48.2)},  # queued 2 days
+        {"state": "OUT_OF_MEMORY", "detail": "OUT_OF_MEMORY exit 0:9", "at": at(50)},
+        {"state": "DECLARED", "detail": "out of memory: 2048 MB -> 4096 MB", "at": at(50)},
+        {"state": "SUBMITTED", "detail": "sbatch -> 2", "at": at(50.1)},
+        {"state": "RUNNING", "detail": "RUNNING", "at": at(51)},
+        {"state": "COMPLETED", "detail": "COMPLETED exit 0:0", "at": at(6 * 24 - 1)}])
+    wait_for(request, job, step="assembly")
+
+    page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
+
+    [drawing] = re.findall(r'<svg xmlns="http://www.w3.org/2000/svg" class="emg-timeline".*?</svg>', page, re.S)
+    assert f"request #{request.id} (gen 1)" in drawing and f"assembly: job #{job.id}" in drawing
+    assert "<title>WAITING 5d 22h: assembly</title>" in drawing  # the request's wait for the cluster
+    assert "<title>pending 2d: sbatch -&gt; 1</title>" in drawing  # the job queued two days
+    assert "<title>running 1h 48m: RUNNING</title>" in drawing  # the attempt that ran out of memory
+    assert "<title>retried: out of memory: 2048 MB -&gt; 4096 MB</title>" in drawing
+    assert drawing.count('class="phase-pending"') == 2 and drawing.count('class="phase-running"') == 2
+    assert "<b>" not in drawing and "results in /r &lt;b&gt;" in drawing
+    screenshot(drawing, "timeline")
+
+
+def screenshot(html: str, name: str) -> None:
+    """The drawing as a page, and its picture taken by headless Chromium, kept with the test artifacts."""
+    ROOT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = ROOT_ARTIFACTS / f"{name}.html"
+    page.write_text(f"<!doctype html><html><body>{html}</body></html>")
+    picture = ROOT_ARTIFACTS / f"{name}.png"
+    picture.unlink(missing_ok=True)
+    subprocess.run([shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    "--window-size=1000,400", f"--screenshot={picture}", page.as_uri()],
+                   capture_output=True, timeout=60, check=True)
+    assert picture.stat().st_size > 1000
+
+
+def test_a_request_with_no_history_yet_draws_its_pending_time(admin_client):
+    request = make_request(accession="PRJEB88802")
+    page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
+    assert 'class="emg-timeline"' in page and 'class="phase-PENDING"' in page

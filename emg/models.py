@@ -99,7 +99,7 @@ TRANSITION_OWNED_REQUEST_FIELDS = frozenset({
 TRANSITION_OWNED_JOB_FIELDS = frozenset({
     "state", "raw_state", "attempts", "retries", "submission_started_at", "slurm_job_id", "submit_time", "log_path",
     "exit_code", "signal", "ended_at", "submit_error", "next_submit_at", "unreadable_state", "unreadable_since",
-    "history", "spec", "output_manifest", "manifest_recorded_at",
+    "history", "spec", "output_manifest", "manifest_recorded_at", "usage",
 })
 
 
@@ -300,6 +300,9 @@ class ClusterJob(models.Model):
     manifest_recorded_at = models.DateTimeField(null=True, blank=True)
     state_checked_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    # What the ended job used and asked for (slurm_adapter.JobUsage: CPU seconds, CPUs, wall time,
+    # peak and requested memory, time limit), read from sacct once by the reconciler.
+    usage = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

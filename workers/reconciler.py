@@ -8,7 +8,8 @@ Each tick, in order (one module per step, under workers/reconcile/):
    rate limit; a claim whose answer was lost is adopted by its tag or superseded;
 4. `orphans`: our Slurm jobs that no row owns (an sbatch answer that came after its claim was
    superseded) are cancelled, in ticks that superseded a claim and every few minutes;
-5. `flow_runs`: suspended runs whose jobs have all ended are resumed; broken ones re-run.
+5. `flow_runs`: suspended runs whose jobs have all ended are resumed; broken ones re-run;
+6. `usage`: what recently ended jobs used (CPU, memory, wall time), from accounting, once each.
 
 One bad job, request or run never stops the others: each step isolates them, and a step that
 fails as a whole is reported without starving the next. Ticks are made exclusive by
@@ -34,6 +35,7 @@ from workers.reconcile.job_states import refresh_job_states
 from workers.reconcile.lock import TickLock
 from workers.reconcile.orphans import cancel_orphans
 from workers.reconcile.submissions import LockLost, submit_declared_jobs
+from workers.reconcile.usage import record_usage
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ class TickReport:
     errors: list[str] = field(default_factory=list)
 
 
-STEPS = (cancel_requested, refresh_job_states, submit_declared_jobs, cancel_orphans, tend_flow_runs)
+STEPS = (cancel_requested, refresh_job_states, submit_declared_jobs, cancel_orphans, tend_flow_runs, record_usage)
 
 
 class Reconciler:

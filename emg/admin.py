@@ -5,18 +5,21 @@ here, and the actions call the models' own operations.
 """
 
 import shlex
+from datetime import timedelta
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
-from django.urls import reverse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from emg import timeline as timelines
+from emg.efficiency import efficiency, percent, summarise
 from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick, Study
 from emg.pipeline_options import OPTIONS
 from slurm_adapter import JobSpec, tail_log
@@ -51,6 +54,31 @@ def html_table(rows, headers: list[str] | None = None) -> str:
         "", "<tr>{}</tr>", ((format_html_join("", "<td>{}</td>", ((cell,) for cell in row)),) for row in rows)
     )
     return format_html("<table>{}<tbody>{}</tbody></table>", head, body)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return timelines.human(timedelta(seconds=seconds))
+
+
+def flagged(text: str, flag: bool) -> str:
+    return format_html('<strong style="color:#d0342c">{} (under-used)</strong>', text) if flag else text
+
+
+def efficiency_rows(job: ClusterJob) -> list[tuple]:
+    found = efficiency(job.usage)
+    if found is None:
+        return []
+    usage, flags = found.usage, found.flags
+    return [
+        ("CPU", flagged(f"{percent(found.cpu)}: {duration(usage.get('cpu_s'))} CPU time of {usage.get('cpus')} CPU(s) "
+                        f"x {duration(usage.get('elapsed_s'))}", "CPU" in flags)),
+        ("memory", flagged(f"{percent(found.memory)}: peak {usage.get('max_rss_mb') or 0:.0f} MB of "
+                           f"{usage.get('requested_memory_mb') or 0:.0f} MB requested", "memory" in flags)),
+        ("time", flagged(f"{percent(found.time)}: {duration(usage.get('elapsed_s'))} of a "
+                         f"{duration(usage.get('time_limit_s'))} limit", "time" in flags)),
+    ]
 
 
 def apply_to_each(modeladmin: admin.ModelAdmin, request, queryset, operation, describe, verb: str) -> None:
@@ -159,7 +187,8 @@ class AnalysisRequestAdmin(GuardedActionsAdmin):
     list_select_related = ["study"]
     search_fields = ["study__accession", "waits__job__slurm_job_id"]
     readonly_fields = ["status", "current_step", "status_reason", "generation", "flow_run_link", "jobs_link",
-                       "cancel_requested_at", "created_at", "updated_at", "finished_at", "timeline"]
+                       "cancel_requested_at", "created_at", "updated_at", "finished_at", "timeline",
+                       "efficiency_report"]
     fields = ["study", "pipeline_options", *readonly_fields]
     inlines = [JobWaitInline]
     actions = ["cancel", "rerun"]
@@ -200,6 +229,22 @@ class AnalysisRequestAdmin(GuardedActionsAdmin):
     @admin.display(description="timeline")
     def timeline(self, obj: AnalysisRequest):
         return timelines.timeline(obj, timezone.now()) if obj.pk else "-"
+
+    @admin.display(description="efficiency (used of requested)")
+    def efficiency_report(self, obj: AnalysisRequest):
+        rows = []
+        for wait in obj.waits.select_related("job").order_by("created_at", "id") if obj.pk else ():
+            found = efficiency(wait.job.usage)
+            if found is None:
+                rows.append((wait.step, change_link(wait.job), "-", "-", "-", "no usage recorded yet"))
+                continue
+            rows.append((wait.step, change_link(wait.job), percent(found.cpu), percent(found.memory),
+                         percent(found.time), flagged(", ".join(found.flags), True) if found.flags else "ok"))
+        if not rows:
+            return "-"
+        summary_url = reverse("admin:emg_clusterjob_efficiency")
+        return format_html("{}<p><a href=\"{}\">Efficiency of every pipeline step</a></p>",
+                           html_table(rows, ["step", "job", "CPU", "memory", "time", "flags"]), summary_url)
 
     @admin.display(description="reason")
     def short_reason(self, obj: AnalysisRequest):
@@ -268,6 +313,7 @@ class ClusterJobAdmin(GuardedActionsAdmin):
         ("Job log", {"fields": ["log_path", "log_tail"]}),
         ("Script and resources", {"fields": ["resources", "command_line", "job_script", "policy_table"]}),
         ("Outputs", {"fields": ["output_dir", "manifest_table", "manifest_recorded_at"]}),
+        ("Efficiency (from sacct)", {"fields": ["efficiency_table"]}),
         ("Nextflow trace", {"fields": ["trace_table"]}),
         ("Inputs", {"fields": ["input_hashes_table", "fingerprint"]}),
     ]
@@ -281,6 +327,40 @@ class ClusterJobAdmin(GuardedActionsAdmin):
 
     def has_resubmit_permission(self, request):
         return has_model_permission(request, "resubmit_clusterjob")
+
+    def get_urls(self):
+        summary = path("efficiency/", self.admin_site.admin_view(self.efficiency_view), name="emg_clusterjob_efficiency")
+        return [summary, *super().get_urls()]
+
+    def efficiency_view(self, request):
+        """Per pipeline step, what its ended jobs used of what they requested: for right-sizing."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        by_step: dict[str, list] = {}
+        waits = JobWait.objects.filter(job__usage__isnull=False).select_related("job").order_by("job_id")
+        seen = set()
+        for wait in waits:
+            if wait.job_id in seen:
+                continue  # a job several requests waited for counts once
+            seen.add(wait.job_id)
+            found = efficiency(wait.job.usage)
+            if found is not None:
+                by_step.setdefault(wait.step, []).append(found)
+        summaries = [summarise(step, found) for step, found in sorted(by_step.items())]
+        rows = [(s.step, s.jobs, s.flagged, percent(s.cpu_median), percent(s.memory_median),
+                 f"{s.memory_peak_mb or 0:.0f} MB of {s.memory_requested_mb or 0:.0f} MB",
+                 percent(s.time_median), duration(s.elapsed_max_s)) for s in summaries]
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "title": "Efficiency per pipeline step",
+                   "table": html_table(rows, ["step", "jobs", "flagged", "CPU (median)", "memory (median)",
+                                              "peak memory (largest) of requested", "time (median)",
+                                              "longest wall time"]),
+                   "threshold": percent(settings.EMG_EFFICIENCY_THRESHOLD)}
+        return TemplateResponse(request, "admin/emg/efficiency.html", context)
+
+    @admin.display(description="used of requested")
+    def efficiency_table(self, job: ClusterJob):
+        rows = efficiency_rows(job)
+        return html_table(rows) if rows else "no usage recorded (the job has not ended, or accounting has no record)"
 
     @admin.display(description="waiting requests")
     def requests(self, job: ClusterJob):

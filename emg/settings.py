@@ -164,3 +164,6 @@ EMG_HEALTH_CACHE_SECONDS = _env_float("EMG_HEALTH_CACHE_SECONDS", 5)
 # A bearer token for /metrics and /health/detail (Prometheus's `authorization: credentials`),
 # besides a staff login; unset, only staff see them. Set it from a secret store, never in a file here.
 EMG_MONITORING_TOKEN = os.environ.get("EMG_MONITORING_TOKEN", "")
+# Jobs using less than this share of the CPU, memory or time they requested are flagged in the
+# admin's efficiency report.
+EMG_EFFICIENCY_THRESHOLD = _env_float("EMG_EFFICIENCY_THRESHOLD", 0.5)

@@ -362,3 +362,53 @@ def test_a_request_with_no_history_yet_draws_its_pending_time(admin_client):
     request = make_request(accession="PRJEB88802")
     page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
     assert 'class="emg-timeline"' in page and 'class="phase-PENDING"' in page
+
+
+# --- efficiency -------------------------------------------------------------------------------
+
+USAGE = {"elapsed_s": 7200, "cpu_s": 3600, "cpus": 4, "max_rss_mb": 1800, "requested_memory_mb": 2048,
+         "time_limit_s": 6 * 3600}
+
+
+def test_a_jobs_page_shows_what_it_used_of_what_it_asked_and_flags_the_under_used(admin_client, rows):
+    job = rows["job"]
+    ClusterJob.objects.filter(id=job.id).update(usage=USAGE)
+
+    page = admin_client.get(reverse("admin:emg_clusterjob_change", args=[job.id])).content.decode()
+
+    # 1 h of CPU from 4 CPUs over 2 h: 12%; 1800 of 2048 MB: 88%; 2 h of 6 h: 33%.
+    assert "12%: 1h CPU time of 4 CPU(s) x 2h (under-used)" in page
+    assert "88%: peak 1800 MB of 2048 MB requested" in page and "88%: peak 1800 MB of 2048 MB requested (" not in page
+    assert "33%: 2h of a 6h limit (under-used)" in page
+
+
+def test_a_request_page_reports_each_jobs_efficiency_and_the_summary_per_step(admin_client, rows, tmp_path):
+    ClusterJob.objects.filter(id=rows["job"].id).update(usage=USAGE)
+    second = make_job(tmp_path, name="emg-assembly-PRJEB1", state="COMPLETED", slurm_job_id="4343",
+                      usage={**USAGE, "cpu_s": 4 * 7000, "max_rss_mb": 1000})
+    wait_for(rows["request"], second, step="assembly")
+    unmeasured = make_job(tmp_path, name="emg-datamove", state="COMPLETED", slurm_job_id="4444")
+    wait_for(rows["request"], unmeasured, step="data move")
+
+    page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[rows["request"].id])).content.decode()
+    assert "<td>analysis</td>" in page and "<td>12%</td><td>88%</td><td>33%</td>" in page
+    assert "<td>97%</td><td>49%</td><td>33%</td>" in page and "no usage recorded yet" in page
+    summary_url = reverse("admin:emg_clusterjob_efficiency")
+    assert summary_url in page
+
+    summary = admin_client.get(summary_url)
+    assert summary.status_code == 200
+    text = summary.content.decode()
+    assert "<td>analysis</td><td>1</td><td>1</td><td>12%</td><td>88%</td><td>1800 MB of 2048 MB</td>" in text
+    assert "<td>assembly</td><td>1</td><td>1</td><td>97%</td><td>49%</td><td>1000 MB of 2048 MB</td>" in text
+    assert "data move" not in text
+    screenshot(text[text.index("<table>"):text.index("</table>") + 8], "efficiency-summary")
+
+
+def test_the_efficiency_summary_is_for_staff_who_may_view_jobs(client, rows):
+    url = reverse("admin:emg_clusterjob_efficiency")
+    assert client.get(url).status_code == 302  # to the login page
+    client.force_login(staff_user("nobody-in-particular"))
+    assert client.get(url).status_code == 403
+    client.force_login(staff_user("viewer-of-jobs", "view_clusterjob"))
+    assert client.get(url).status_code == 200

@@ -5,6 +5,7 @@ here, and the actions call the models' own operations.
 """
 
 import shlex
+from contextvars import ContextVar
 from datetime import timedelta
 
 from django import forms
@@ -79,6 +80,57 @@ def efficiency_rows(job: ClusterJob) -> list[tuple]:
         ("time", flagged(f"{percent(found.time)}: {duration(usage.get('elapsed_s'))} of a "
                          f"{duration(usage.get('time_limit_s'))} limit", "time" in flags)),
     ]
+
+
+TRACE_SORT: ContextVar[tuple[str, bool]] = ContextVar("trace_sort", default=("", False))
+
+
+def trace_value(column: str, value) -> str:
+    """A trace figure as a person reads it: sizes in MB, times as durations, counts as they are."""
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if column.endswith("_bytes"):
+            return f"{value / 1024 / 1024:.1f} MB"
+        if column.endswith("_s"):
+            return duration(value)
+        if column.endswith("_percent"):
+            return f"{value:.1f}%"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {item}" for key, item in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
+
+
+def sort_key(value) -> tuple:
+    """Numbers by value, text alphabetically, missing values last whichever the order."""
+    if value is None or value == "":
+        return (2, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value).lower())
+
+
+def sortable_tasks(tasks: list[dict]) -> str:
+    columns = list(dict.fromkeys(column for row in tasks for column in row))
+    column, descending = TRACE_SORT.get()
+    if column in columns:
+        present = [row for row in tasks if row.get(column) not in (None, "")]
+        missing = [row for row in tasks if row.get(column) in (None, "")]
+        tasks = sorted(present, key=lambda row: sort_key(row.get(column)), reverse=descending) + missing
+    headers = []
+    for name in columns:
+        order = "asc" if name != column or descending else "desc"
+        arrow = ("▼" if descending else "▲") if name == column else ""
+        query = urlencode({"trace_sort": name, "trace_order": order})
+        headers.append(format_html('<a href="?{}#trace">{}{}</a>', query, name, arrow))
+    head = format_html_join("", "<th>{}</th>", ((header,) for header in headers))
+    body = format_html_join("", "<tr>{}</tr>", (
+        (format_html_join("", "<td>{}</td>", ((trace_value(name, row.get(name)),) for name in columns)),)
+        for row in tasks))
+    return format_html('<table id="trace" class="trace-tasks"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>',
+                       head, body)
 
 
 def apply_to_each(modeladmin: admin.ModelAdmin, request, queryset, operation, describe, verb: str) -> None:
@@ -402,16 +454,41 @@ class ClusterJobAdmin(GuardedActionsAdmin):
     def job_script(self, job: ClusterJob):
         return preformatted(build_script(JobSpec.from_dict(job.spec)))
 
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        # The trace table is sorted by the page's query (?trace_sort=column&trace_order=desc); a
+        # read-only field is drawn without the request, so the choice is handed over in a context
+        # variable, and the page is rendered before it is reset.
+        token = TRACE_SORT.set((request.GET.get("trace_sort", ""), request.GET.get("trace_order") == "desc"))
+        try:
+            response = super().change_view(request, object_id, form_url, extra_context)
+            if hasattr(response, "render"):
+                response.render()
+            return response
+        finally:
+            TRACE_SORT.reset(token)
+
     @admin.display(description="trace")
     def trace_table(self, job: ClusterJob):
-        """A table of task rows, or of the summary's figures; whichever the job recorded."""
+        """The summary's figures and the tasks as a table sortable by any column; or the task rows
+        of a trace recorded as a bare list."""
         trace = job.trace
         if isinstance(trace, list) and all(isinstance(row, dict) for row in trace):
-            columns = list(dict.fromkeys(column for row in trace for column in row))
-            return html_table([[row.get(column, "") for column in columns] for row in trace], columns)
-        if isinstance(trace, dict):
-            return html_table(list(trace.items()))
-        return "-"
+            return sortable_tasks(trace)
+        if not isinstance(trace, dict):
+            return "-"
+        parts: list[str] = []
+        if trace.get("error"):
+            parts.append(format_html("<p><strong>{}</strong></p>", trace["error"]))
+        summary = trace.get("summary")
+        if isinstance(summary, dict):
+            parts.append(html_table([(name, trace_value(name, value)) for name, value in summary.items()]))
+        tasks = trace.get("tasks")
+        if isinstance(tasks, list) and tasks and all(isinstance(row, dict) for row in tasks):
+            parts.append(sortable_tasks(tasks))
+        extra = {name: value for name, value in trace.items() if name not in ("error", "summary", "tasks")}
+        if extra:
+            parts.append(html_table(sorted(extra.items())))
+        return format_html_join("", "{}", ((part,) for part in parts)) if parts else "-"
 
     @admin.display(description="resubmit policy")
     def policy_table(self, job: ClusterJob):

@@ -97,7 +97,7 @@ def test_job_page_shows_history_log_tail_script_resources_and_input_hashes(admin
     assert "90 min" in page and "2048 MB" in page
     assert "<td>reads_1.fastq.gz</td><td>sha256:abc123</td>" in page
     # The trace's task rows, whatever column order PostgreSQL's jsonb keeps.
-    assert all(f"<th>{column}</th>" in page for column in ("name", "status", "exit"))
+    assert all(f'>{column}</a></th>' in page for column in ("name", "status", "exit"))
     [row] = re.findall(r"<tr>(?:<td>[^<]*</td>)*<td>ASSEMBLY \(sample1\)</td>.*?</tr>", page)
     assert "<td>FAILED</td>" in row and "<td>137</td>" in row
     assert "137" in page and job.tag in page
@@ -412,3 +412,38 @@ def test_the_efficiency_summary_is_for_staff_who_may_view_jobs(client, rows):
     assert client.get(url).status_code == 403
     client.force_login(staff_user("viewer-of-jobs", "view_clusterjob"))
     assert client.get(url).status_code == 200
+
+
+def test_a_jobs_nextflow_trace_is_a_summary_and_a_task_table_sortable_by_any_column(admin_client, tmp_path):
+    tasks = [{"task_id": "1", "name": "READ_QC (s1)", "status": "COMPLETED", "realtime_s": 90.0,
+              "peak_rss_bytes": 300 * 1024 * 1024, "cpu_percent": 95.5},
+             {"task_id": "2", "name": "ASSEMBLY (s1)", "status": "FAILED", "realtime_s": 7200.0,
+              "peak_rss_bytes": 3 * 1024 ** 3, "cpu_percent": 380.0},
+             {"task_id": "3", "name": "ANNOTATE (s1)", "status": "ABORTED", "realtime_s": None,
+              "peak_rss_bytes": None, "cpu_percent": None}]
+    job = make_job(tmp_path, trace={"summary": {"tasks": 3, "by_status": {"COMPLETED": 1, "FAILED": 1},
+                                                "max_peak_rss_bytes": 3 * 1024 ** 3, "failed_tasks": ["ASSEMBLY (s1)"]},
+                                    "tasks": tasks})
+    url = reverse("admin:emg_clusterjob_change", args=[job.id])
+
+    def names_in_order(**query) -> list[str]:
+        page = admin_client.get(url, query).content.decode()
+        table = page[page.index('<table id="trace"'):]
+        table = table[:table.index("</table>")]
+        return re.findall(r"<td>(\w+ \(s1\))</td>", table)
+
+    page = admin_client.get(url).content.decode()
+    [by_status] = re.findall(r"<td>by_status</td><td>([^<]*)</td>", page)
+    assert sorted(by_status.split(", ")) == ["COMPLETED: 1", "FAILED: 1"]  # in jsonb's key order
+    assert "<td>max_peak_rss_bytes</td><td>3072.0 MB</td>" in page and "{&#x27;" not in page  # no dict dump
+    assert "<td>2h</td>" in page and "<td>380.0%</td>" in page
+    assert names_in_order() == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
+    assert names_in_order(trace_sort="peak_rss_bytes", trace_order="desc") == [
+        "ASSEMBLY (s1)", "READ_QC (s1)", "ANNOTATE (s1)"]  # missing values last either way
+    assert names_in_order(trace_sort="realtime_s") == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
+    assert names_in_order(trace_sort="name") == ["ANNOTATE (s1)", "ASSEMBLY (s1)", "READ_QC (s1)"]
+    assert names_in_order(trace_sort="not-a-column") == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
+    sorted_page = admin_client.get(url, {"trace_sort": "name"}).content.decode()
+    assert 'href="?trace_sort=name&amp;trace_order=desc#trace">name▲</a>' in sorted_page
+    table = sorted_page[sorted_page.index('<table id="trace"'):]
+    screenshot(table[:table.index("</table>") + 8], "trace-table")

@@ -134,8 +134,10 @@ def svg(rows: list[Row], now: datetime) -> SafeString:
         return round(LABEL_WIDTH + plot * (moment - first).total_seconds() / span, 1)
 
     height = AXIS_HEIGHT + ROW_HEIGHT * len(rows) + 30
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="emg-timeline" width="{WIDTH}" height="{height}" '
-             f'role="img" aria-label="timeline" font-family="sans-serif" font-size="11">']
+    # Scaled to the page's width (the admin's field column is narrower than WIDTH), never past it.
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="emg-timeline" viewBox="0 0 {WIDTH} {height}" '
+             f'width="100%" style="max-width: {WIDTH}px" role="img" aria-label="timeline" font-family="sans-serif" '
+             f'font-size="11">']
     for tick in range(5):
         moment = first + timedelta(seconds=span * tick / 4)
         parts.append(f'<line x1="{x(moment)}" y1="{AXIS_HEIGHT - 4}" x2="{x(moment)}" '

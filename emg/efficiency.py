@@ -34,8 +34,8 @@ def ratio(used: float | None, of: float | None) -> float | None:
 
 def efficiency(usage: dict | None) -> Efficiency | None:
     """From a job's recorded usage (slurm_adapter.JobUsage as a dict); None if none was recorded."""
-    if not isinstance(usage, dict):
-        return None
+    if not isinstance(usage, dict) or "elapsed_s" not in usage:
+        return None  # none recorded, or recorded as unavailable from accounting
     elapsed = usage.get("elapsed_s") or 0
     return Efficiency(
         cpu=ratio(usage.get("cpu_s"), (usage.get("cpus") or 1) * elapsed),

@@ -1,10 +1,15 @@
 """What an ended job used, read from Slurm's accounting by the reconciler, once."""
 
+import uuid
+from datetime import timedelta
+
 import pytest
+from django.utils import timezone
 
 from emg.efficiency import efficiency
 from emg.models import ClusterJob
 from tests.workers.ticking import run_job, shell_job, tick_until
+from workers.reconcile.usage import UNAVAILABLE, USAGE_SETTLE
 
 pytestmark = [pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
 
@@ -36,3 +41,22 @@ def test_an_ended_jobs_cpu_memory_and_wall_time_are_recorded_against_what_it_ask
     job.refresh_from_db()
     assert job.usage == usage
     assert reconciler.cluster.calls["sacct"] == calls_before  # nothing awaited, nothing without usage
+
+
+def test_a_job_accounting_has_no_record_of_is_recorded_unavailable_and_not_asked_about_again(make_reconciler):
+    reconciler = make_reconciler()
+    ended = timezone.now() - USAGE_SETTLE - timedelta(minutes=1)
+    # A Slurm id far beyond any this cluster has given: sacct knows nothing of it.
+    job = ClusterJob.objects.create(name="purged", fingerprint=uuid.uuid4().hex, spec={}, state="COMPLETED",
+                                    slurm_job_id="987654321", submit_time=ended - timedelta(minutes=5), ended_at=ended,
+                                    attempts=1)
+
+    calls = reconciler.cluster.calls["sacct"]
+    reconciler.tick()
+    job.refresh_from_db()
+    assert job.usage == {UNAVAILABLE: "Slurm's accounting has no record of job 987654321"}
+    assert reconciler.cluster.calls["sacct"] == calls + 1
+    assert efficiency(job.usage) is None
+
+    reconciler.tick()
+    assert reconciler.cluster.calls["sacct"] == calls + 1

@@ -3,7 +3,9 @@
 One `sacct` call per tick, and only in ticks where some recently ended job has no usage recorded
 yet. Accounting may lag the job's end (slurmdbd), and a step's peak memory comes later than the
 job's state: a job whose answer has no peak memory yet is asked about again for USAGE_SETTLE, then
-recorded with what there is. Jobs that ended more than USAGE_WINDOW ago are not asked about.
+recorded with what there is; one accounting has no record of by then (purged, or never run) is
+recorded as unavailable, so it is not asked about in every tick. Jobs that ended more than
+USAGE_WINDOW ago are not asked about.
 """
 
 import logging
@@ -20,6 +22,7 @@ logger = logging.getLogger(__name__)
 USAGE_WINDOW = timedelta(days=1)
 USAGE_SETTLE = timedelta(minutes=10)
 USAGE_BATCH = 500
+UNAVAILABLE = "unavailable"
 
 
 def record_usage(reconciler, report) -> None:
@@ -33,6 +36,11 @@ def record_usage(reconciler, report) -> None:
     found = usage_of([SubmittedJob(job.slurm_job_id, job.submit_time or now, job.log_path) for job in ended])
     for job in ended:
         usage = found.get(job.slurm_job_id)
-        if usage is None or (usage.max_rss_mb is None and now - (job.ended_at or now) < USAGE_SETTLE):
+        settled = now - (job.ended_at or now) >= USAGE_SETTLE
+        if usage is None:
+            if settled:
+                jobs.record_usage(job, {UNAVAILABLE: f"Slurm's accounting has no record of job {job.slurm_job_id}"})
+            continue
+        if usage.max_rss_mb is None and not settled:
             continue
         jobs.record_usage(job, usage.to_dict())

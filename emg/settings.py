@@ -179,3 +179,13 @@ EMG_DATAMOVER_PARTITION = os.environ.get("EMG_DATAMOVER_PARTITION") or None
 EMG_RESULTS_DIR = Path(os.environ.get("EMG_RESULTS_DIR", VAR_DIR / "results"))
 # Analysis runs only on an assembly at least this long (total contig bases).
 EMG_MIN_ASSEMBLY_LENGTH = _env_int("EMG_MIN_ASSEMBLY_LENGTH", 5000)
+
+# --- Monitoring -------------------------------------------------------------------------------
+# /health answers from check results at most this old: a burst of callers shares one run of each.
+EMG_HEALTH_CACHE_SECONDS = _env_float("EMG_HEALTH_CACHE_SECONDS", 5)
+# A bearer token for /metrics and /health/detail (Prometheus's `authorization: credentials`),
+# besides a staff login; unset, only staff see them. Set it from a secret store, never in a file here.
+EMG_MONITORING_TOKEN = os.environ.get("EMG_MONITORING_TOKEN", "")
+# Jobs using less than this share of the CPU, memory or time they requested are flagged in the
+# admin's efficiency report.
+EMG_EFFICIENCY_THRESHOLD = _env_float("EMG_EFFICIENCY_THRESHOLD", 0.5)

@@ -16,6 +16,7 @@ from .slurm import SlurmCluster
 from .spec import JobSpec, safe_job_name, validate_tag
 from .states import JobState, UnknownSlurmState, map_slurm_state
 from .status import parse_exit_code, parse_sacct
+from .usage import JobUsage, parse_usage
 
 __all__ = [
     "Cluster",
@@ -23,6 +24,7 @@ __all__ = [
     "JobSpec",
     "JobState",
     "JobStatus",
+    "JobUsage",
     "LocalCluster",
     "PartitionLimits",
     "RestCluster",
@@ -34,6 +36,7 @@ __all__ = [
     "map_slurm_state",
     "parse_exit_code",
     "parse_sacct",
+    "parse_usage",
     "resolve_backend",
     "safe_job_name",
     "tail_log",

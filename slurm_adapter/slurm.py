@@ -37,6 +37,7 @@ from .status import (
     parse_squeue,
     pick_record,
 )
+from .usage import USAGE_FIELDS, JobUsage, parse_usage
 
 # Stays well below ARG_MAX (ids are ~8 characters) while one call covers any realistic batch.
 MAX_IDS_PER_CALL = 5000
@@ -308,6 +309,21 @@ class SlurmCluster:
         found = {r.job_id: r for r in self._squeue(["--me", *selection], only_tag=tag) if r.tag == tag}
         found.update({r.job_id: r for r in accounted if r.tag == tag})
         return newest_first(found.values())
+
+    def usage(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobUsage]:
+        """What these ended jobs used (CPU time, peak memory, wall time) and asked for, from sacct:
+        one call per MAX_IDS_PER_CALL jobs, over the window since the earliest submission (Slurm
+        reuses ids). A job accounting has not recorded yet is left out."""
+        if not jobs:
+            return {}
+        ids = [check_job_id(job.job_id) for job in jobs]
+        since = min(min(job.submit_time for job in jobs) - CLOCK_SKEW, datetime.now(UTC))
+        found: dict[str, JobUsage] = {}
+        for chunk in chunks(ids, MAX_IDS_PER_CALL):
+            output = self._run(["sacct", "--parsable2", "--noheader", "-o", ",".join(USAGE_FIELDS),
+                                "-S", _slurm_time(since), "-E", "now", "-j", ",".join(chunk)])
+            found.update(parse_usage(output))
+        return found
 
     def cancel(self, job_id: str) -> None:
         self._run(

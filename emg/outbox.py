@@ -48,7 +48,8 @@ def publish_after_commit(event: OutboxEvent) -> None:
 def publish(event_id: uuid.UUID) -> bool:
     OutboxEvent.objects.filter(id=event_id).update(publish_attempts=F("publish_attempts") + 1)
     try:
-        _producer().send_task(DISPATCH_TASK_NAME, args=[str(event_id)], retry=False)
+        _producer().send_task(DISPATCH_TASK_NAME, args=[str(event_id)], queue=settings.EMG_DISPATCH_QUEUE,
+                                retry=False)
     except Exception as error:  # any broker failure: the sweep will publish it again
         logger.warning("event %s not published (%s); the outbox sweep will retry it", event_id, error)
         OutboxEvent.objects.filter(id=event_id).update(last_error=f"publish failed: {error}"[:2000])

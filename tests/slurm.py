@@ -4,7 +4,7 @@ import subprocess
 from collections.abc import Iterable
 from contextlib import contextmanager
 
-from emg.processes import wait_until
+from devstack.processes import wait_until
 from slurm_adapter.cluster import job_comment
 
 ACTIVE_SQUEUE_STATES = "PENDING,RUNNING"

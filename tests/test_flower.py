@@ -6,8 +6,8 @@ import secrets
 import httpx
 import pytest
 
-from emg.processes import ManagedProcess, venv_script, wait_until
-from tests.ports import free_port
+from devstack.processes import ManagedProcess, venv_script, wait_until
+from devstack.services import free_port
 
 FLOWER_USER = "operator"
 

@@ -7,8 +7,8 @@ import pytest
 import redis
 from django.test import override_settings
 
-from emg.processes import ManagedProcess, wait_until
-from tests.ports import free_port
+from devstack.processes import ManagedProcess, wait_until
+from devstack.services import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.django_db]
 

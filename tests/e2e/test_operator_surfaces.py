@@ -15,8 +15,8 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from devstack.processes import ROOT, wait_until
 from emg.models import AnalysisRequest, ClusterJob, OutboxEvent, Study
-from emg.processes import ROOT, wait_until
 from tests.conftest import PREFECT_TEST_DATABASE
 from tests.e2e.requests import final_request, jobs_of, state_names, suspended_on_pending_assembly
 from tests.slurm import cluster_blocked

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.ena_fake import FakeEnaServer
+from devstack.ena_fake import FakeEnaServer
 from flows.nextflow_trace import parse_trace
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from emg.processes import wait_until
+from devstack.processes import wait_until
 from slurm_adapter import JobSpec, JobState, JobStatus, LocalCluster, SlurmCluster, SubmittedJob
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,6 +14,7 @@ import pytest
 from django.utils import timezone
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
+from devstack.processes import wait_until
 from emg.models import (
     AnalysisRequest,
     ClusterJob,
@@ -22,7 +23,6 @@ from emg.models import (
     ReconcileTick,
 )
 from emg.outbox import publish
-from emg.processes import wait_until
 from flows.cluster_jobs import declare_job
 from tests.e2e.requests import final_request, new_request
 from tests.services import broker_unreachable, database_url

@@ -3,6 +3,8 @@
 import gzip
 import json
 import random
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -325,3 +327,16 @@ def test_datamove_of_named_files_refuses_a_changed_file_or_a_name_outside_the_de
 
     assert result.returncode == 1 and message in result.stderr
     assert not destination.exists() and list(destination.parent.iterdir()) == []
+
+
+def test_the_pipelines_stand_alone_away_from_the_repository(tmp_path):
+    """A copy of pipelines/ alone (as the slurm image holds it) runs: its trace writer comes with it,
+    and nothing of the orchestrator is imported."""
+    copy = shutil.copytree(PIPELINES, tmp_path / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    for script in ("assembly.py", "analysis.py"):
+        result = run_pipeline("/usr/bin/python3", copy / script, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage:" in result.stdout
+    for source in copy.glob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+(emg|flows|workers|slurm_adapter)\b", source.read_text(),
+                             re.MULTILINE), source.name

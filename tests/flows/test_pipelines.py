@@ -19,11 +19,9 @@ CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
 @pytest.fixture(scope="module")
-def ena():
-    fake = FakeEnaServer()
-    fake.start()
-    yield fake
-    fake.stop()
+def ena(ena_server):
+    """The session's fake ENA (tests/conftest.py)."""
+    return ena_server
 
 
 def run_pipeline(*command, timeout=120) -> subprocess.CompletedProcess:

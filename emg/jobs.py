@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
+from emg import waits
 from emg.history import HistoryEntry, apply_transition
 from emg.models import ClusterJob, ClusterJobState, job_tag
 from slurm_adapter import JobSpec, JobStatus, SubmittedJob
@@ -38,6 +40,7 @@ logger = logging.getLogger(__name__)
 CLAIMED = "CLAIMED"
 SUBMIT_ERROR = "SUBMIT_ERROR"
 UNREADABLE = "UNREADABLE"
+GIVEN_UP = "GIVEN_UP"
 
 
 @dataclass(frozen=True)
@@ -80,11 +83,11 @@ def _claim_from(job: ClusterJob, attempt: int, at: datetime) -> Claim:
 def claim(job: ClusterJob, now: datetime | None = None) -> Claim | None:
     """Claim the next attempt of a declared, unclaimed job: only the winner may run sbatch."""
     now = now or timezone.now()
-    if job.state != ClusterJobState.DECLARED or job.submission_started_at is not None:
+    if job.state != ClusterJobState.DECLARED or job.submission_started_at is not None or job.cancel_requested_at:
         return None
     attempt = job.attempts + 1
     rows = ClusterJob.objects.filter(id=job.id, state=ClusterJobState.DECLARED, attempts=job.attempts,
-                                     submission_started_at__isnull=True)
+                                     submission_started_at__isnull=True, cancel_requested_at__isnull=True)
     entry = HistoryEntry(CLAIMED, f"attempt {attempt}: submitting", now)
     if not _apply(rows, job.id, "claim", entry, attempts=attempt, submission_started_at=now,
                   next_submit_at=None):
@@ -95,12 +98,12 @@ def claim(job: ClusterJob, now: datetime | None = None) -> Claim | None:
 def reclaim(job: ClusterJob, why: str, now: datetime | None = None) -> Claim | None:
     """Supersede a stale claim whose attempt Slurm does not know with the next attempt."""
     now = now or timezone.now()
-    if job.state != ClusterJobState.DECLARED or job.submission_started_at is None:
+    if job.state != ClusterJobState.DECLARED or job.submission_started_at is None or job.cancel_requested_at:
         return None
     attempt = job.attempts + 1
     entry = HistoryEntry(CLAIMED, f"attempt {attempt}: submitting again ({why})", now)
-    if not _apply(_as_read(job), job.id, "reclaim", entry, attempts=attempt, submission_started_at=now,
-                  next_submit_at=None):
+    rows = _as_read(job).filter(cancel_requested_at__isnull=True)
+    if not _apply(rows, job.id, "reclaim", entry, attempts=attempt, submission_started_at=now, next_submit_at=None):
         return None
     return _claim_from(job, attempt, now)
 
@@ -212,6 +215,27 @@ def cancel_unsubmitted(job: ClusterJob, detail: str, now: datetime | None = None
     entry = HistoryEntry(ClusterJobState.CANCELLED, detail, now)
     return _apply(_as_read(job), job.id, "cancel_unsubmitted", entry, state=ClusterJobState.CANCELLED,
                   ended_at=now, state_checked_at=now, next_submit_at=None)
+
+
+def give_up(job: ClusterJob, why: str, now: datetime | None = None) -> bool:
+    """No live request waits for this job any more: give it up (the reconciler then stops it in
+    Slurm) or, declared and unclaimed, cancel it outright; whether this call did.
+
+    Serialised with `emg.waits.attach` on the job's row (SELECT ... FOR UPDATE, then the waiters
+    are read afresh): a flow attaching at that moment is either seen here, and the job is kept, or
+    sees the job given up and declares a new one. No flow ever waits on a job being cancelled.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        current = ClusterJob.objects.select_for_update().filter(id=job.id).first()
+        if current is None or current.is_final or current.cancel_requested_at is not None:
+            return False
+        if waits.job_is_wanted(current.id):
+            return False
+        if current.state == ClusterJobState.DECLARED and current.submission_started_at is None:
+            return cancel_unsubmitted(current, why, now)
+        return _apply(_as_read(current).filter(cancel_requested_at__isnull=True), current.id, "give_up",
+                      HistoryEntry(GIVEN_UP, why, now), cancel_requested_at=now)
 
 
 def record_manifest(job: ClusterJob, manifest: dict[str, str], now: datetime | None = None) -> bool:

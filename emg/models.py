@@ -94,12 +94,12 @@ class Run(models.Model):
 # Columns only the transition modules (emg.requests, emg.jobs) write: a save() never rewrites them.
 TRANSITION_OWNED_REQUEST_FIELDS = frozenset({
     "status", "status_reason", "current_step", "generation", "flow_run_id", "finished_at", "cancel_requested_at",
-    "flow_reruns", "history", "ena_fetched_generation", "ena_fetched_at", "ena_runs",
+    "flow_reruns", "history", "ena_fetched_generation", "ena_fetched_at", "ena_runs", "deferred_until", "deferrals",
 })
 TRANSITION_OWNED_JOB_FIELDS = frozenset({
     "state", "raw_state", "attempts", "retries", "submission_started_at", "slurm_job_id", "submit_time", "log_path",
     "exit_code", "signal", "ended_at", "submit_error", "next_submit_at", "unreadable_state", "unreadable_since",
-    "history", "spec", "output_manifest", "manifest_recorded_at",
+    "history", "spec", "output_manifest", "manifest_recorded_at", "cancel_requested_at",
 })
 
 
@@ -145,6 +145,10 @@ class AnalysisRequest(models.Model):
     ena_fetched_generation = models.PositiveIntegerField(null=True, blank=True)
     ena_fetched_at = models.DateTimeField(null=True, blank=True)
     ena_runs = models.JSONField(default=list, blank=True, help_text="Run accessions ENA listed for this generation.")
+    # The flow asked to be run again later (ENA unavailable for its first fetch): the reconciler
+    # schedules its run for then, and counts it here, not against the re-run budget.
+    deferred_until = models.DateTimeField(null=True, blank=True)
+    deferrals = models.PositiveIntegerField(default=0)
 
     objects = AnalysisRequestQuerySet.as_manager()
 
@@ -231,6 +235,10 @@ class ClusterJobQuerySet(models.QuerySet):
     def live(self):
         return self.exclude(state__in=FINAL_JOB_STATES)
 
+    def wanted(self):
+        """Live jobs not given up: the ones a flow may still wait for (see emg.jobs.give_up)."""
+        return self.live().filter(cancel_requested_at__isnull=True)
+
     def declared(self):
         return self.filter(state=ClusterJobState.DECLARED)
 
@@ -252,7 +260,7 @@ class ClusterJobQuerySet(models.QuerySet):
                     output_dir=output_dir, outputs=list(outputs),
                 )
         except IntegrityError:
-            return self.live().get(fingerprint=fingerprint)
+            return self.wanted().get(fingerprint=fingerprint)
 
 
 class ClusterJob(models.Model):
@@ -295,6 +303,9 @@ class ClusterJob(models.Model):
     output_manifest = models.JSONField(null=True, blank=True)
     manifest_recorded_at = models.DateTimeField(null=True, blank=True)
     state_checked_at = models.DateTimeField(null=True, blank=True)
+    # Given up: no live request waits for it (emg.jobs.give_up). The reconciler stops it; no flow
+    # attaches to it any more, and an identical job declared meanwhile is submitted once it has ended.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
@@ -305,9 +316,11 @@ class ClusterJob(models.Model):
         ordering = ["created_at", "id"]
         constraints = [
             # Two flows declaring the same work at once get one live row: the loser of the
-            # insert race reads the winner's row instead of submitting a twin.
+            # insert race reads the winner's row instead of submitting a twin. A row given up
+            # (being cancelled) does not count: its successor waits to be submitted until it ends.
             models.UniqueConstraint(
-                fields=["fingerprint"], condition=~Q(state__in=FINAL_JOB_STATES), name="one_live_job_per_fingerprint"
+                fields=["fingerprint"], condition=~Q(state__in=FINAL_JOB_STATES) & Q(cancel_requested_at__isnull=True),
+                name="one_wanted_job_per_fingerprint",
             ),
         ]
 

@@ -29,6 +29,9 @@ class ResubmitPolicy:
     max_memory_mb: int = 256 * 1024
     time_factor: float = 2.0
     max_time_minutes: int = 7 * 24 * 60
+    # Cancel the job once no live request waits for it (all cancelled or ended). False keeps an
+    # expensive shared job running for requests to come, which will reuse it by fingerprint.
+    cancel_when_unwanted: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reuse", Reuse(self.reuse))

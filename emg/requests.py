@@ -3,8 +3,8 @@
 Like emg.jobs: each function changes the row only if it is still what its caller read (status,
 generation, re-run count), appends the history entry in the same statement, and returns whether
 it applied; the caller acts (cancels a flow run, re-runs it) only when it did. Nothing else
-writes a request's `status`, `generation`, `flow_run_id`, `flow_reruns`, `cancel_requested_at`
-or `history` (tests/test_transition_owners.py checks).
+writes a request's `status`, `generation`, `flow_run_id`, `flow_reruns`, `cancel_requested_at`,
+`deferred_until` or `history` (tests/test_transition_owners.py checks).
 """
 
 import logging
@@ -86,11 +86,45 @@ def attach_flow_run(request_id: int, generation: int, flow_run_id: uuid.UUID) ->
                   request_id, "attach_flow_run", None, flow_run_id=flow_run_id)
 
 
+def replace_flow_run(request_id: int, generation: int, old: uuid.UUID, new: uuid.UUID, why: str) -> bool:
+    """The generation's flow run is gone (deleted from Prefect): record its replacement, once."""
+    rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, flow_run_id=old,
+                                          status__in=UNFINISHED)
+    current = rows.values_list("status", flat=True).first()
+    if current is None:
+        return False
+    entry = _entry(current, f"flow run {old} replaced by {new}: {why}", timezone.now())
+    return _apply(rows, request_id, "replace_flow_run", entry, flow_run_id=new)
+
+
 def record_ena_fetch(request_id: int, generation: int, run_accessions: list[str]) -> bool:
     """What this generation fetched from ENA is stored: its resumes read it instead of asking again."""
     return _apply(AnalysisRequest.objects.filter(id=request_id, generation=generation), request_id,
                   "record_ena_fetch", None, ena_fetched_generation=generation, ena_fetched_at=timezone.now(),
                   ena_runs=run_accessions)
+
+
+def defer(request_id: int, generation: int, until: datetime, why: str) -> bool:
+    """The generation's flow run asks to be run again at `until` (it is about to end): the request
+    WAITS meanwhile, and the reconciler schedules the run (`take_deferral`) without counting a re-run."""
+    now = timezone.now()
+    rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, status__in=UNFINISHED,
+                                          deferred_until__isnull=True)
+    current = rows.values_list("deferrals", flat=True).first()
+    if current is None:
+        logger.info("request #%s: deferral skipped, it has ended, moved on or is deferred already", request_id)
+        return False
+    detail = f"deferral {current + 1}, until {until.isoformat(timespec='seconds')}: {why}"
+    return _apply(rows.filter(deferrals=current), request_id, "defer", _entry(Status.WAITING, detail, now),
+                  status=Status.WAITING, status_reason=why[:10000], deferred_until=until, deferrals=current + 1)
+
+
+def take_deferral(request: AnalysisRequest) -> bool:
+    """The reconciler takes the deferral it read; only the tick whose update applied schedules the run."""
+    if request.deferred_until is None:
+        return False
+    return _apply(_as_read(request).filter(deferred_until=request.deferred_until), request.id, "take_deferral", None,
+                  deferred_until=None)
 
 
 def request_cancel(request: AnalysisRequest) -> bool:
@@ -113,7 +147,8 @@ def rerun(request: AnalysisRequest) -> None:
             AnalysisRequest.objects.filter(id=request.id, status=request.status, generation=request.generation),
             request.id, "rerun", _entry(Status.PENDING, f"re-run as generation {request.generation + 1}", now),
             generation=request.generation + 1, status=Status.PENDING, status_reason="", current_step="",
-            flow_run_id=None, finished_at=None, cancel_requested_at=None, flow_reruns=0,
+            flow_run_id=None, finished_at=None, cancel_requested_at=None, flow_reruns=0, deferred_until=None,
+            deferrals=0,
         )
         if not applied:
             raise ValidationError(f"request #{request.id} changed meanwhile; look again before re-running it")

@@ -154,6 +154,12 @@ EMG_ENA_FASTQ_URL_PREFIX = os.environ.get("EMG_ENA_FASTQ_URL_PREFIX", "https://"
 EMG_ENA_TIMEOUT_SECONDS = _env_float("EMG_ENA_TIMEOUT_SECONDS", 60)
 EMG_ENA_RETRIES = _env_int("EMG_ENA_RETRIES", 4)
 EMG_ENA_RETRY_DELAY_SECONDS = _env_float("EMG_ENA_RETRY_DELAY_SECONDS", 10)
+# A first fetch that still meets an outage after those retries is not a verdict on the study: the
+# flow run ends and the reconciler runs it again this long later (doubling up to the maximum),
+# holding no process meanwhile, and only after this many deferrals does the request fail.
+EMG_ENA_DEFER_SECONDS = _env_float("EMG_ENA_DEFER_SECONDS", 300)
+EMG_ENA_DEFER_MAX_SECONDS = _env_float("EMG_ENA_DEFER_MAX_SECONDS", 3600)
+EMG_ENA_MAX_DEFERRALS = _env_int("EMG_ENA_MAX_DEFERRALS", 48)
 # In production these are Nextflow pipelines, e.g.
 #   "nextflow run ebi-metagenomics/miassembler -r v3.0.0 -resume -ansi-log false -with-trace"
 EMG_ASSEMBLY_COMMAND = os.environ.get("EMG_ASSEMBLY_COMMAND", f"python3 {BASE_DIR / 'pipelines' / 'assembly.py'}")

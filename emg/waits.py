@@ -7,17 +7,41 @@ done only by the flow run that owns the wait, just before it suspends again.
 
 from uuid import UUID
 
-from django.db.models import F, Max
+from django.db import transaction
+from django.db.models import F, Max, Q, QuerySet
 from django.utils import timezone
 
-from emg.models import JobWait
+from emg.models import AnalysisRequest, ClusterJob, JobWait
 
 
-def attach(flow_run_id: UUID, step: str, job_id: int, request_id: int | None) -> JobWait:
-    """The flow run's wait at `step`: the existing one, or a new one for this job."""
-    wait, _ = JobWait.objects.get_or_create(flow_run_id=flow_run_id, step=step,
-                                            defaults={"job_id": job_id, "request_id": request_id})
-    return wait
+def attach(flow_run_id: UUID, step: str, job_id: int, request_id: int | None) -> JobWait | None:
+    """The flow run's wait at `step`: the existing one, or a new one for this job; None if the job
+    was given up meanwhile (emg.jobs.give_up), and the flow must declare its work again.
+
+    Takes the job's row lock first, as give_up does: of the two, the later sees the earlier's effect.
+    """
+    with transaction.atomic():
+        existing = JobWait.objects.filter(flow_run_id=flow_run_id, step=step).first()
+        if existing is not None:
+            return existing
+        job = ClusterJob.objects.select_for_update().filter(id=job_id).first()
+        if job is None or job.cancel_requested_at is not None:
+            return None
+        wait, _ = JobWait.objects.get_or_create(flow_run_id=flow_run_id, step=step,
+                                                defaults={"job_id": job_id, "request_id": request_id})
+        return wait
+
+
+def live_waits(**filters) -> "QuerySet[JobWait]":
+    """Waits that still want their job: of a request that is unfinished and not being cancelled
+    (released or not: its flow may re-run and wait again), or open waits of a flow with no request."""
+    live_request = Q(request__cancel_requested_at__isnull=True) & ~Q(request__status__in=AnalysisRequest.FINAL_STATUSES)
+    no_request = Q(request__isnull=True, released_at__isnull=True)
+    return JobWait.objects.filter(live_request | no_request, **filters)
+
+
+def job_is_wanted(job_id: int) -> bool:
+    return live_waits(job_id=job_id).exists()
 
 
 def release(wait_ids: list[int]) -> int:

@@ -12,6 +12,7 @@ a request reads only its own jobs' declared outputs, verified against their reco
 import dataclasses
 import json
 import shlex
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ setup_django()
 
 from django.conf import settings  # noqa: E402
 from django.core.exceptions import ValidationError  # noqa: E402
+from django.utils import timezone  # noqa: E402
 from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
@@ -38,7 +40,7 @@ from flows.cluster_jobs import (  # noqa: E402
     wait_for_jobs,
 )
 from flows.deployments import ANALYSIS_FLOW_NAME  # noqa: E402
-from flows.ena import EnaError, UnknownStudy, fetch_read_runs, fetch_study  # noqa: E402
+from flows.ena import EnaError, EnaUnavailable, UnknownStudy, fetch_read_runs, fetch_study  # noqa: E402
 from flows.nextflow_trace import parse_trace, summarise  # noqa: E402
 from flows.study_records import content_addressed, ensure_samplesheet, store_study_and_runs  # noqa: E402
 from slurm_adapter import JobSpec, tail_log  # noqa: E402
@@ -59,6 +61,10 @@ OUTDIR = f"{JOB_DIR}/{RESULTS}"
 
 class StepFailed(Exception):
     """Ends the request FAILED with a reason a person can act on."""
+
+
+class Deferred(Exception):
+    """Ends this flow run, not the request: the request is deferred and the reconciler runs it again later."""
 
 
 def set_status(request: AnalysisRequest, status: str, *, step: str = "", reason: str = "") -> None:
@@ -162,7 +168,8 @@ def study_runs(request: AnalysisRequest, generation: int) -> list[Run]:
     """The runs this generation fetched from ENA: fetched and stored once, read back on every resume.
 
     Only the first fetch of a generation asks ENA (its transient errors are retried with backoff by
-    the fetch tasks); once stored, no outage or rate limit can end the request.
+    the fetch tasks); once stored, no outage or rate limit can end the request. A first fetch whose
+    retries all met an outage defers the request (`defer_for_ena`): an outage is never a verdict.
     """
     if request.ena_fetched_generation == generation:
         runs = list(Run.objects.filter(accession__in=request.ena_runs).select_related("sample"))
@@ -176,11 +183,25 @@ def study_runs(request: AnalysisRequest, generation: int) -> list[Run]:
         raise StepFailed(f"{error}: check the accession") from error
     except EnaError as error:
         raise StepFailed(f"ENA: {error}") from error
+    except EnaUnavailable as error:
+        defer_for_ena(request, generation, error)
     if not run_records:
         raise StepFailed(f"study {accession} has no read runs in ENA: nothing to assemble")
     runs = store_study_and_runs(request.study, study_record, run_records)
     requests.record_ena_fetch(request.id, generation, [run.accession for run in runs])
     return runs
+
+
+def defer_for_ena(request: AnalysisRequest, generation: int, error: EnaUnavailable) -> None:
+    """End this flow run and have the reconciler run it again later, holding no process meanwhile;
+    after `EMG_ENA_MAX_DEFERRALS` deferrals the outage fails the request."""
+    if request.deferrals >= settings.EMG_ENA_MAX_DEFERRALS:
+        raise StepFailed(f"ENA has been unavailable for {request.deferrals + 1} attempts over this request's "
+                         f"first fetch (last: {error}); re-run it once ENA answers") from error
+    delay = min(settings.EMG_ENA_DEFER_SECONDS * 2 ** request.deferrals, settings.EMG_ENA_DEFER_MAX_SECONDS)
+    until = timezone.now() + timedelta(seconds=delay)
+    requests.defer(request.id, generation, until, f"waiting for ENA, unavailable: {error}")
+    raise Deferred(f"ENA unavailable ({error}); request #{request.id} runs again at {until.isoformat()}") from error
 
 
 def assemble(request: AnalysisRequest, runs) -> Assembly:

@@ -66,7 +66,7 @@ def declare_job(spec: JobSpec, inputs: Iterable[str] = (), policy: ResubmitPolic
     job_fingerprint = fingerprint(spec, input_hashes)
     directory = job_dir(job_fingerprint)
     identical = ClusterJob.objects.filter(fingerprint=job_fingerprint)
-    live = identical.live().first()
+    live = identical.wanted().first()  # one given up (being cancelled) is not waited for
     if live is not None:
         return live
     previous = identical.order_by("-created_at").first()
@@ -164,8 +164,10 @@ def require_job(
     """The id of the job this flow run needs at `step`; declared once, found again on every re-run."""
     flow_run_id = current_flow_run_id()
     wait = JobWait.objects.filter(flow_run_id=flow_run_id, step=step).first()
-    if wait is None:
+    while wait is None:
         job = declare_job(spec, inputs, policy, outputs)
+        # None: the reconciler gave that job up between our read and our wait; declare again (a
+        # new row now, as declare_job skips a job given up).
         wait = waits.attach(flow_run_id, step, job.id, request_id)
     return wait.job_id
 

@@ -79,6 +79,10 @@ def stack(django_db_setup, prefect_api_url, slurm_cluster, ena_server, service_l
         EMG_ENA_PORTAL_API=ena_server.base_url,
         EMG_ENA_FASTQ_URL_PREFIX=ena_server.fastq_url_prefix,
         EMG_ENA_RETRY_DELAY_SECONDS="1",
+        # Deferrals after a first fetch's retries meet an outage: seconds here, minutes in production.
+        EMG_ENA_DEFER_SECONDS="2",
+        EMG_ENA_DEFER_MAX_SECONDS="4",
+        EMG_ENA_MAX_DEFERRALS="2",
         EMG_RESULTS_DIR=str(tmp_path_factory.mktemp("results")),
     )
     session_stack = Stack(env, service_logs, label="e2e")

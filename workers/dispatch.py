@@ -46,15 +46,7 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
             OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now())
         return None
 
-    # Called from sync code, run_deployment returns the FlowRun itself (not a coroutine).
-    flow_run = cast(FlowRun, run_deployment(
-        ANALYSIS_DEPLOYMENT,
-        parameters={"request_id": request.id, "generation": event.generation},
-        timeout=0,
-        idempotency_key=idempotency_key(event),
-        flow_run_name=f"{request.study.accession}-request-{request.id}-gen-{event.generation}",
-        tags=["emg", f"request-{request.id}"],
-    ))
+    flow_run = create_flow_run(request, event.generation, idempotency_key(event))
     with transaction.atomic():
         requests.attach_flow_run(request.id, event.generation, flow_run.id)
         OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now(), last_error="")
@@ -62,10 +54,32 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
     return flow_run.id
 
 
-def existing_flow_run_id(event: OutboxEvent) -> uuid.UUID | None:
+def replacement_key(request: AnalysisRequest) -> str:
+    """The key of the run replacing a generation's deleted flow run: one per re-run the request counted."""
+    return (f"{settings.EMG_INSTANCE_NAMESPACE}:analysis-request:{request.id}:generation:{request.generation}"
+            f":replacement:{request.flow_reruns}")
+
+
+def create_flow_run(request: AnalysisRequest, generation: int, key: str) -> FlowRun:
+    """The flow run of this key: made now, or the one Prefect already made for it."""
+    # Called from sync code, run_deployment returns the FlowRun itself (not a coroutine).
+    return cast(FlowRun, run_deployment(
+        ANALYSIS_DEPLOYMENT,
+        parameters={"request_id": request.id, "generation": generation},
+        timeout=0,
+        idempotency_key=key,
+        flow_run_name=f"{request.study.accession}-request-{request.id}-gen-{generation}",
+        tags=["emg", f"request-{request.id}"],
+    ))
+
+
+def flow_run_id_by_key(key: str) -> uuid.UUID | None:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[idempotency_key(event)])),
-            limit=1,
+            flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[key])), limit=1,
         )
     return runs[0].id if runs else None
+
+
+def existing_flow_run_id(event: OutboxEvent) -> uuid.UUID | None:
+    return flow_run_id_by_key(idempotency_key(event))

@@ -1,14 +1,19 @@
 """The beat reconciler: the only component that talks to Slurm. A short coordinator over its steps.
 
 Each tick, in order (one module per step, under workers/reconcile/):
-1. `cancellations`: carries out the cancellations operators asked for;
-2. `job_states`: one batched query for the state of *every* awaited job, changes recorded,
+1. `cancellations`: carries out the cancellations operators asked for (flow run stopped, request
+   CANCELLED);
+2. `reaper`: every live job no live request waits for any more (however its requests ended) is
+   given up and stopped, in whatever state it is (looked up by tag first if its claim's answer
+   was lost), unless its policy keeps it;
+3. `job_states`: one batched query for the state of *every* awaited job, changes recorded,
    jobs that ran out of memory or time declared again with more;
-3. `submissions`: declared jobs claimed (a compare-and-set) and submitted, under the cap and the
+4. `submissions`: declared jobs claimed (a compare-and-set) and submitted, under the cap and the
    rate limit; a claim whose answer was lost is adopted by its tag or superseded;
-4. `orphans`: our Slurm jobs that no row owns (an sbatch answer that came after its claim was
+5. `orphans`: our Slurm jobs that no row owns (an sbatch answer that came after its claim was
    superseded) are cancelled, in ticks that superseded a claim and every few minutes;
-5. `flow_runs`: suspended runs whose jobs have all ended are resumed; broken ones re-run.
+6. `flow_runs`: suspended runs whose jobs have all ended are resumed; broken ones re-run, and
+   drifted ones (deleted from Prefect, Completed while their request is not) get a fresh run.
 
 One bad job, request or run never stops the others: each step isolates them, and a step that
 fails as a whole is reported without starving the next. Ticks are made exclusive by
@@ -33,6 +38,7 @@ from workers.reconcile.flow_runs import tend_flow_runs
 from workers.reconcile.job_states import refresh_job_states
 from workers.reconcile.lock import TickLock
 from workers.reconcile.orphans import cancel_orphans
+from workers.reconcile.reaper import reap_unwanted_jobs
 from workers.reconcile.submissions import LockLost, submit_declared_jobs
 
 logger = logging.getLogger(__name__)
@@ -55,12 +61,15 @@ class TickReport:
     orphans_cancelled: list[str] = field(default_factory=list)
     resumed: list[UUID] = field(default_factory=list)
     rerun: list[UUID] = field(default_factory=list)
+    deferred: list[UUID] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
+    given_up: list[int] = field(default_factory=list)
+    flow_runs_replaced: list[UUID] = field(default_factory=list)
     released: int = 0
     errors: list[str] = field(default_factory=list)
 
 
-STEPS = (cancel_requested, refresh_job_states, submit_declared_jobs, cancel_orphans, tend_flow_runs)
+STEPS = (cancel_requested, reap_unwanted_jobs, refresh_job_states, submit_declared_jobs, cancel_orphans, tend_flow_runs)
 
 
 class Reconciler:

@@ -143,6 +143,55 @@ def ena_cache_files() -> list[Path]:
     return sorted(storage.glob(f"{django_settings.EMG_INSTANCE_NAMESPACE}-fetch-ena-*"))
 
 
+def fetch_attempts_per_deferral(stack) -> int:
+    """How many ENA searches one flow run makes before its fetch task gives up: 1 + its retries."""
+    return 1 + int(stack.env.get("EMG_ENA_RETRIES", django_settings.EMG_ENA_RETRIES))
+
+
+def test_a_first_fetch_that_outlasts_its_retries_defers_the_request_and_costs_no_rerun(stack, ena_server):
+    """Two flow runs' worth of ENA outage on the very first fetch: the request waits, its run is
+    scheduled again by the reconciler (no process held meanwhile), and it completes with its
+    re-run budget untouched."""
+    for path in ena_cache_files():
+        path.unlink()
+    outage = 2 * fetch_attempts_per_deferral(stack)
+    ena_server.fail_next("PRJEB40001", [(503, outage)])
+    request = new_request("PRJEB40001")
+
+    def deferred_once():
+        request.refresh_from_db()
+        return request.deferrals >= 1 and request.status == "WAITING"
+
+    wait_until(deferred_once, timeout=120, interval=0.5, message="the request was deferred after the outage")
+    assert request.status_reason.startswith("waiting for ENA, unavailable: ENA answered HTTP 503")
+
+    finished = final_request(request, stack, timeout=600)
+
+    assert finished.status == "COMPLETED", finished.status_reason
+    assert (finished.deferrals, finished.flow_reruns) == (2, 0)
+    assert finished.ena_fetched_generation == 1
+    deferrals = [entry["detail"] for entry in finished.history if entry["detail"].startswith("deferral ")]
+    assert [detail.split(",")[0] for detail in deferrals] == ["deferral 1", "deferral 2"]
+
+
+def test_an_outage_longer_than_every_deferral_fails_the_request_saying_so(stack, ena_server):
+    """Past EMG_ENA_MAX_DEFERRALS the outage ends the request FAILED with a reason naming ENA;
+    nothing was submitted for it."""
+    for path in ena_cache_files():
+        path.unlink()
+    max_deferrals = int(stack.env["EMG_ENA_MAX_DEFERRALS"])
+    ena_server.fail_next("PRJEB40002", [(503, (max_deferrals + 1) * fetch_attempts_per_deferral(stack))])
+    request = new_request("PRJEB40002", pipeline_options={"min_contig_length": 290})
+
+    finished = final_request(request, stack, timeout=300)
+
+    assert finished.status == "FAILED"
+    assert f"ENA has been unavailable for {max_deferrals + 1} attempts" in finished.status_reason
+    assert (finished.deferrals, finished.flow_reruns) == (max_deferrals, 0)
+    assert not jobs_of(finished)
+    ena_server.fail_next("PRJEB40002", [])
+
+
 def test_ena_unavailable_and_rate_limiting_after_the_first_fetch_end_no_request(stack, ena_server):
     options = {"min_contig_length": 280}  # work no other test has done, so each request waits on the cluster
     with cluster_blocked():

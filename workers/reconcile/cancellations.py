@@ -1,22 +1,32 @@
 """Carrying out the cancellations operators asked for.
 
-Per request, isolated from the others: its flow run is cancelled, each live job no other live
-request waits for is cancelled (a declared job before it ever reaches Slurm; a claimed one only
-after its tag was looked up, so a job whose sbatch answer was lost is not left running), its
-waits are released, and the request ends CANCELLED if it is still what was read.
+Per request, isolated from the others: its flow run is stopped and the request ends CANCELLED if
+it is still what was read (a run that completed meanwhile stands). Its jobs are then no longer
+wanted by it: the reaper (workers.reconcile.reaper) stops each one no other live request waits
+for, whatever state it is in, in this same tick.
+
+A flow run with a live process (Running, or Pending while its process starts) is moved to
+Cancelling, so that its runner kills the process (a run forced straight to Cancelled keeps
+running: the runner stops only runs in Cancelling); one with no process (suspended, scheduled)
+is Cancelled at once; one left in Cancelling past the zombie threshold (its runner is gone) is
+Cancelled by force. A flow run deleted from Prefect has nothing to stop.
 """
 
 import logging
 
 from django.utils import timezone
+from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
-from prefect.states import Cancelled
+from prefect.states import Cancelled, Cancelling
 
-from emg import jobs, requests, waits
-from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait
-from workers.reconcile.submissions import LookupFailed, adopt_by_tag, claim_is_stale
+from emg import requests
+from emg.models import AnalysisRequest
 
 logger = logging.getLogger(__name__)
+
+WITH_A_PROCESS = {StateType.RUNNING, StateType.PENDING}
+ENDED = {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+REASON = "cancelled by an operator"
 
 
 def cancel_requested(reconciler, report) -> None:
@@ -30,56 +40,21 @@ def cancel_requested(reconciler, report) -> None:
 
 def cancel_request(reconciler, request: AnalysisRequest, report) -> None:
     if request.flow_run_id:
-        try:
-            reconciler.prefect.set_flow_run_state(request.flow_run_id, Cancelled(message="cancelled by an operator"),
-                                                  force=True)
-        except ObjectNotFound:
-            logger.warning("request #%s: its flow run %s no longer exists in Prefect", request.id, request.flow_run_id)
-    request_waits = list(JobWait.objects.filter(request=request).select_related("job"))
-    settled = True
-    for job in {wait.job for wait in request_waits if not wait.job.is_final}:
-        if job_needed_elsewhere(job, request):
-            logger.info("job %s is shared with a live request: left running", job.slurm_job_id or job.id)
-            continue
-        settled &= cancel_job(reconciler, job, report)
-    if not settled:
-        return  # a claimed job's answer may still come: the next tick looks again
-    waits.release([wait.id for wait in request_waits])
-    if requests.cancel(request, "cancelled by an operator"):
+        stop_flow_run(reconciler, request)
+    if requests.cancel(request, REASON):
         report.cancelled.append(request.id)
 
 
-def cancel_job(reconciler, job: ClusterJob, report) -> bool:
-    """Stop one job; False while that cannot be decided yet (a fresh claim, a failed look-up)."""
-    if job.slurm_job_id:
-        reconciler.cluster.cancel(job.slurm_job_id)  # the next state refresh records CANCELLED
-        return True
-    if job.state != ClusterJobState.DECLARED:
-        return True
-    if job.submission_started_at is None:
-        jobs.cancel_unsubmitted(job, "cancelled before submission")
-        return True
-    # Claimed: sbatch may have queued it although no answer was recorded. Adopt it, then cancel it.
+def stop_flow_run(reconciler, request: AnalysisRequest) -> None:
     try:
-        adopted = adopt_by_tag(reconciler, job, report)
-    except LookupFailed:
-        return False
-    if adopted is not None:
-        reconciler.cluster.cancel(adopted.job_id)
-        return True
-    if not claim_is_stale(job, timezone.now(), reconciler.claim_lease):
-        return False
-    # Not in Slurm, and its sbatch has returned: a late answer finds its claim gone and cancels its job.
-    if jobs.cancel_unsubmitted(job, "cancelled before submission (its claimed attempt never reached Slurm)"):
-        report.claims_superseded += 1
-    return True
-
-
-def job_needed_elsewhere(job: ClusterJob, cancelled: AnalysisRequest) -> bool:
-    return (
-        JobWait.objects.filter(job=job, request__isnull=False)
-        .exclude(request=cancelled)
-        .exclude(request__status__in=AnalysisRequest.FINAL_STATUSES)
-        .filter(request__cancel_requested_at__isnull=True)
-        .exists()
-    )
+        run = reconciler.prefect.read_flow_run(request.flow_run_id)
+    except ObjectNotFound:
+        logger.warning("request #%s: its flow run %s no longer exists in Prefect", request.id, request.flow_run_id)
+        return
+    state = run.state.type if run.state else None
+    if state in ENDED:
+        return
+    if state in WITH_A_PROCESS:
+        reconciler.prefect.set_flow_run_state(request.flow_run_id, Cancelling(message=REASON), force=True)
+    elif state != StateType.CANCELLING or timezone.now() - run.state.timestamp > reconciler.zombie_after:
+        reconciler.prefect.set_flow_run_state(request.flow_run_id, Cancelled(message=REASON), force=True)

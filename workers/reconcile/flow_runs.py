@@ -5,7 +5,8 @@ per 200 runs. Resumes at most `resumes_per_tick` suspended runs whose awaited jo
 ended, oldest wait first (the rest go to later ticks): Prefect accepts the resume of a paused run
 once, so that transition is Prefect's own compare-and-set, and the waits are released after it.
 Re-runs in place any run that crashed, failed, went silent while Running or stayed Pending, at
-most `max_flow_reruns` times per request generation: only the tick whose re-run count update
+most `max_flow_reruns` times per request generation (a run that deferred its request is scheduled
+for the time it asked instead, and costs no re-run): only the tick whose re-run count update
 (emg.requests.count_rerun) applied sets the run Scheduled.
 """
 
@@ -18,10 +19,11 @@ import httpx
 from django.utils import timezone
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State, StateType
-from prefect.states import Scheduled
+from prefect.states import Cancelled, Scheduled
 
 from emg import requests, waits
 from emg.models import AnalysisRequest, JobWait
+from workers import dispatch
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +81,31 @@ def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], run
     suspects = {}
     for flow_run_id, request in requests_by_run.items():
         run = runs.get(flow_run_id)
-        if run is None or request.cancel_requested_at is not None:
-            continue
+        if request.cancel_requested_at is not None:
+            continue  # workers.reconcile.cancellations has it
         try:
-            if run.state.type in RECOVERABLE_STATE_TYPES:
+            if run is None:
+                replace_deleted(reconciler, request, report)
+            elif run.state.type == StateType.COMPLETED:
+                # Marked Completed by hand, or a flow that returned without ending its request: it
+                # has no outcome, so it runs again (and finds its jobs again).
+                rerun(reconciler, request, run.state, f"flow run completed while the request is {request.status}",
+                      report)
+            elif run.state.type == StateType.CANCELLING:
+                # Cancelled in Prefect's UI (the runner stops the process and sets Cancelled); a run with
+                # no process (suspended) would stay Cancelling for good: it is Cancelled by force.
+                if requests.cancel(request, "flow run cancelled in Prefect"):
+                    report.cancelled.append(request.id)
+                if now - run.state.timestamp > reconciler.zombie_after:
+                    reconciler.prefect.set_flow_run_state(flow_run_id, Cancelled(message="cancelled in Prefect"),
+                                                          force=True)
+            elif run.state.type in RECOVERABLE_STATE_TYPES and request.deferred_until is not None:
+                schedule_deferred(reconciler, request, report)
+            elif run.state.type in RECOVERABLE_STATE_TYPES:
                 rerun(reconciler, request, run.state, f"flow run {run.state.name.lower()}", report)
             elif run.state.type == StateType.CANCELLED:
-                requests.cancel(request, "flow run cancelled in Prefect")
+                if requests.cancel(request, "flow run cancelled in Prefect"):
+                    report.cancelled.append(request.id)
             elif run.state.type == StateType.RUNNING and now - run.state.timestamp > reconciler.zombie_after:
                 suspects[flow_run_id] = (request, run.state)
             elif run.state.type == StateType.PENDING and now - run.state.timestamp > reconciler.zombie_after:
@@ -113,6 +133,42 @@ def rerun(reconciler, request: AnalysisRequest, state: State, why: str, report) 
                                           force=True)
     logger.warning("re-running flow run %s of request #%s: %s", request.flow_run_id, request.id, why)
     report.rerun.append(request.flow_run_id)
+
+
+def replace_deleted(reconciler, request: AnalysisRequest, report) -> None:
+    """The request's flow run was deleted from Prefect (or Prefect lost its database): a fresh run,
+    with a key of its own, taken from the re-run budget. A replacement that an earlier tick made
+    but died before recording is found by its key, not made twice."""
+    why = f"its flow run {request.flow_run_id} no longer exists in Prefect"
+    new_id = dispatch.flow_run_id_by_key(dispatch.replacement_key(request)) if request.flow_reruns else None
+    if new_id == request.flow_run_id:
+        new_id = None
+    if new_id is None:
+        if request.flow_reruns >= reconciler.max_flow_reruns:
+            requests.fail(request, f"{why}, and the request was re-run {request.flow_reruns} times already")
+            return
+        if not requests.count_rerun(request, why):
+            return
+        request.flow_reruns += 1
+        new_id = dispatch.create_flow_run(request, request.generation, dispatch.replacement_key(request)).id
+    if requests.replace_flow_run(request.id, request.generation, request.flow_run_id, new_id, why):
+        logger.warning("request #%s: %s; replaced by flow run %s", request.id, why, new_id)
+        report.flow_runs_replaced.append(new_id)
+
+
+def schedule_deferred(reconciler, request: AnalysisRequest, report) -> None:
+    """A run that ended after deferring its request (emg.requests.defer) runs again when it asked to,
+    taken from the deferral and not from the request's re-run budget."""
+    if not requests.take_deferral(request):
+        return
+    reconciler.prefect.set_flow_run_state(
+        request.flow_run_id,
+        Scheduled(scheduled_time=request.deferred_until, message=f"deferred by the flow: {request.status_reason}"),
+        force=True,
+    )
+    logger.info("flow run %s of request #%s deferred until %s", request.flow_run_id, request.id,
+                request.deferred_until)
+    report.deferred.append(request.flow_run_id)
 
 
 def read_flow_runs(prefect, flow_run_ids: list[UUID]) -> dict:

@@ -65,7 +65,8 @@ def record_one(reconciler, job: ClusterJob, status: JobStatus, now, report) -> b
     if status.state == job.state and status.raw_state == job.raw_state and not job.unreadable_state:
         return False
     report.changed[job.slurm_job_id] = status.state.value
-    retry = escalated_spec(job, status, lambda: reconciler.partition_limits(job.spec.get("partition")))
+    retry = None if job.cancel_requested_at else escalated_spec(
+        job, status, lambda: reconciler.partition_limits(job.spec.get("partition")))  # given up: never again
     if retry is None:
         jobs.record_status(job, status, now)
     else:

@@ -12,11 +12,11 @@ ours are pending or running or `max_submissions_per_minute` were claimed in the 
 import logging
 from datetime import datetime, timedelta
 
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from emg import jobs
-from emg.models import AnalysisRequest, ClusterJob, JobWait
+from emg.models import ClusterJob
 from slurm_adapter import ClusterError, JobSpec, JobStatus, SubmissionRejected
 from slurm_adapter.files import log_path
 
@@ -33,12 +33,15 @@ class LockLost(RuntimeError):
 
 def submit_declared_jobs(reconciler, report) -> None:
     now = timezone.now()
-    declared = list(ClusterJob.objects.declared().order_by("created_at", "id"))
+    # A job given up is the reaper's to stop, never submitted (workers.reconcile.reaper).
+    declared = list(ClusterJob.objects.declared().filter(cancel_requested_at__isnull=True).order_by("created_at", "id"))
     if not declared:
         return
-    unwanted = set(ClusterJob.objects.filter(id__in=[job.id for job in declared]).filter(
-        Exists(JobWait.objects.filter(job=OuterRef("pk"))),
-    ).exclude(Exists(live_waits())).values_list("id", flat=True))
+    # An identical job given up but not yet ended still works in the directory both are named by:
+    # its successor waits for it to end.
+    blocked = set(ClusterJob.objects.filter(id__in=[job.id for job in declared]).filter(Exists(
+        ClusterJob.objects.live().filter(fingerprint=OuterRef("fingerprint"), cancel_requested_at__isnull=False)
+    )).values_list("id", flat=True))
     recent = ClusterJob.objects.filter(submission_started_at__gte=now - timedelta(minutes=1)).count()
     try:
         active = reconciler.cluster.count_active()
@@ -49,9 +52,7 @@ def submit_declared_jobs(reconciler, report) -> None:
     for job in declared:
         if room <= 0:
             break
-        if job.id in unwanted and job.submission_started_at is None:
-            # Every request that waited for it ended or was cancelled: no work without a waiter.
-            jobs.cancel_unsubmitted(job, "no live request waits for it any more")
+        if job.id in blocked:
             continue
         try:
             if submit_one(reconciler, job, now, report):
@@ -61,12 +62,6 @@ def submit_declared_jobs(reconciler, report) -> None:
         except Exception as error:  # one bad job never stops the others
             logger.exception("submitting cluster job #%s failed", job.id)
             report.errors.append(f"submit job #{job.id} ({job.name}): {error}")
-
-
-def live_waits():
-    """Waits that still want their job: of a live request, or of a flow run with no request at all."""
-    live_request = Q(request__cancel_requested_at__isnull=True) & ~Q(request__status__in=AnalysisRequest.FINAL_STATUSES)
-    return JobWait.objects.filter(Q(request__isnull=True) | live_request, job=OuterRef("pk"))
 
 
 def claim_is_stale(job: ClusterJob, now: datetime, lease: timedelta) -> bool:

@@ -41,6 +41,29 @@ def celery_beat(name: str, env: dict[str, str], log_dir: Path, schedule: Path) -
     )
 
 
+def flower(name: str, env: dict[str, str], log_dir: Path, port: int, basic_auth: str | None) -> ManagedProcess:
+    """Flower on 127.0.0.1:`port`, on `env`'s broker; `basic_auth` (user:password) is what it asks for."""
+    return ManagedProcess(
+        name, [venv_script("celery"), "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1"],
+        env={**env, **({"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else {})}, log_dir=log_dir,
+    )
+
+
+def start_flower(env: dict[str, str], log_dir: Path, basic_auth: str) -> tuple[ManagedProcess, str]:
+    """A Flower of its own on a free port, answering (200, or 401 without credentials); it and its URL."""
+    from devstack.services import free_port
+
+    port = free_port()
+    process = flower("flower", env, log_dir, port, basic_auth).start()
+    url = f"http://127.0.0.1:{port}/"
+    wait_until(lambda: flower_answers(url), timeout=60, interval=0.5, message="Flower answers")
+    return process, url
+
+
+def flower_answers(url: str) -> bool:
+    return httpx.get(url, timeout=2).status_code in (200, 401)
+
+
 def broker_url(env: dict[str, str]) -> str:
     return env.get("CELERY_BROKER_URL") or env["REDIS_URL"]
 
@@ -82,11 +105,7 @@ class Stack:
         self.flower_port = flower_port
         self.web_port = web_port
         if flower_port is not None:
-            self.extras.append(ManagedProcess(
-                self._name("flower"),
-                [venv_script("celery"), "-A", "workers", "flower", f"--port={flower_port}", "--address=127.0.0.1"],
-                env={**env, **({"FLOWER_BASIC_AUTH": flower_auth} if flower_auth else {})}, log_dir=log_dir,
-            ))
+            self.extras.append(flower(self._name("flower"), env, log_dir, flower_port, flower_auth))
         if web_port is not None:
             self.extras.append(ManagedProcess(
                 self._name("web"), python_module("django", "runserver", "--noreload", f"127.0.0.1:{web_port}"),
@@ -123,6 +142,9 @@ class Stack:
                        message="the Prefect runner serves its deployment")
         self.wait_for_worker()
         self.wait_for_worker(f"{self.worker_name}-tick")
+        if self.flower_port is not None:
+            flower_url = f"http://127.0.0.1:{self.flower_port}/"
+            wait_until(lambda: flower_answers(flower_url), timeout=60, interval=0.5, message="Flower answers")
         if self.web_port is not None:
             url = f"http://127.0.0.1:{self.web_port}/admin/login/"
             wait_until(lambda: httpx.get(url).is_success, timeout=60, message="the Django server answers")

@@ -1,6 +1,6 @@
 """Each declared job attempt reaches Slurm exactly once, whatever stalls, freezes or restarts around its submission.
 
-Each test runs a stack of its own (Redis, Prefect runner, Celery worker and beat; for one, a
+Each test runs a stack of its own (Redis, Prefect runner, Celery workers and beat; for one, a
 PostgreSQL server too) whose Slurm commands go through the fault shim (tests/slurm_faults),
 saves requests, and lets the stack run them with no manual step. Then Slurm's own accounting,
 which a bug in our database cannot fake, is held against the rows: no tag was submitted twice,

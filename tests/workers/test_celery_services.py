@@ -1,8 +1,9 @@
 """Each saved request gets exactly one flow run, whatever happens to Redis and Celery on the
 way, and beat ticks never overlap.
 
-Runs on a Redis, Celery worker and beat of this module's own (the `own_redis_stack` fixture), which
-the tests stop and kill; the session's Prefect server and runner, PostgreSQL and Slurm are real.
+Runs on a Redis, Celery dispatch and tick workers and a beat of this module's own
+(`own_redis_stack`), which the tests stop and kill; the session's Prefect server and runner,
+PostgreSQL and Slurm are real.
 """
 
 import re

@@ -98,13 +98,14 @@ TaskPlugin=task/none
 JobAcctGatherParams=OverMemoryKill"
 bash "$TEMPLATES/render.sh" "$TEMPLATES/slurm.conf.in" GENERATOR=docker/slurm-entrypoint.sh CLUSTER="$CLUSTER" \
     CONTROL_HOST="$HOST" HOST="$HOST" HOST_ADDR="$HOST" CPUS="$CPUS" MEM_MB="$MEM_MB" STATE_DIR="$STATE_DIR" \
-    RUN_DIR="$RUN_DIR" LOG_DIR="$LOG_DIR" TRACKING="$TRACKING" >"$CONF_DIR/slurm.conf"
+    RUN_DIR="$RUN_DIR" LOG_DIR="$LOG_DIR" TRACKING="$TRACKING" EXTRA="" >"$CONF_DIR/slurm.conf"
 cat >"$CONF_DIR/cgroup.conf" <<CONF
 CgroupPlugin=autodetect
 IgnoreSystemd=yes
 CONF
 (umask 077 && bash "$TEMPLATES/render.sh" "$TEMPLATES/slurmdbd.conf.in" GENERATOR=docker/slurm-entrypoint.sh \
-    HOST="$HOST" RUN_DIR="$RUN_DIR" LOG_DIR="$LOG_DIR" DB_HOST=localhost DB_PORT=3306 >"$CONF_DIR/slurmdbd.conf")
+    HOST="$HOST" RUN_DIR="$RUN_DIR" LOG_DIR="$LOG_DIR" DB_HOST=localhost DB_PORT=3306 EXTRA="" \
+    >"$CONF_DIR/slurmdbd.conf")
 # Published atomically for the clients in the other containers.
 cp "$CONF_DIR/slurm.conf" "$SHARED_CONF_DIR/.slurm.conf.new"
 chmod 0644 "$SHARED_CONF_DIR/.slurm.conf.new"

@@ -102,12 +102,12 @@ TEMPLATES="$(cd "$(dirname "$0")/../slurm" && pwd)"
 render_slurm_conf() {
     bash "$TEMPLATES/render.sh" "$TEMPLATES/slurm.conf.in" GENERATOR=scripts/slurm-up.sh CLUSTER="$CLUSTER" \
         CONTROL_HOST="localhost(127.0.0.1)" HOST=localhost HOST_ADDR=127.0.0.1 CPUS="$CPUS" MEM_MB="$MEM_MB" \
-        STATE_DIR="$STATE_DIR" RUN_DIR="$RUN_DIR" LOG_DIR="$LOG_DIR" TRACKING="$TRACKING"
+        STATE_DIR="$STATE_DIR" RUN_DIR="$RUN_DIR" LOG_DIR="$LOG_DIR" TRACKING="$TRACKING" EXTRA=""
 }
 
 render_slurmdbd_conf() {
     bash "$TEMPLATES/render.sh" "$TEMPLATES/slurmdbd.conf.in" GENERATOR=scripts/slurm-up.sh HOST=localhost \
-        RUN_DIR="$RUN_DIR" LOG_DIR="$LOG_DIR" DB_HOST="$DB_HOST" DB_PORT="$DB_PORT"
+        RUN_DIR="$RUN_DIR" LOG_DIR="$LOG_DIR" DB_HOST="$DB_HOST" DB_PORT="$DB_PORT" EXTRA=""
 }
 
 changed=0

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prints a slurm/*.conf.in template with each @NAME@ replaced by the value given as NAME=value;
 # a placeholder left without a value is an error, so a template line added for one caller cannot
-# reach the other caller's cluster half-filled. Values may span lines (TRACKING does).
+# reach the other caller's cluster half-filled. Values may span lines (TRACKING does); a line that
+# is only a placeholder given an empty value is dropped (EXTRA: settings one caller adds, e.g. for
+# a daemon only its cluster runs).
 #
 #   slurm/render.sh slurm/slurm.conf.in CLUSTER=emg HOST=localhost ...
 #
@@ -24,6 +26,10 @@ for pair in "$@"; do
     value=${pair#*=}
     [[ $name =~ ^[A-Z][A-Z0-9_]*$ ]] || die "bad placeholder name '$name'"
     [[ $text == *"@$name@"* ]] || die "$template has no @$name@"
+    if [[ -z $value ]]; then # a line holding only an empty placeholder goes, blank line and all
+        text=${text//$'\n'"@$name@"$'\n'/$'\n'}
+        text=${text%$'\n'"@$name@"}
+    fi
     text=${text//"@$name@"/"$value"}
 done
 if [[ $text =~ @([A-Z][A-Z0-9_]*)@ ]]; then

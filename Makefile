@@ -47,7 +47,7 @@ test: install slurm-up
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 demo: install services
-	$(PYTHON) manage.py demo
+	$(PYTHON) -m devstack.demo
 
 bench: install slurm-up
 	$(PYTHON) bench/run_all.py

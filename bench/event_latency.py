@@ -18,6 +18,7 @@ run creation is what is measured, and no flow runs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -137,18 +138,19 @@ def flush_broker() -> None:
 
 
 def start_consumer(services: BenchServices) -> None:
-    from emg.processes import venv_script, wait_until
-    from workers import app
+    """One dispatch worker (what the burst measures); no tick worker, no beat."""
+    from devstack.processes import wait_until
+    from devstack.stack import celery_worker, worker_answers
 
-    services.process("celery-worker", [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO",
-                                       "--concurrency", "2", "--without-gossip", "--without-mingle",
-                                       "-n", "bench-event-latency@%h"])
-    wait_until(lambda: app.control.ping(timeout=1), timeout=60, message="the Celery worker answers pings")
+    node = f"bench-event-latency-{os.getpid()}"
+    worker = celery_worker("celery-worker", node, services.env(), services.log_dir, roles="dispatch").start()
+    services.callback(worker.stop)
+    wait_until(lambda: worker_answers(services.env(), node), timeout=60, message="the Celery worker answers pings")
 
 
 def measure_burst(n: int) -> dict:
+    from devstack.processes import wait_until
     from emg.models import AnalysisRequest, OutboxEvent, Study
-    from emg.processes import wait_until
 
     study = Study.objects.get(accession="PRJEB40001")
     # One request through first: the worker's first run_deployment pays for imports and connections.

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,18 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from emg.processes import ManagedProcess, start_prefect_server, wait_until  # noqa: E402
+from devstack.processes import ManagedProcess  # noqa: E402
+from devstack.services import (  # noqa: E402
+    free_port,
+    prefect_database_url,
+    recreate_postgres_database,
+    start_prefect_server,
+    start_redis,
+)
 
-POSTGRES_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 SESSION = uuid.uuid4().hex[:8]
 DATABASE_NAME = f"emg_bench_{SESSION}"
 PREFECT_DATABASE_NAME = f"emg_bench_prefect_{SESSION}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def configure_environment(**overrides: str) -> None:
@@ -71,15 +70,6 @@ def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100): a value that was measured, never an interpolation."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
-def recreate_database(name: str, *, create: bool = True) -> None:
-    import psycopg
-
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        if create:
-            connection.execute(f'CREATE DATABASE "{name}"')
 
 
 def cancel_jobs_under(work_dir: str) -> int:
@@ -118,8 +108,8 @@ class BenchServices(ExitStack):
         from django.core.management import call_command
         from django.db import connections
 
-        recreate_database(DATABASE_NAME)
-        self.callback(recreate_database, DATABASE_NAME, create=False)
+        recreate_postgres_database(DATABASE_NAME)
+        self.callback(recreate_postgres_database, DATABASE_NAME, create=False)
         self.callback(connections.close_all)
         django.setup()
         call_command("migrate", interactive=False, verbosity=0)
@@ -128,22 +118,28 @@ class BenchServices(ExitStack):
         import redis
 
         url = os.environ["REDIS_URL"]
-        port = redis.connection.parse_url(url)["port"]
-        self.process("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                               "--appendonly", "no"])
-        wait_until(lambda: redis.Redis.from_url(url).ping(), timeout=20, message="Redis answers")
+        server = start_redis(redis.connection.parse_url(url)["port"], self.log_dir, self.env())
+        self.callback(server.stop)
         return url
 
     def prefect_server(self) -> ManagedProcess:
         """A Prefect server of this run's own, on a fresh PostgreSQL database (dropped on exit)."""
-        recreate_database(PREFECT_DATABASE_NAME)
-        self.callback(recreate_database, PREFECT_DATABASE_NAME, create=False)
-        env = self.env(PREFECT_SERVER_DATABASE_CONNECTION_URL=(
-            f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PREFECT_DATABASE_NAME}"))
+        recreate_postgres_database(PREFECT_DATABASE_NAME)
+        self.callback(recreate_postgres_database, PREFECT_DATABASE_NAME, create=False)
+        env = self.env(PREFECT_SERVER_DATABASE_CONNECTION_URL=prefect_database_url(PREFECT_DATABASE_NAME))
         api_url = os.environ["PREFECT_API_URL"]
         server = start_prefect_server(env, self.log_dir, api_url)
         self.callback(server.stop)
         return server
+
+    def stack(self, label: str, *, runner: bool = True):
+        """The application processes (devstack.Stack: runner, dispatch and tick workers, beat), started
+        and waited for; stopped on exit."""
+        from devstack.stack import Stack
+
+        stack = Stack(self.env(), self.log_dir, label=label, runner=runner)
+        self.callback(stack.stop)
+        return stack.start()
 
     def process(self, name: str, argv: list[str], **env: str) -> ManagedProcess:
         managed = ManagedProcess(name, argv, env=self.env(**env), log_dir=self.log_dir).start()
@@ -164,7 +160,7 @@ class BenchServices(ExitStack):
 
     def ena_server(self):
         """Our local fake of the ENA Portal API (recorded studies); its URLs go into the environment."""
-        from flows.ena_fake import FakeEnaServer
+        from devstack.ena_fake import FakeEnaServer
 
         server = FakeEnaServer()
         server.start()

@@ -84,8 +84,8 @@ def measure(interval: float, n: int) -> dict:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Running, Suspended
 
+    from devstack.processes import wait_until
     from emg.models import ClusterJob, ClusterJobState, JobWait
-    from emg.processes import wait_until
     from flows.cluster_jobs import declare_job
     from slurm_adapter import JobSpec, SlurmCluster
     from workers.reconciler import Reconciler

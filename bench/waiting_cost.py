@@ -83,28 +83,8 @@ def main() -> None:
 
 
 def start_our_stack(services: BenchServices) -> list:
-    from prefect.client.orchestration import get_client
-
-    from emg.processes import python_module, venv_script, wait_until
-    from flows.deployments import ANALYSIS_DEPLOYMENT
-    from workers import app
-
-    celery = venv_script("celery")
-    processes = [
-        services.process("prefect-runner", python_module("flows.serve")),
-        services.process("celery-worker", [celery, "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2",
-                                           "--without-gossip", "--without-mingle", "-n", "bench-waiting-cost@%h"]),
-        services.process("celery-beat", [celery, "-A", "workers", "beat", "-l", "INFO",
-                                         "--schedule", str(services.log_dir / "beat-schedule")]),
-    ]
-
-    def deployment_served() -> bool:
-        with get_client(sync_client=True) as client:
-            return client.read_deployment_by_name(ANALYSIS_DEPLOYMENT) is not None
-
-    wait_until(deployment_served, timeout=120, interval=0.5, message="the Prefect runner serves its deployment")
-    wait_until(lambda: app.control.ping(timeout=1), timeout=60, message="the Celery worker answers pings")
-    return processes
+    """Runner, dispatch and tick workers and beat (devstack.Stack); their processes, for measuring."""
+    return services.stack("bench-waiting-cost").processes
 
 
 def usage_when_settled(roots: list[int]) -> dict:
@@ -121,8 +101,8 @@ def measure_ours(k: int, processes: list) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    from devstack.processes import wait_until
     from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait, Study
-    from emg.processes import wait_until
 
     study, _ = Study.objects.get_or_create(accession=STUDY)
     existing = AnalysisRequest.objects.count()
@@ -163,8 +143,8 @@ def measure_baseline(services: BenchServices, sizes: list[int], server, poll_sec
     from prefect.states import Cancelled
     from seed_poll_flow import DEPLOYMENT
 
+    from devstack.processes import wait_until
     from emg.models import ClusterJob
-    from emg.processes import wait_until
 
     runner = services.process("seed-runner",
                               [sys.executable, "bench/seed_poll_flow.py", "--limit", str(max(sizes) + 5)])

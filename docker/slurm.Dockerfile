@@ -14,6 +14,8 @@ RUN apt-get update \
 # Jobs run the pipeline from here (EMG_PIPELINE_COMMAND in compose.yaml); the
 # application image has it at the same path.
 COPY pipelines /opt/emg/pipelines
+# slurm.conf and slurmdbd.conf templates, the same scripts/slurm-up.sh renders.
+COPY slurm /opt/emg/slurm
 COPY --chmod=0755 docker/slurm-entrypoint.sh /usr/local/bin/slurm-entrypoint
 
 # slurmctld, slurmd, slurmdbd

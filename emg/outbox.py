@@ -88,7 +88,8 @@ def publish(event_id: uuid.UUID) -> bool:
     OutboxEvent.objects.filter(id=event_id).update(publish_attempts=F("publish_attempts") + 1)
     try:
         _redis().zadd(in_flight_key(), {str(event_id): time.time()})
-        _producer().send_task(DISPATCH_TASK_NAME, args=[str(event_id)], retry=False)
+        _producer().send_task(DISPATCH_TASK_NAME, args=[str(event_id)], queue=settings.EMG_DISPATCH_QUEUE,
+                              retry=False)
     except Exception as error:  # any broker failure: the sweep will publish it again
         try:
             settle(event_id)

@@ -107,6 +107,12 @@ EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS = _env_float("EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS"
 EMG_INSTANCE_NAMESPACE = os.environ.get(
     "EMG_INSTANCE_NAMESPACE", re.sub(r"[^a-z0-9]+", "-", str(DATABASES["default"]["NAME"]).lower()).strip("-")
 )
+# Celery queues carry the namespace too, so two instances on one Redis never take each other's
+# tasks. Dispatch (outbox events, the sweep) and the reconcile tick have a queue each, consumed
+# by workers of their own (workers.celery, EMG_WORKER_ROLES): a dispatch backlog (a burst of
+# saves, Prefect down) never delays reconciliation, which needs no Prefect to track Slurm work.
+EMG_DISPATCH_QUEUE = f"emg.{EMG_INSTANCE_NAMESPACE}.dispatch"
+EMG_RECONCILE_QUEUE = f"emg.{EMG_INSTANCE_NAMESPACE}.reconcile"
 
 # --- Prefect -------------------------------------------------------------------
 PREFECT_API_URL = os.environ.get("PREFECT_API_URL", "http://127.0.0.1:4200/api")

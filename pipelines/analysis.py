@@ -22,9 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# The trace format lives with its parser in the project's flows package (standard library only).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from flows.nextflow_trace import TaskRecorder  # noqa: E402
+# Beside this script (Python puts the script's directory on sys.path): the pipelines stand alone.
+from nextflow_trace import TaskRecorder
 
 MIN_ORF_CODONS = 100
 NUCLEOTIDES = set("ACGTN")

@@ -1,15 +1,20 @@
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
-import redis
 from django.conf import settings
 
-from emg.processes import ROOT, ManagedProcess, python_module, start_prefect_server, venv_script, wait_until
+from devstack.ena_fake import FakeEnaServer
+from devstack.processes import ROOT
+from devstack.services import (
+    prefect_database_url,
+    recreate_postgres_database,
+    start_prefect_server,
+    start_redis,
+)
+from devstack.stack import Stack
 
 PREFECT_TEST_DATABASE = f"emg_prefect_{settings.TEST_SESSION}"
 
@@ -22,22 +27,12 @@ def service_logs() -> Path:
     return logs
 
 
-def recreate_postgres_database(name: str, *, create: bool = True) -> None:
-    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        if create:
-            connection.execute(f'CREATE DATABASE "{name}"')
-
-
 @pytest.fixture(scope="session", autouse=True)
 def redis_server(service_logs):
     """This session's own Redis, on the port tests/settings.py chose, keeping nothing on disk."""
-    url = redis.connection.parse_url(settings.REDIS_URL)
-    server = ManagedProcess(
-        "redis", ["redis-server", "--port", str(url["port"]), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        env=dict(os.environ), log_dir=service_logs,
-    ).start()
-    wait_until(lambda: redis.Redis.from_url(settings.REDIS_URL).ping(), timeout=20, message="Redis answers")
+    import redis
+
+    server = start_redis(redis.connection.parse_url(settings.REDIS_URL)["port"], service_logs, dict(os.environ))
     yield settings.REDIS_URL
     server.stop()
 
@@ -46,10 +41,7 @@ def redis_server(service_logs):
 def prefect_api_url(service_logs):
     """A real Prefect server of this session's own, on PostgreSQL (SQLite locks up under concurrency)."""
     recreate_postgres_database(PREFECT_TEST_DATABASE)
-    env = dict(os.environ)
-    env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = (
-        f"postgresql+asyncpg://postgres@127.0.0.1:5432/{PREFECT_TEST_DATABASE}"
-    )
+    env = {**os.environ, "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_database_url(PREFECT_TEST_DATABASE)}
     server = start_prefect_server(env, service_logs, os.environ["PREFECT_API_URL"])
     yield os.environ["PREFECT_API_URL"]
     server.stop()
@@ -87,28 +79,15 @@ def cluster_backend_env(slurm_cluster, tmp_path_factory):
 @pytest.fixture(scope="session")
 def ena_server():
     """Our local fake of the ENA Portal API, serving recorded studies and their reads."""
-    from flows.ena_fake import FakeEnaServer
-
     server = FakeEnaServer()
     server.start()
     yield server
     server.stop()
 
 
-@dataclass
-class Stack:
-    runner: ManagedProcess
-    worker: ManagedProcess
-    beat: ManagedProcess
-    env: dict[str, str]
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in (self.runner, self.worker, self.beat))
-
-
 @pytest.fixture(scope="session")
 def stack(django_db_setup, prefect_api_url, cluster_backend_env, ena_server, service_logs, tmp_path_factory):
-    """Prefect runner, Celery worker and Celery beat, all on the test database."""
+    """Prefect runner, Celery dispatch worker, tick worker and beat (devstack.Stack), all on the test database."""
     database = settings.DATABASES["default"]
     env = dict(os.environ)
     env.update(
@@ -125,41 +104,12 @@ def stack(django_db_setup, prefect_api_url, cluster_backend_env, ena_server, ser
         EMG_ENA_MAX_DEFERRALS="2",
         EMG_RESULTS_DIR=str(tmp_path_factory.mktemp("results")),
     )
-    celery = venv_script("celery")
-    beat_dir = tmp_path_factory.mktemp("beat")
-    processes = Stack(
-        runner=ManagedProcess("prefect-runner", python_module("flows.serve"), env=env, log_dir=service_logs),
-        worker=ManagedProcess(
-            "celery-worker",
-            [celery, "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2", "--without-gossip",
-             "--without-mingle", "-n", f"e2e-{os.getpid()}@%h"],
-            env=env, log_dir=service_logs,
-        ),
-        beat=ManagedProcess(
-            "celery-beat",
-            [celery, "-A", "workers", "beat", "-l", "INFO", "--schedule", str(beat_dir / "schedule")],
-            env=env, log_dir=service_logs,
-        ),
-        env=env,
-    )
-    for process in (processes.runner, processes.worker, processes.beat):
-        process.start()
+    session_stack = Stack(env, service_logs, label="e2e")
     try:
-        from prefect.client.orchestration import get_client
-
-        from flows.deployments import ANALYSIS_DEPLOYMENT
-        from workers import app
-
-        def deployment_served() -> bool:
-            with get_client(sync_client=True) as client:
-                return client.read_deployment_by_name(ANALYSIS_DEPLOYMENT) is not None
-
-        wait_until(deployment_served, timeout=90, interval=0.5, message="the Prefect runner served its deployment")
-        wait_until(lambda: app.control.ping(timeout=1), timeout=60, message="the Celery worker answers pings")
-        yield processes
+        session_stack.start()
+        yield session_stack
     finally:
-        for process in (processes.beat, processes.worker, processes.runner):
-            process.stop()
+        session_stack.stop()
 
 
 def pytest_collection_modifyitems(items):

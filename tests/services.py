@@ -6,8 +6,8 @@ from contextlib import contextmanager
 from django.conf import settings
 from django.test import override_settings
 
+from devstack.services import free_port
 from emg.outbox import _producer
-from tests.ports import free_port
 
 
 def database_url() -> str:

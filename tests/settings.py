@@ -9,7 +9,7 @@ import os
 import tempfile
 import uuid
 
-from tests.ports import free_port
+from devstack.services import free_port
 
 _session = uuid.uuid4().hex[:8]
 # Everything is named per session, so two test sessions on one machine never share a queue,

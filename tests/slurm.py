@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
-from emg.processes import wait_until
+from devstack.processes import wait_until
 from slurm_adapter.cluster import job_comment
 
 ACTIVE_SQUEUE_STATES = "PENDING,RUNNING"
@@ -53,8 +53,8 @@ def slurm_command_stand_ins(directory: Path) -> tuple[Path, Path]:
 def own_slurmrestd(log_dir: Path):
     """A slurmrestd of a test's own on a free port, run as scripts/slurm-up.sh runs it (its own
     user, JWT), so that killing it disturbs nobody else's: (the process, not started yet; its URL)."""
-    from emg.processes import ManagedProcess
-    from tests.ports import free_port
+    from devstack.processes import ManagedProcess
+    from devstack.services import free_port
 
     address = f"127.0.0.1:{free_port()}"
     argv = ["setpriv", "--reuid=emg-slurmrestd", "--regid=emg-slurmrestd", "--clear-groups",

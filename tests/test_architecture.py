@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT_PACKAGES = ("emg", "workers", "flows", "slurm_adapter")
+DEV_PACKAGES = ("devstack", "tests", "bench")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -37,7 +38,7 @@ def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
 def copy_tree(destination: Path) -> None:
     """The Python files of every package the contracts name, and the contracts."""
     keep_python = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for package in (*PRODUCT_PACKAGES, "tests", "bench"):
+    for package in (*PRODUCT_PACKAGES, *DEV_PACKAGES):
         shutil.copytree(ROOT / package, destination / package, ignore=keep_python)
     shutil.copy(ROOT / ".importlinter", destination / ".importlinter")
 
@@ -56,6 +57,9 @@ def test_import_contracts_hold_on_the_real_tree():
         ("slurm_adapter", "from emg import models\n", "slurm-adapter-standalone"),
         ("emg", "import workers.dispatch\n", "emg-below-flows-and-workers"),
         ("workers", "import tests.settings\n", "product-not-tests"),
+        ("emg", "from devstack.processes import wait_until\n", "product-not-tests"),
+        ("flows", "import devstack.ena_fake\n", "product-not-tests"),
+        ("devstack", "import tests.services\n", "devstack-not-tests"),
         ("flows", "import workers.reconciler\n", "layers"),
     ],
 )
@@ -113,7 +117,8 @@ def environment_reads(source: str) -> set[str]:
 
 def configuration_variables() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
-    for package in PRODUCT_PACKAGES:
+    # devstack too: the demo's own variables (DEMO_*) are configuration people set.
+    for package in (*PRODUCT_PACKAGES, "devstack"):
         for path in sorted((ROOT / package).rglob("*.py")):
             for name in environment_reads(path.read_text()):
                 if name.startswith(CONFIG_PREFIXES) or name in CONFIG_NAMES:
@@ -145,7 +150,8 @@ def test_the_scanner_finds_every_kind_of_read():
 def test_settings_reads_are_found():
     found = configuration_variables()
     # A sample of what emg/settings.py reads, so a scanner that finds nothing cannot pass.
-    for name in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY", "EMG_WORK_DIR", "EMG_INSTANCE_NAMESPACE"):
+    for name in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY", "EMG_WORK_DIR", "EMG_INSTANCE_NAMESPACE",
+                 "EMG_WORKER_ROLES", "DEMO_ONCE"):
         assert name in found
 
 

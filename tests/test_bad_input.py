@@ -6,6 +6,7 @@ Slurm client whose commands answer canned (broken) output.
 """
 
 import json
+import os
 import subprocess
 import threading
 import uuid
@@ -18,6 +19,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
+from devstack.processes import venv_script
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, OutboxEvent, Study
 from emg.pipeline_options import option_arguments
 from flows.analysis import command
@@ -298,3 +300,12 @@ def test_an_answer_from_ena_that_is_not_a_json_list_fails_the_request_clearly_an
     assert request.status_reason.startswith(f"ENA: ENA's answer for {accession} {reason}")
     assert request.current_step == "fetching from ENA"
     assert not ClusterJob.objects.exists()
+
+
+@pytest.mark.parametrize("roles", ["dispatch,tick", "", " , "])
+def test_a_celery_worker_given_unknown_roles_refuses_to_start_and_names_the_roles_it_knows(roles):
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "emg.settings", "EMG_WORKER_ROLES": roles}
+    result = subprocess.run([venv_script("celery"), "-A", "workers", "worker", "-l", "INFO"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"EMG_WORKER_ROLES={roles!r}: expected a comma-separated list of ['dispatch', 'reconcile']" in result.stderr

@@ -10,8 +10,8 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
+from devstack.processes import wait_until
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait, OutboxEvent, ReconcileTick, Study
-from emg.processes import wait_until
 from slurm_adapter import JobSpec
 from tests.workers.ticking import held_tick_lock
 

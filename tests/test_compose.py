@@ -20,14 +20,15 @@ SERVICES = {
     "prefect-server",
     "prefect-worker",
     "celery-worker",
+    "celery-tick-worker",
     "celery-beat",
     "flower",
     "web",
     "slurm",
 }
 # Processes of our own code that need the database and the broker.
-APP_SERVICES = {"web", "celery-worker", "celery-beat", "prefect-worker"}
-CELERY_SERVICES = {"celery-worker", "celery-beat"}
+APP_SERVICES = {"web", "celery-worker", "celery-tick-worker", "celery-beat", "prefect-worker"}
+CELERY_SERVICES = {"celery-worker", "celery-tick-worker", "celery-beat"}
 
 # Dummy secrets, distinctive enough that finding one anywhere means it was put there.
 PG_PASSWORD = "dummy-pg-password-7f3a9c"
@@ -160,12 +161,20 @@ def test_commands(services):
     assert "prefect server start --host 0.0.0.0 --port 4200" in command_text(services["prefect-server"])
     assert command_text(services["prefect-worker"]) == "python -m flows.serve"
     assert command_text(services["celery-worker"]) == "celery -A workers worker -l INFO"
+    assert command_text(services["celery-tick-worker"]) == "celery -A workers worker -l INFO --concurrency 1"
     assert command_text(services["celery-beat"]) == "celery -A workers beat -l INFO --schedule /var/lib/emg/beat/schedule"
     assert command_text(services["flower"]).startswith("celery -A workers flower --port=5555")
     web = command_text(services["web"])
     assert "python manage.py migrate --noinput &&" in web
     assert "python manage.py runserver" in web and "0.0.0.0:8000" in web
     assert "--appendonly yes" in command_text(services["redis"])
+
+
+def test_dispatch_and_the_reconcile_tick_have_a_worker_each(services):
+    """A dispatch backlog cannot delay ticks: each worker consumes the queue of its one role."""
+    assert services["celery-worker"]["environment"]["EMG_WORKER_ROLES"] == "dispatch"
+    assert services["celery-tick-worker"]["environment"]["EMG_WORKER_ROLES"] == "reconcile"
+    assert "EMG_WORKER_ROLES" not in services["celery-beat"]["environment"]
 
 
 def test_web_healthcheck_uses_python_not_curl(services):

@@ -6,28 +6,9 @@ import secrets
 import httpx
 import pytest
 
-from emg.processes import ManagedProcess, venv_script, wait_until
-from tests.ports import free_port
+from devstack.stack import start_flower
 
 FLOWER_USER = "operator"
-
-
-def start_flower(env: dict[str, str], log_dir, basic_auth: str) -> tuple[ManagedProcess, str]:
-    """A real Flower on a free port, on the broker the environment names; returns it and its URL."""
-    port = free_port()
-    flower = ManagedProcess(
-        "flower", [venv_script("celery"), "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1"],
-        env={**env, "FLOWER_BASIC_AUTH": basic_auth}, log_dir=log_dir,
-    ).start()
-    url = f"http://127.0.0.1:{port}/"
-
-    def answers() -> bool:
-        if not flower.running:
-            raise RuntimeError(f"Flower exited:\n{flower.log_tail()}")
-        return httpx.get(url, timeout=2).status_code in (200, 401)
-
-    wait_until(answers, timeout=60, interval=0.5, message="Flower answers")
-    return flower, url
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import redis
 from django.test import Client, override_settings
 
+from devstack.processes import ManagedProcess, wait_until
+from devstack.services import free_port
 from emg import views
-from emg.processes import ManagedProcess, wait_until
-from tests.ports import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.django_db]
 

@@ -14,9 +14,9 @@ from django.contrib.auth.models import User
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
+from devstack.processes import wait_until
 from emg.metrics import pending_and_run_times
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, OutboxEvent, ReconcileTick, Study
-from emg.processes import wait_until
 from tests.test_commands import declare, run
 
 pytestmark = pytest.mark.django_db

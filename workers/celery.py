@@ -4,7 +4,8 @@ import os
 
 import django
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import celeryd_after_setup, worker_process_init
+from kombu import Queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emg.settings")
 django.setup()
@@ -12,6 +13,24 @@ django.setup()
 from django.conf import settings  # noqa: E402  (needs django.setup())
 
 VISIBILITY_TIMEOUT = int(os.environ.get("EMG_CELERY_VISIBILITY_TIMEOUT", "300"))
+
+# A worker's roles name the queues it consumes (emg.settings: EMG_DISPATCH_QUEUE, EMG_RECONCILE_QUEUE).
+# Deployments run one worker per role, the reconcile one with concurrency 1. Without
+# EMG_WORKER_ROLES a worker consumes both queues (or what -Q names): enough on a laptop, where a
+# dispatch backlog may then delay ticks.
+QUEUES_BY_ROLE = {"dispatch": settings.EMG_DISPATCH_QUEUE, "reconcile": settings.EMG_RECONCILE_QUEUE}
+
+
+def worker_queues(roles: str) -> list[str]:
+    """The queues of a comma-separated list of roles; an unknown or empty list is refused by name."""
+    names = [role.strip() for role in roles.split(",") if role.strip()]
+    unknown = sorted(set(names) - set(QUEUES_BY_ROLE))
+    if unknown or not names:
+        raise ValueError(f"EMG_WORKER_ROLES={roles!r}: expected a comma-separated list of {sorted(QUEUES_BY_ROLE)}")
+    return [QUEUES_BY_ROLE[name] for name in dict.fromkeys(names)]
+
+
+ROLE_QUEUES = worker_queues(os.environ["EMG_WORKER_ROLES"]) if "EMG_WORKER_ROLES" in os.environ else None
 
 app = Celery("emg-workers")
 app.conf.update(
@@ -34,6 +53,9 @@ app.conf.update(
         "socket_connect_timeout": 5,
     },
     worker_hijack_root_logger=False,
+    task_queues=[Queue(name) for name in QUEUES_BY_ROLE.values()],
+    task_default_queue=settings.EMG_DISPATCH_QUEUE,
+    task_routes={"workers.tasks.reconcile": {"queue": settings.EMG_RECONCILE_QUEUE}},
     # Flower shows tasks only from their events.
     worker_send_task_events=True,
     task_send_sent_event=True,
@@ -59,6 +81,13 @@ app.conf.update(
     },
 )
 app.autodiscover_tasks(["workers"], related_name="tasks", force=True)
+
+
+@celeryd_after_setup.connect
+def consume_the_queues_of_its_roles(sender, instance, **_kwargs) -> None:
+    # After -Q is applied: a worker started with roles consumes exactly their queues.
+    if ROLE_QUEUES is not None:
+        instance.app.amqp.queues.select(ROLE_QUEUES)
 
 
 @worker_process_init.connect

@@ -1,12 +1,10 @@
-"""Stacks a test may kill, piece by piece: the helpers of the resilience and chaos suites.
+"""Helpers of the resilience and chaos suites: services a test kills, stops or freezes.
 
-`KillableStack` is a Prefect runner, a Celery worker and a Celery beat of a test module's own,
-on the environment the module chooses (its own zombie threshold, its own Redis or Prefect
-server). The session stack's processes are stopped meanwhile (`session_stack_paused`), so no
-other consumer, reconciler or runner reaches the test database.
-
-Also here: services a test restarts or stops (Redis, the Prefect server, slurmctld, a
-PostgreSQL server of the test's own) and processes it freezes (`freeze_for`).
+The stacks they kill piece by piece are devstack.Stack (a Prefect runner, Celery workers and a
+beat of a test module's own, on the environment the module chooses); the session stack is
+paused meanwhile (`Stack.paused`), so no other consumer, reconciler or runner reaches the test
+database. Here: slurmctld, a PostgreSQL server of the test's own, database sessions cut off,
+and processes frozen (`freeze_for`).
 """
 
 import os
@@ -14,149 +12,16 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import psycopg
-import redis
-from celery import Celery
 
-from emg.processes import (
-    ManagedProcess,
-    python_module,
-    start_prefect_server,
-    venv_script,
-    wait_until,
-)
-from flows.deployments import ANALYSIS_DEPLOYMENT
+from devstack.processes import wait_until
 from tests.services import database_url
 
 SLURMCTLD_PID_FILE = Path("/run/emg-slurm/slurmctld.pid")
 SLURM_LOG_DIR = Path("/var/log/emg-slurm")
-
-
-class KillableStack:
-    """Runner, worker and beat started from `env`; each can be killed (SIGKILL, whole group) and started again."""
-
-    def __init__(self, label: str, env: dict[str, str], log_dir: Path):
-        self.label = label
-        self.env = env
-        self.log_dir = log_dir
-        celery = venv_script("celery")
-        self.runner = ManagedProcess(f"{label}-prefect-runner", python_module("flows.serve"), env=env, log_dir=log_dir)
-        self.held_down: set[str] = set()
-        self.worker_name = f"{label}-{os.getpid()}"
-        self.worker = self._worker(f"{label}-celery-worker", self.worker_name)
-        # More workers on the same queue, as a deployment may run (start_another_worker).
-        self.more_workers: list[ManagedProcess] = []
-        self.beat = ManagedProcess(
-            f"{label}-celery-beat",
-            [celery, "-A", "workers", "beat", "-l", "INFO", "--schedule", str(log_dir / f"{label}-beat.schedule")],
-            env=env, log_dir=log_dir,
-        )
-
-    def _worker(self, name: str, node_name: str) -> ManagedProcess:
-        return ManagedProcess(
-            name,
-            [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2", "--without-gossip",
-             "--without-mingle", "-n", f"{node_name}@%h"],
-            env=self.env, log_dir=self.log_dir,
-        )
-
-    def start_another_worker(self) -> ManagedProcess:
-        """One more Celery worker on the stack's queue (it consumes events and ticks as the first does)."""
-        number = len(self.more_workers) + 2
-        worker = self._worker(f"{self.label}-celery-worker-{number}", f"{self.worker_name}-{number}").start()
-        self.more_workers.append(worker)
-        self.wait_for_worker(f"{self.worker_name}-{number}")
-        return worker
-
-    def kill_for(self, process: ManagedProcess, seconds: float) -> None:
-        """SIGKILL one of ours, keep it down for `seconds` (a deliberate outage), start it again."""
-        self.held_down.add(process.name)
-        try:
-            process.kill()
-            time.sleep(seconds)
-            process.start()
-        finally:
-            self.held_down.discard(process.name)
-
-    @property
-    def processes(self) -> list[ManagedProcess]:
-        return [self.runner, self.worker, *self.more_workers, self.beat]
-
-    def start(self, *, beat: bool = True) -> None:
-        """Runner and worker, and the beat unless told not to (a test then starts `self.beat` itself)."""
-        for process in self.processes:
-            if beat or process is not self.beat:
-                process.start()
-        wait_until(self.deployment_served, timeout=90, interval=0.5, message="the runner served its deployment")
-        self.wait_for_worker()
-
-    def deployment_served(self) -> bool:
-        url = f"{self.env['PREFECT_API_URL']}/deployments/name/{ANALYSIS_DEPLOYMENT}"
-        return httpx.get(url, timeout=5).status_code == 200
-
-    def wait_for_worker(self, worker_name: str | None = None) -> None:
-        worker_name = worker_name or self.worker_name
-
-        def answers() -> bool:
-            # A new client each time: a pooled connection does not outlive a Redis restart.
-            control = Celery(f"{self.label}-control", broker=self.env["REDIS_URL"])
-            try:
-                return any(f"{worker_name}@" in reply for answer in control.control.ping(timeout=1) for reply in answer)
-            finally:
-                control.close()
-
-        wait_until(answers, timeout=60, message=f"Celery worker {worker_name} answers pings")
-
-    @contextmanager
-    def supervised(self, interval: float = 1.0) -> Iterator[list[str]]:
-        """Start again, as a supervisor (compose's `restart:`) would, whatever exits on its own
-        meanwhile; yields the list of what was, by name (killed ones the test restarts itself)."""
-        revived: list[str] = []
-        stopping = threading.Event()
-
-        def watch() -> None:
-            while not stopping.wait(interval):
-                for process in self.processes:
-                    if not process.running and process.name not in self.held_down:
-                        revived.append(process.name)
-                        process.start()
-
-        thread = threading.Thread(target=watch, daemon=True)
-        thread.start()
-        try:
-            yield revived
-        finally:
-            stopping.set()
-            thread.join(timeout=10)
-
-    def stop(self) -> None:
-        for process in reversed(self.processes):
-            process.stop()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.log_tail()}" for p in self.processes)
-
-
-@contextmanager
-def session_stack_paused(stack) -> Iterator[None]:
-    """The session stack's runner, worker and beat stopped for the duration; started again after."""
-    for process in (stack.beat, stack.worker, stack.runner):
-        process.stop()
-    try:
-        yield
-    finally:
-        for process in (stack.runner, stack.worker, stack.beat):
-            process.start()
-        from workers import app
-
-        wait_until(lambda: app.control.ping(timeout=1), timeout=60, message="the session's Celery worker is back")
 
 
 def parent_pid(pid: int) -> int:
@@ -234,22 +99,6 @@ class OwnPostgres:
         if self.log_path.exists():
             shutil.copy(self.log_path, self.log_dir / f"postgres-{self.port}.log")
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def start_redis(port: int, log_dir: Path, env: dict[str, str], name: str) -> ManagedProcess:
-    """A Redis that keeps nothing on disk: a restart starts it empty."""
-    server = ManagedProcess(
-        name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        env=env, log_dir=log_dir,
-    ).start()
-    wait_until(lambda: redis.Redis(port=port).ping(), timeout=20, message=f"Redis on {port} answers")
-    return server
-
-
-def restart_prefect_server(server: ManagedProcess, env: dict[str, str], log_dir: Path, api_url: str) -> ManagedProcess:
-    """Start the server again on the same port (the killed one's socket may linger for a moment)."""
-    server.process.wait(timeout=30)
-    return start_prefect_server(env, log_dir, api_url)
 
 
 def terminate_database_backends(database: str, spare: list[int]) -> int:

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 from prefect.client.orchestration import get_client
 
+from devstack.processes import wait_until
 from emg.models import AnalysisRequest, ClusterJob, JobWait, Study
-from emg.processes import wait_until
 from slurm_adapter.cluster import job_comment
 from tests.slurm import accounted_comments, slurm_jobs_tagged, squeue_state
 

@@ -28,23 +28,26 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from devstack.processes import ManagedProcess, wait_until
+from devstack.services import (
+    free_port,
+    prefect_database_url,
+    recreate_postgres_database,
+    restart_prefect_server,
+    start_prefect_server,
+    start_redis,
+)
+from devstack.stack import Stack
 from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent
 from emg.outbox import _producer
-from emg.processes import ManagedProcess, start_prefect_server, wait_until
 from slurm_adapter.cluster import job_comment
-from tests.conftest import recreate_postgres_database
 from tests.e2e.chaos import (
-    KillableStack,
     kill_slurmctld_when_idle,
-    restart_prefect_server,
-    session_stack_paused,
-    start_redis,
     start_slurmctld,
     stop_slurmctld,
     terminate_database_backends,
 )
 from tests.e2e.requests import final_request, new_request
-from tests.ports import free_port
 from tests.slurm import accounted_comments
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.slurm, pytest.mark.slow,
@@ -62,7 +65,7 @@ BETWEEN_SECONDS = (1.0, 6.0)  # pause between one service back and the next kill
 
 @dataclass
 class ChaosServices:
-    stack: KillableStack
+    stack: Stack
     redis: ManagedProcess
     prefect_server: ManagedProcess
     redis_port: int
@@ -86,7 +89,7 @@ def chaos(stack, slurm_cluster, service_logs):
     api_url = f"http://127.0.0.1:{free_port()}/api"
     server_env = {**os.environ,
                   "PREFECT_API_URL": api_url,
-                  "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"}
+                  "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_database_url(database)}
     env = {
         **stack.env,
         "REDIS_URL": redis_url,
@@ -103,9 +106,9 @@ def chaos(stack, slurm_cluster, service_logs):
         "EMG_MAX_ACTIVE_JOBS": "1000000",
     }
     overridden = override_settings(REDIS_URL=redis_url, CELERY_BROKER_URL=redis_url)
-    with session_stack_paused(stack):
+    with stack.paused():
         services = ChaosServices(
-            stack=KillableStack("chaos", env, log_dir),
+            stack=Stack(env, log_dir, label="chaos"),
             redis=start_redis(redis_port, log_dir, env, "chaos-redis"),
             prefect_server=start_prefect_server(server_env, log_dir, api_url),
             redis_port=redis_port, api_url=api_url, server_env=server_env, log_dir=log_dir,
@@ -133,6 +136,10 @@ def down_for(rng: random.Random) -> None:
 
 def kill_worker(services: ChaosServices, rng) -> None:
     services.stack.kill_for(services.stack.worker, rng.uniform(*DOWN_SECONDS))
+
+
+def kill_tick_worker(services: ChaosServices, rng) -> None:
+    services.stack.kill_for(services.stack.tick_worker, rng.uniform(*DOWN_SECONDS))
 
 
 def kill_beat(services: ChaosServices, rng) -> None:
@@ -181,7 +188,7 @@ def kill_slurmctld(services: ChaosServices, rng) -> None:
     start_slurmctld()
 
 
-KILLS = [kill_worker, kill_beat, kill_runner, kill_prefect_server, kill_redis, kill_database_connections,
+KILLS = [kill_worker, kill_tick_worker, kill_beat, kill_runner, kill_prefect_server, kill_redis, kill_database_connections,
          restart_slurmctld_gracefully, kill_slurmctld]
 
 

@@ -13,8 +13,8 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 from prefect.client.orchestration import get_client
 
+from devstack.processes import wait_until
 from emg.models import AnalysisRequest, ClusterJobState, JobWait, ReconcileTick
-from emg.processes import wait_until
 from tests.e2e.requests import final_request, jobs_of, new_request, state_names, suspended_on_pending_assembly
 from tests.slurm import cluster_blocked, squeue_state
 

@@ -1,6 +1,6 @@
 """Each declared job attempt reaches Slurm exactly once, whatever stalls, freezes or restarts around its submission.
 
-Each test runs a stack of its own (Redis, Prefect runner, Celery worker and beat; for one, a
+Each test runs a stack of its own (Redis, Prefect runner, Celery workers and beat; for one, a
 PostgreSQL server too) whose Slurm commands go through the fault shim (tests/slurm_faults),
 saves requests, and lets the stack run them with no manual step. Then Slurm's own accounting,
 which a bug in our database cannot fake, is held against the rows: no tag was submitted twice,
@@ -27,18 +27,16 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
+from devstack.processes import ROOT, ManagedProcess, WaitTimeout, wait_until
+from devstack.services import free_port, start_redis
+from devstack.stack import Stack
 from emg.models import AnalysisRequest, ClusterJob, JobWait, ReconcileTick
-from emg.processes import ROOT, ManagedProcess, WaitTimeout, wait_until
 from tests.e2e.chaos import (
-    KillableStack,
     OwnPostgres,
     freeze_for,
     parent_pid,
-    session_stack_paused,
-    start_redis,
 )
 from tests.e2e.requests import assert_exactly_once_in_slurm, final_request, jobs_of, new_request, state_names
-from tests.ports import free_port
 from tests.services import broker_at
 from tests.slurm import cancel_jobs_under
 from tests.slurm_faults import SlurmFaults
@@ -64,7 +62,7 @@ COMPLETION_DEADLINE = 480
 class FaultyStack:
     """A stack of a test's own whose Slurm commands go through the fault shim, on a Redis of its own."""
 
-    stack: KillableStack
+    stack: Stack
     faults: SlurmFaults
     redis: ManagedProcess
     redis_port: int
@@ -90,7 +88,7 @@ class FaultyStack:
 @pytest.fixture(scope="module")
 def session_paused(stack):
     """The session's runner, worker and beat stay stopped while this module's stacks run."""
-    with session_stack_paused(stack):
+    with stack.paused():
         yield stack
 
 
@@ -128,7 +126,7 @@ def make_stack(session_paused, service_logs, tmp_path):
                 subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], env=environment, cwd=ROOT,
                                check=True, capture_output=True, timeout=300)
             own = FaultyStack(
-                stack=KillableStack(label, environment, log_dir),
+                stack=Stack(environment, log_dir, label=label),
                 faults=faults,
                 redis=start_redis(port, log_dir, environment, f"{label}-redis"),
                 redis_port=port, work_dir=work_dir, log_dir=log_dir, started_at=timezone.now(),
@@ -202,13 +200,13 @@ def test_a_submission_answered_after_three_lock_lifetimes_is_one_slurm_job(make_
 
 
 def test_a_worker_frozen_in_the_middle_of_a_submission_leaves_one_slurm_job_per_attempt(make_stack):
-    """The Celery worker running the tick is SIGSTOPped (its main process and the pool process in
-    the tick) while that tick's sbatch is out, and continued 30 s later, while a second worker takes
-    the beat's ticks. 30 s rather than minutes: it is 3 lock lifetimes, so any lock the frozen tick
+    """The Celery tick worker running the tick is SIGSTOPped (its main process and the pool process
+    in the tick) while that tick's sbatch is out, and continued 30 s later, while a second tick
+    worker takes the beat's ticks. 30 s rather than minutes: it is 3 lock lifetimes, so any lock the frozen tick
     took has long expired, and a frozen process holds whatever it held for as long as it is frozen.
     Afterwards: one Slurm job per attempt, and no two ticks ran at once."""
     own = make_stack("worker-frozen")
-    second = own.stack.start_another_worker()
+    second = own.stack.start_another_worker("reconcile")
     # The job is created at once and its id told 5 s later: the freeze lands while sbatch is out.
     own.faults.stall("sbatch", 5, when="after", match=ASSEMBLY)
 
@@ -220,7 +218,7 @@ def test_a_worker_frozen_in_the_middle_of_a_submission_leaves_one_slurm_job_per_
                                 message="a tick ran sbatch")
         pool = call["ppid"]  # the shim's parent: the pool process running the tick
         worker = parent_pid(pool)
-        assert worker in {own.stack.worker.process.pid, second.process.pid}
+        assert worker in {own.stack.tick_worker.process.pid, second.process.pid}
         freeze_for([worker, pool], FAULT_SECONDS)
         completed_exactly_once(own, requests)
 

@@ -17,13 +17,13 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from devstack.processes import ROOT, wait_until
+from devstack.stack import start_flower
 from emg.models import AnalysisRequest, ClusterJob, OutboxEvent, Study
-from emg.processes import ROOT, wait_until
 from tests.conftest import PREFECT_TEST_DATABASE
 from tests.e2e.requests import final_request, jobs_of, state_names, suspended_on_pending_assembly
 from tests.slurm import cluster_blocked
 from tests.test_commands import run, sections
-from tests.test_flower import start_flower
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
 

@@ -14,9 +14,9 @@ import pytest
 from django.utils import timezone
 from prefect.client.orchestration import get_client
 
+from devstack.processes import wait_until
+from devstack.stack import Stack
 from emg.models import AnalysisRequest, ClusterJob, JobWait, ReconcileTick
-from emg.processes import wait_until
-from tests.e2e.chaos import KillableStack, session_stack_paused
 from tests.e2e.requests import (
     assert_each_job_ran_once_in_slurm,
     final_request,
@@ -46,8 +46,8 @@ def zombie_stack(stack, service_logs):
         # thousands of held jobs) included: it must not stop this module's submissions.
         "EMG_MAX_ACTIVE_JOBS": "1000000",
     }
-    own = KillableStack("resilience", env, service_logs)
-    with session_stack_paused(stack):
+    own = Stack(env, service_logs, label="resilience")
+    with stack.paused():
         own.start()
         try:
             yield own

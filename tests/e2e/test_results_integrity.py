@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 
+from devstack.processes import ROOT, wait_until
 from emg.models import Analysis, AnalysisRequest, Assembly, ClusterJob, JobWait
-from emg.processes import ROOT, wait_until
 from tests.e2e.requests import assert_each_job_ran_once_in_slurm, final_request, jobs_of, new_request
 from tests.slurm import cluster_blocked
 

@@ -9,9 +9,9 @@ import os
 
 import pytest
 
+from devstack.processes import wait_until
+from devstack.stack import Stack
 from emg.models import AnalysisRequest, ReconcileTick
-from emg.processes import wait_until
-from tests.e2e.chaos import KillableStack, session_stack_paused
 from tests.e2e.requests import assert_each_job_ran_once_in_slurm, final_request, jobs_of, new_request
 from tests.slurm import (
     cluster_blocked,
@@ -41,9 +41,9 @@ def rest_stack(stack, service_logs, tmp_path_factory):
         # The cap counts every emg-tagged job of this Slurm user, other sessions' included.
         "EMG_MAX_ACTIVE_JOBS": "1000000",
     }
-    own = KillableStack("rest", env, service_logs)
+    own = Stack(env, service_logs, label="rest")
     own.slurmrestd = server
-    with session_stack_paused(stack):
+    with stack.paused():
         own.start()
         try:
             yield own

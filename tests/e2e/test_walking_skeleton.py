@@ -3,8 +3,8 @@
 import pytest
 from prefect.client.orchestration import get_client
 
+from devstack.processes import wait_until
 from emg.models import Analysis, AnalysisRequest, Assembly, ClusterJob, JobWait, OutboxEvent, Run, Sample
-from emg.processes import wait_until
 from tests.e2e.requests import (
     assert_each_job_ran_once_in_slurm,
     final_request,

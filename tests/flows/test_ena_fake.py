@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from flows.ena_fake import FakeEnaServer, Recordings
+from devstack.ena_fake import FakeEnaServer, Recordings
 
 RUN_FIELDS = "sample_accession,study_accession,library_layout,read_count,base_count,fastq_ftp,fastq_md5,fastq_bytes"
 

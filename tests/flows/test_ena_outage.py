@@ -2,8 +2,8 @@
 
 import pytest
 
+from devstack.ena_fake import FakeEnaServer
 from flows.ena import STUDY_FIELDS, EnaError, EnaUnavailable, search
-from flows.ena_fake import FakeEnaServer
 
 
 @pytest.fixture

@@ -1,20 +1,13 @@
-"""The Nextflow trace parser, on trace files in Nextflow's real format (tests/flows/data/)."""
+"""The Nextflow trace parser, on trace files in Nextflow's real format (tests/flows/data/), and the
+stand-in pipelines' own writer (pipelines/nextflow_trace.py), whose files the parser reads back."""
 
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from flows.nextflow_trace import (
-    TaskRecorder,
-    format_duration,
-    format_size,
-    format_trace,
-    parse_duration,
-    parse_size,
-    parse_trace,
-    summarise,
-)
+from flows.nextflow_trace import parse_duration, parse_size, parse_trace, summarise
+from pipelines.nextflow_trace import TaskRecorder, format_duration, format_size, format_trace
 
 DATA = Path(__file__).parent / "data"
 GB = 1024**3

@@ -3,13 +3,15 @@
 import gzip
 import json
 import random
+import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
-from flows.ena_fake import FakeEnaServer
+from devstack.ena_fake import FakeEnaServer
 from flows.nextflow_trace import parse_trace
 
 PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
@@ -17,11 +19,9 @@ CLEAN_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
 @pytest.fixture(scope="module")
-def ena():
-    fake = FakeEnaServer()
-    fake.start()
-    yield fake
-    fake.stop()
+def ena(ena_server):
+    """The session's fake ENA (tests/conftest.py)."""
+    return ena_server
 
 
 def run_pipeline(*command, timeout=120) -> subprocess.CompletedProcess:
@@ -325,3 +325,16 @@ def test_datamove_of_named_files_refuses_a_changed_file_or_a_name_outside_the_de
 
     assert result.returncode == 1 and message in result.stderr
     assert not destination.exists() and list(destination.parent.iterdir()) == []
+
+
+def test_the_pipelines_stand_alone_away_from_the_repository(tmp_path):
+    """A copy of pipelines/ alone (as the slurm image holds it) runs: its trace writer comes with it,
+    and nothing of the orchestrator is imported."""
+    copy = shutil.copytree(PIPELINES, tmp_path / "pipelines", ignore=shutil.ignore_patterns("__pycache__"))
+    for script in ("assembly.py", "analysis.py"):
+        result = run_pipeline("/usr/bin/python3", copy / script, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage:" in result.stdout
+    for source in copy.glob("*.py"):
+        assert not re.search(r"^\s*(from|import)\s+(emg|flows|workers|slurm_adapter)\b", source.read_text(),
+                             re.MULTILINE), source.name

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from emg.processes import wait_until
+from devstack.processes import wait_until
 from slurm_adapter import JobSpec, JobState, JobStatus, LocalCluster, RestCluster, SlurmCluster, SubmittedJob
 from tests.slurm import SLURMRESTD_URL, mint_token
 

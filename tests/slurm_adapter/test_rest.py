@@ -240,7 +240,7 @@ def test_a_permanent_error_is_not_retried(slurm_up, spec, tag) -> None:
 
 @pytest.mark.slurm
 def test_no_slurmrestd_is_a_cluster_error_after_retries(slurm_up) -> None:
-    from tests.ports import free_port
+    from devstack.services import free_port
 
     cluster = _rest(f"http://127.0.0.1:{free_port()}", api_version="v0.0.38")
     with pytest.raises(ClusterError, match="cannot connect"):

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from emg.processes import wait_until
+from devstack.processes import wait_until
 from tests.slurm_faults import BIN_DIR, SlurmFaults
 
 pytestmark = [pytest.mark.slurm]

@@ -13,16 +13,15 @@ from pathlib import Path
 
 import pytest
 import redis
-from celery import Celery
 from django.conf import settings
-from django.test import override_settings
 from prefect.client.orchestration import get_client
 
+from devstack.processes import ManagedProcess, wait_until
+from devstack.services import free_port, start_redis
+from devstack.stack import celery_beat, celery_worker, worker_answers
 from emg.models import ClusterJob
-from emg.outbox import _producer
-from emg.processes import ManagedProcess, venv_script, wait_until
 from slurm_adapter import Cluster, RestCluster, SlurmCluster
-from tests.ports import free_port
+from tests.services import broker_at
 from tests.slurm import SLURMRESTD_URL, test_cluster_backend, write_token_file
 from tests.workers.ticking import held_tick_lock
 from workers.reconciler import Reconciler
@@ -85,10 +84,11 @@ def work_dir() -> Path:
 
 
 class OwnRedisStack:
-    """A Redis of this module's own, with a Celery worker and beat on it: services a test may kill.
+    """A Redis of this module's own, with Celery workers (dispatch, and a tick worker) and beat on
+    it: services a test may kill.
 
-    The session stack's Prefect runner is shared (it uses no Redis); the session stack's worker
-    and beat are stopped meanwhile, so that no other consumer or sweep reaches our database.
+    The session stack's Prefect runner is shared (it uses no Redis); the session stack's workers
+    and beat are paused meanwhile, so that no other consumer or sweep reaches our database.
     """
 
     def __init__(self, env: dict[str, str], log_dir: Path):
@@ -97,58 +97,51 @@ class OwnRedisStack:
         self.env = {**env, "REDIS_URL": self.url}
         self.log_dir = log_dir
         self.redis: ManagedProcess | None = None
-        self.workers: list[ManagedProcess] = []
+        self.workers: list[ManagedProcess] = []  # dispatch workers
+        self.tick_worker: ManagedProcess | None = None
         self.beats: list[ManagedProcess] = []
-        self.control = Celery("emg-test-control", broker=self.url)
 
     def start_redis(self) -> None:
-        self.redis = ManagedProcess(
-            "redis-own", ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                          "--appendonly", "no"], env=self.env, log_dir=self.log_dir,
-        ).start()
-        wait_until(lambda: redis.Redis.from_url(self.url).ping(), timeout=20, message="our Redis answers")
+        self.redis = start_redis(self.port, self.log_dir, self.env, "redis-own")
 
     def stop_redis(self) -> None:
+        assert self.redis is not None
         self.redis.stop()
 
-    def start_worker(self, **env: str) -> ManagedProcess:
-        name = f"own-{os.getpid()}-{len(self.workers)}"
-        worker = ManagedProcess(
-            f"celery-worker-{name}",
-            [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2",
-             "--without-gossip", "--without-mingle", "-n", f"{name}@%h"],
-            env={**self.env, **env}, log_dir=self.log_dir,
-        ).start()
-        self.workers.append(worker)
-        wait_until(lambda: any(name in reply for answer in self.control.control.ping(timeout=1) for reply in answer),
-                   timeout=60, message=f"Celery worker {name} answers pings")
+    def _worker(self, name: str, roles: str, concurrency: int, **env: str) -> ManagedProcess:
+        worker = celery_worker(f"celery-worker-{name}", name, {**self.env, **env}, self.log_dir, roles=roles,
+                               concurrency=concurrency).start()
+        wait_until(lambda: worker_answers(self.env, name), timeout=60, message=f"Celery worker {name} answers pings")
         return worker
+
+    def start_worker(self, **env: str) -> ManagedProcess:
+        worker = self._worker(f"own-{os.getpid()}-{len(self.workers)}", "dispatch", 2, **env)
+        self.workers.append(worker)
+        return worker
+
+    def start_tick_worker(self) -> ManagedProcess:
+        self.tick_worker = self._worker(f"own-{os.getpid()}-tick", "reconcile", 1)
+        return self.tick_worker
 
     def start_beat(self) -> ManagedProcess:
         name = f"celery-beat-own-{os.getpid()}-{len(self.beats)}"
-        beat = ManagedProcess(
-            name, [venv_script("celery"), "-A", "workers", "beat", "-l", "INFO",
-                   "--schedule", str(self.log_dir / f"{name}.schedule")],
-            env=self.env, log_dir=self.log_dir,
-        ).start()
+        beat = celery_beat(name, self.env, self.log_dir, self.log_dir / f"{name}.schedule").start()
         self.beats.append(beat)
         return beat
 
     def queued_or_unacked(self) -> int:
-        """Messages the broker still holds: waiting in the queue, or delivered and not yet acknowledged."""
+        """Dispatch messages the broker still holds: waiting in the queue, or delivered and not yet acknowledged."""
         client = redis.Redis.from_url(self.url)
-        return client.llen("celery") + client.hlen("unacked")
+        return client.llen(settings.EMG_DISPATCH_QUEUE) + client.hlen("unacked")
 
     def stop(self) -> None:
-        for process in [*self.beats, *self.workers, self.redis]:
+        for process in [*self.beats, self.tick_worker, *self.workers, self.redis]:
             if process is not None:
                 process.stop()
 
 
 @pytest.fixture(scope="module")
 def own_redis_stack(stack, service_logs):
-    stack.beat.stop()
-    stack.worker.stop()
     own = OwnRedisStack(
         {**stack.env,
          # A killed worker's unacknowledged task comes back after this (and a restore sweep): seconds, not minutes.
@@ -156,21 +149,13 @@ def own_redis_stack(stack, service_logs):
          "EMG_MAX_SUBMISSIONS_PER_MINUTE": "600"},
         service_logs,
     )
-    # The test process publishes too (emg.outbox): to our Redis, through a producer made for it.
-    overridden = override_settings(REDIS_URL=own.url, CELERY_BROKER_URL=own.url)
-    overridden.enable()
-    _producer.cache_clear()
-    try:
-        own.start_redis()
-        own.start_worker()
-        own.start_beat()
-        yield own
-    finally:
-        own.stop()
-        overridden.disable()
-        _producer.cache_clear()
-        stack.worker.start()
-        stack.beat.start()
-        from workers import app
-
-        wait_until(lambda: app.control.ping(timeout=1), timeout=60, message="the session's Celery worker is back")
+    with stack.paused(keep_runner=True), broker_at(own.url, REDIS_URL=own.url):
+        # The test process publishes too (emg.outbox): to our Redis, through a producer made for it.
+        try:
+            own.start_redis()
+            own.start_worker()
+            own.start_tick_worker()
+            own.start_beat()
+            yield own
+        finally:
+            own.stop()

@@ -1,8 +1,9 @@
 """Each saved request gets exactly one flow run, whatever happens to Redis and Celery on the
 way, and beat ticks never overlap.
 
-Runs on a Redis, Celery worker and beat of this module's own (the `own_redis_stack` fixture), which
-the tests stop and kill; the session's Prefect server and runner, PostgreSQL and Slurm are real.
+Runs on a Redis, Celery dispatch and tick workers and a beat of this module's own
+(`own_redis_stack`), which the tests stop and kill; the session's Prefect server and runner,
+PostgreSQL and Slurm are real.
 """
 
 import re
@@ -14,6 +15,7 @@ import pytest
 from django.utils import timezone
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
+from devstack.processes import wait_until
 from emg.models import (
     AnalysisRequest,
     ClusterJob,
@@ -22,7 +24,6 @@ from emg.models import (
     ReconcileTick,
 )
 from emg.outbox import publish
-from emg.processes import wait_until
 from flows.cluster_jobs import declare_job
 from tests.e2e.requests import final_request, new_request
 from tests.services import broker_unreachable, database_url

@@ -12,12 +12,13 @@ import threading
 
 import pytest
 import redis
+from django.conf import settings
 
+from devstack.processes import wait_until
+from devstack.services import free_port
 from emg.models import OutboxEvent
 from emg.outbox import DISPATCH_TASK_NAME
-from emg.processes import wait_until
 from tests.e2e.requests import new_request
-from tests.ports import free_port
 from tests.workers.test_celery_services import flow_runs_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
@@ -32,7 +33,7 @@ OUTAGE_SECONDS = float(os.environ.get("EMG_TEST_BACKLOG_OUTAGE_SECONDS", "60"))
 def dispatch_tasks_in(client: redis.Redis) -> int:
     """Dispatch tasks the broker holds: queued, or delivered and not acknowledged (which is where
     the Redis transport keeps a task waiting on its retry countdown). Ticks and sweeps not counted."""
-    queued = [json.loads(raw) for raw in client.lrange("celery", 0, -1)]
+    queued = [json.loads(raw) for raw in client.lrange(settings.EMG_DISPATCH_QUEUE, 0, -1)]
     unacked = [json.loads(raw)[0] for raw in client.hvals("unacked")]
     return sum(1 for message in queued + unacked if message["headers"].get("task") == DISPATCH_TASK_NAME)
 

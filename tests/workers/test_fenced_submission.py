@@ -13,8 +13,8 @@ from datetime import timedelta
 import pytest
 from django.db import connections
 
+from devstack.processes import wait_until
 from emg.models import ClusterJob, ClusterJobState, job_tag
-from emg.processes import wait_until
 from flows.cluster_jobs import declare_job
 from slurm_adapter import ClusterError, JobSpec, SlurmCluster
 from tests.slurm import slurm_jobs_tagged

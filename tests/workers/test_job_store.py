@@ -13,9 +13,9 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
+from devstack.processes import ROOT
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState
 from emg.policies import ResubmitPolicy, Reuse
-from emg.processes import ROOT
 from flows.cluster_jobs import declare_job
 from slurm_adapter import JobSpec
 from tests.services import django_process_env

@@ -8,8 +8,8 @@ through the states a waiting flow goes through (tests/workers/flow_runs.py), the
 import pytest
 from prefect.client.schemas.objects import StateType
 
+from devstack.processes import wait_until
 from emg.models import ClusterJob, ClusterJobState, JobWait
-from emg.processes import wait_until
 from flows.cluster_jobs import declare_job
 from slurm_adapter import SubmittedJob
 from tests.workers.flow_runs import await_job, new_flow_run, set_running, state_type, suspend

@@ -10,7 +10,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from emg.processes import wait_until
+from devstack.processes import wait_until
 from workers.reconcile.lock import TickLock, lock_key
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from django.conf import settings
 
+from devstack.processes import wait_until
 from emg.models import ClusterJob
 from emg.policies import ResubmitPolicy
-from emg.processes import wait_until
 from flows.cluster_jobs import declare_job
 from slurm_adapter import JobSpec
 from tests.slurm import active_jobs_of

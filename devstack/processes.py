@@ -1,4 +1,4 @@
-"""Supervising service processes for the local demo stack and the tests."""
+"""Service processes a stack supervises (logged, stopped with their whole group), and waiting on conditions."""
 
 import os
 import signal
@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,27 +69,11 @@ def venv_script(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def start_prefect_server(env: dict[str, str], log_dir: Path, api_url: str) -> ManagedProcess:
-    port = api_url.rsplit(":", 1)[1].split("/")[0]
-    server = ManagedProcess(
-        "prefect-server", [venv_script("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env, log_dir=log_dir,
-    ).start()
-
-    def healthy() -> bool:
-        if not server.running:
-            raise RuntimeError(f"Prefect server exited:\n{server.log_tail()}")
-        return httpx.get(f"{api_url}/health", timeout=2).status_code == 200
-
-    wait_until(healthy, timeout=90, interval=0.5, message="Prefect server healthy")
-    return server
-
-
 T = TypeVar("T")
 
 
 class WaitTimeout(AssertionError):
-    pass
+    """A condition not met by its deadline: an AssertionError, so pytest reports it as a failed check."""
 
 
 def wait_until(predicate: Callable[[], T], *, timeout: float = 30, interval: float = 0.2, message: str = "") -> T:

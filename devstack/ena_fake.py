@@ -1,6 +1,6 @@
 """A local stand-in for the ENA Portal API and ENA's FASTQ file server, for tests and the demo.
 
-There is no internet here, so this serves recorded answers (flows/ena_recordings/) in the
+There is no internet here, so this serves recorded answers (devstack/ena_recordings/) in the
 Portal API's real format, and the FASTQ files those answers point to, from one local server:
 
     GET <root>/ena/portal/api/search?result=read_run&query=study_accession="PRJEB40001"&fields=...&format=json
@@ -26,11 +26,11 @@ Recorded faults, to exercise the client (each overridable, see `FakeEnaServer`):
 An outage can also be started at any moment: `fail_next(accession, [(503, 3), (429, 2)])` makes
 the accession's next 3 searches answer 503 and the 2 after those 429 (with `Retry-After: 1`).
 
-The reads are simulated, deterministically, from a few small random genomes (flows/ena_recordings/reads.json)
+The reads are simulated, deterministically, from a few small random genomes (devstack/ena_recordings/reads.json)
 on first request and kept in memory; so `fastq_md5`/`fastq_bytes` are computed from the
 served files rather than recorded (gzip bytes depend on the zlib build).
 
-    python -m flows.ena_fake --port 8765      # runs in the foreground, for the demo
+    python -m devstack.ena_fake --port 8765      # runs in the foreground, for the demo
 """
 
 import argparse

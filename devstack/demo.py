@@ -1,9 +1,9 @@
-"""`python manage.py demo` (what `make demo` runs): the whole local stack and one demo request.
+"""`python -m devstack.demo` (what `make demo` runs): the whole local stack and one demo request.
 
-Starts a Prefect server, the Prefect runner, a Celery worker and beat, Flower and the Django
-dev server; creates an analysis request; prints its progress until it ends. Ctrl-C stops
-everything it started. With DEMO_ONCE=1 it stops after the demo request ends and exits 0
-only if the request COMPLETED.
+Starts a Prefect server, the Prefect runner, a Celery dispatch worker, a tick worker and beat,
+Flower and the Django dev server (devstack.Stack); creates an analysis request; prints its
+progress until it ends. Ctrl-C stops everything it started. With DEMO_ONCE=1 it stops after the
+demo request ends and exits 0 only if the request COMPLETED.
 """
 
 import os
@@ -11,19 +11,31 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-import httpx
-from django.conf import settings
-from django.contrib.auth import get_user_model
-from django.core.management import BaseCommand, CommandError, call_command
+import django
 
-from emg.models import AnalysisRequest, JobWait, Study
-from emg.processes import ROOT, ManagedProcess, python_module, start_prefect_server, venv_script, wait_until
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emg.settings")
+django.setup()
+
+from django.conf import settings  # noqa: E402  (needs django.setup())
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+from devstack.ena_fake import FakeEnaServer  # noqa: E402
+from devstack.processes import ROOT, ManagedProcess  # noqa: E402
+from devstack.services import start_prefect_server  # noqa: E402
+from devstack.stack import Stack  # noqa: E402
+from emg.models import AnalysisRequest, JobWait, Study  # noqa: E402
 
 # A recorded study: the demo serves ENA's answers for it from a local fake of the Portal API.
 DEMO_STUDY = "PRJEB40001"
+
+
+class DemoError(Exception):
+    """The demo could not run, or its request did not complete: said in one line, exit status 1."""
 
 
 def port_in_use(port: int) -> bool:
@@ -38,10 +50,12 @@ def slurm_answers() -> bool:
         return False
 
 
-class Command(BaseCommand):
-    help = "Run the local demo stack and one analysis request through it."
+def say(line: str) -> None:
+    print(line, flush=True)
 
-    def handle(self, *args, **options):
+
+class Demo:
+    def run(self) -> None:
         once = os.environ.get("DEMO_ONCE") == "1"
         var_dir = Path(settings.VAR_DIR)
         log_dir = var_dir / "logs"
@@ -51,7 +65,7 @@ class Command(BaseCommand):
         if port_in_use(int(settings.PREFECT_API_URL.rsplit(":", 1)[1].split("/")[0])):
             busy.append(f"Prefect ({settings.PREFECT_API_URL})")
         if busy:
-            raise CommandError(f"ports already in use: {', '.join(busy)}; stop what runs there or set DEMO_*_PORT")
+            raise DemoError(f"ports already in use: {', '.join(busy)}; stop what runs there or set DEMO_*_PORT")
 
         backend = self.choose_backend()
         ena = self.local_ena()
@@ -62,7 +76,6 @@ class Command(BaseCommand):
         admin_password = self.ensure_admin()
         flower_auth = os.environ.get("FLOWER_BASIC_AUTH") or f"demo:{secrets.token_urlsafe(9)}"
 
-        processes: list[ManagedProcess] = []
         stop_requested = False
 
         def request_stop(*_):
@@ -71,68 +84,59 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
+        server: ManagedProcess | None = None
+        stack = Stack(env, log_dir, flower_port=ports["flower"], flower_auth=flower_auth, web_port=ports["web"])
+        final = None
         try:
-            self.stdout.write("starting the Prefect server (SQLite, under var/prefect) ...")
-            processes.append(start_prefect_server(env, log_dir, settings.PREFECT_API_URL))
-            celery = venv_script("celery")
-            for name, argv, extra in (
-                ("prefect-runner", python_module("flows.serve"), {}),
-                ("celery-worker", [celery, "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2"], {}),
-                ("celery-beat", [celery, "-A", "workers", "beat", "-l", "INFO", "--schedule",
-                                 str(var_dir / "celerybeat-schedule")], {}),
-                ("flower", [celery, "-A", "workers", "flower", f"--port={ports['flower']}", "--address=127.0.0.1"],
-                 {"FLOWER_BASIC_AUTH": flower_auth}),
-                ("web", python_module("django", "runserver", "--noreload", f"127.0.0.1:{ports['web']}"), {}),
-            ):
-                processes.append(ManagedProcess(name, argv, env={**env, **extra}, log_dir=log_dir).start())
-            self.wait_for_stack(processes, ports)
+            say("starting the Prefect server (SQLite, under var/prefect) ...")
+            server = start_prefect_server(env, log_dir, settings.PREFECT_API_URL)
+            stack.start()
 
-            self.stdout.write(self.style.SUCCESS("\nThe stack is up:"))
-            self.stdout.write(f"  Django admin  http://127.0.0.1:{ports['web']}/admin/  (user admin, {admin_password})")
-            self.stdout.write(f"  Prefect UI    {settings.PREFECT_UI_URL}")
-            self.stdout.write(f"  Flower        http://127.0.0.1:{ports['flower']}/  (basic auth {flower_auth})")
-            self.stdout.write(f"  Logs          {log_dir}/\n")
+            say("\nThe stack is up:")
+            say(f"  Django admin  http://127.0.0.1:{ports['web']}/admin/  (user admin, {admin_password})")
+            say(f"  Prefect UI    {settings.PREFECT_UI_URL}")
+            say(f"  Flower        http://127.0.0.1:{ports['flower']}/  (basic auth {flower_auth})")
+            say(f"  Logs          {log_dir}/\n")
 
             study, _ = Study.objects.get_or_create(accession=DEMO_STUDY)
             request = AnalysisRequest.objects.create(study=study)
-            self.stdout.write(f"created analysis request #{request.id} for {study.accession}")
-            final = self.follow(request, processes, lambda: stop_requested, stop_when_final=once)
+            say(f"created analysis request #{request.id} for {study.accession}")
+            final = self.follow(request, stack, lambda: stop_requested, stop_when_final=once)
         finally:
-            self.stdout.write("stopping the stack ...")
-            for process in reversed(processes):
-                process.stop()
+            say("stopping the stack ...")
+            stack.stop()
+            if server is not None:
+                server.stop()
             if ena is not None:
                 ena.stop()
         if once and final != AnalysisRequest.Status.COMPLETED:
-            raise CommandError(f"the demo request ended {final}")
+            raise DemoError(f"the demo request ended {final}")
 
     def choose_backend(self) -> str:
         if os.environ.get("EMG_CLUSTER_BACKEND", "auto") == "local":
             return "local"
         if subprocess.run(["sh", "-c", "command -v sbatch"], capture_output=True).returncode != 0:
-            self.stdout.write(self.style.WARNING(
+            say(
                 "sbatch is not installed here: jobs run as local processes behind the same interface "
                 "(`make slurm-up` installs and starts a single-node Slurm cluster)."
-            ))
+            )
             return "local"
         if not slurm_answers():
-            self.stdout.write("Slurm is installed but not answering: starting it with scripts/slurm-up.sh ...")
+            say("Slurm is installed but not answering: starting it with scripts/slurm-up.sh ...")
             subprocess.run(["bash", str(ROOT / "scripts" / "slurm-up.sh")], check=True)
         if os.environ.get("EMG_CLUSTER_BACKEND") == "slurmrestd":
-            self.stdout.write(f"using the real Slurm cluster through slurmrestd at {settings.EMG_SLURMRESTD_URL}")
+            say(f"using the real Slurm cluster through slurmrestd at {settings.EMG_SLURMRESTD_URL}")
             return "slurmrestd"
-        self.stdout.write("using the real Slurm cluster")
+        say("using the real Slurm cluster")
         return "slurm"
 
     def local_ena(self):
         """A local fake of ENA's Portal API with recorded studies, unless EMG_ENA_PORTAL_API names a real one."""
         if "EMG_ENA_PORTAL_API" in os.environ:
             return None
-        from flows.ena_fake import FakeEnaServer
-
         server = FakeEnaServer()
         server.start()
-        self.stdout.write(f"serving recorded ENA answers at {server.base_url} (set EMG_ENA_PORTAL_API for the real one)")
+        say(f"serving recorded ENA answers at {server.base_url} (set EMG_ENA_PORTAL_API for the real one)")
         return server
 
     def stack_environment(self, var_dir: Path, backend: str, ena) -> dict[str, str]:
@@ -143,6 +147,7 @@ class Command(BaseCommand):
         env.update(
             DJANGO_SETTINGS_MODULE="emg.settings",
             EMG_CLUSTER_BACKEND=backend,
+            REDIS_URL=settings.REDIS_URL,
             EMG_RECONCILE_INTERVAL_SECONDS=env.get("EMG_RECONCILE_INTERVAL_SECONDS", "2"),
             PREFECT_API_URL=settings.PREFECT_API_URL,
             PREFECT_HOME=str(prefect_home),
@@ -162,29 +167,7 @@ class Command(BaseCommand):
         admin.save()
         return f"password {password}"
 
-    def wait_for_stack(self, processes: list[ManagedProcess], ports: dict[str, int]) -> None:
-        from prefect.client.orchestration import get_client
-
-        from flows.deployments import ANALYSIS_DEPLOYMENT
-        from workers import app
-
-        def all_alive():
-            dead = [process for process in processes if not process.running]
-            if dead:
-                raise CommandError("\n".join(f"{p.name} exited:\n{p.log_tail()}" for p in dead))
-            return True
-
-        def deployment_served():
-            all_alive()
-            with get_client(sync_client=True) as client:
-                return client.read_deployment_by_name(ANALYSIS_DEPLOYMENT)
-
-        wait_until(deployment_served, timeout=120, interval=1, message="the Prefect runner serves its deployment")
-        wait_until(lambda: all_alive() and app.control.ping(timeout=1), timeout=60, message="Celery answers")
-        wait_until(lambda: all_alive() and httpx.get(f"http://127.0.0.1:{ports['web']}/admin/login/").is_success,
-                   timeout=60, message="the Django server answers")
-
-    def follow(self, request: AnalysisRequest, processes, stop_requested, *, stop_when_final: bool) -> str:
+    def follow(self, request: AnalysisRequest, stack: Stack, stop_requested, *, stop_when_final: bool) -> str:
         last_line = ""
         while not stop_requested():
             request.refresh_from_db()
@@ -192,19 +175,32 @@ class Command(BaseCommand):
             job_part = f"{wait.step} job {wait.job.slurm_job_id or '-'} {wait.job.state}" if wait else "no job yet"
             line = f"request #{request.id}: {request.status} {request.current_step} | {job_part}"
             if line != last_line:
-                self.stdout.write(f"{time.strftime('%H:%M:%S')} {line}")
+                say(f"{time.strftime('%H:%M:%S')} {line}")
                 last_line = line
             if request.status in AnalysisRequest.FINAL_STATUSES:
                 if request.status_reason:
-                    self.stdout.write(f"  {request.status_reason}")
+                    say(f"  {request.status_reason}")
                 if stop_when_final:
                     return request.status
-                self.stdout.write("the demo request has ended; the stack keeps running until Ctrl-C")
+                say("the demo request has ended; the stack keeps running until Ctrl-C")
                 while not stop_requested():
                     time.sleep(0.5)
                 return request.status
-            dead = [process.name for process in processes if not process.running]
+            dead = [process.name for process in stack.exited()]
             if dead:
-                raise CommandError(f"stopped unexpectedly: {', '.join(dead)} (see {processes[0].log_path.parent})")
+                raise DemoError(f"stopped unexpectedly: {', '.join(dead)} (see {stack.log_dir})")
             time.sleep(1)
         return request.status
+
+
+def main() -> int:
+    try:
+        Demo().run()
+    except DemoError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -71,6 +71,14 @@ DATABASES = {
     )
 }
 
+# Flows and the runner have no request cycle to run Django's health checks: this backend checks a
+# connection idle for more than this before its next use (outside transactions) and, after a server
+# restart, waits this long for the server to take connections again (emg/postgresql/base.py).
+EMG_DATABASE_IDLE_CHECK_SECONDS = _env_float("EMG_DATABASE_IDLE_CHECK_SECONDS", 1)
+EMG_DATABASE_RECONNECT_SECONDS = _env_float("EMG_DATABASE_RECONNECT_SECONDS", 30)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["ENGINE"] = "emg.postgresql"
+
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The demo's SQLite file is shared by the web server, Celery and every flow process:
     # WAL lets readers run beside the writer, and IMMEDIATE transactions queue writers

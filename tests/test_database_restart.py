@@ -1,0 +1,74 @@
+"""A long-lived process's Django connection outlives a PostgreSQL server restart (emg/postgresql).
+
+A Python process of the product's settings, on a PostgreSQL server of this test's own, holds a
+connection idle (as a flow waiting on ENA does), then the server restarts (`pg_ctl restart -m
+fast`: every session cut off) and the process queries again, with no request cycle in between.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from emg.processes import ROOT
+from tests.e2e.chaos import OwnPostgres
+from tests.ports import free_port
+
+# Queries, waits for a line on stdin (the restart happens meanwhile), queries again; then the same
+# inside a transaction, which a restart must fail rather than replay on a new connection.
+IDLE_THROUGH_RESTART = """
+import sys
+import django
+django.setup()
+from django.db import connection, transaction
+with connection.cursor() as cursor:
+    cursor.execute("SELECT pg_backend_pid()")
+    print("before", cursor.fetchone()[0], flush=True)
+sys.stdin.readline()
+with connection.cursor() as cursor:
+    cursor.execute("SELECT pg_backend_pid()")
+    print("after", cursor.fetchone()[0], flush=True)
+with transaction.atomic():
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        print("in transaction", flush=True)
+        sys.stdin.readline()
+        try:
+            cursor.execute("SELECT 1")
+        except django.db.OperationalError as error:
+            print("transaction cut off", type(error).__name__, flush=True)
+            raise SystemExit(0)
+print("transaction survived", flush=True)
+"""
+
+
+@pytest.fixture
+def own_postgres(service_logs):
+    postgres = OwnPostgres(free_port(), service_logs).start()
+    yield postgres
+    postgres.stop()
+
+
+def test_an_idle_connection_is_replaced_after_a_server_restart_and_a_transaction_is_not_replayed(own_postgres):
+    env = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "emg.settings", "DATABASE_URL": own_postgres.url(),
+           "EMG_VAR_DIR": str(own_postgres.root)}
+    process = subprocess.Popen([sys.executable, "-c", IDLE_THROUGH_RESTART], env=env, cwd=ROOT, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        before = process.stdout.readline().split()
+        assert before[:1] == ["before"], process.stderr.read()
+        own_postgres.restart()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        after = process.stdout.readline().split()
+        assert after[:1] == ["after"], process.stderr.read()
+        assert after[1] != before[1]  # a new server session, found without an error reaching the caller
+        assert process.stdout.readline().strip() == "in transaction"
+        own_postgres.restart()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        assert process.stdout.readline().split()[:2] == ["transaction", "cut"], process.stderr.read()
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()

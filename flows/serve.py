@@ -22,8 +22,8 @@ from uuid import UUID
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import close_old_connections
-from prefect.runner import Runner
 from prefect.deployments.runner import RunnerDeployment
+from prefect.runner import Runner
 
 from emg import leases
 from flows.analysis import analyse_study

@@ -19,15 +19,19 @@ import threading
 from typing import Any, cast
 from uuid import UUID
 
-from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
-from django.db import close_old_connections
-from prefect.deployments.runner import RunnerDeployment
-from prefect.runner import Runner
+from flows.django_setup import setup_django
 
-from emg import leases
-from flows.analysis import analyse_study
-from flows.deployments import ANALYSIS_DEPLOYMENT_NAME
+setup_django()
+
+from django.conf import settings  # noqa: E402
+from django.core.exceptions import ImproperlyConfigured  # noqa: E402
+from django.db import close_old_connections  # noqa: E402
+from prefect.deployments.runner import RunnerDeployment  # noqa: E402
+from prefect.runner import Runner  # noqa: E402
+
+from emg import leases  # noqa: E402
+from flows.analysis import analyse_study  # noqa: E402
+from flows.deployments import ANALYSIS_DEPLOYMENT_NAME  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
 """A flow run whose runner died is found by its missing heartbeats and re-run in place;
-a suspended run, which sends no heartbeats, is never taken for such a zombie.
+a suspended run, which sends no heartbeats, is never taken for such a zombie, nor is a flow
+process that is alive but frozen (SIGSTOPped), whose runner still renews its lease.
 
 Runs on a runner, Celery worker and beat of this module's own (heartbeats every 30 s, Prefect's
 minimum; a zombie after 45 s without one), on the session's Redis, Prefect server, PostgreSQL
@@ -14,9 +15,9 @@ import pytest
 from django.utils import timezone
 from prefect.client.orchestration import get_client
 
-from emg.models import AnalysisRequest, ClusterJob, JobWait, ReconcileTick
+from emg.models import AnalysisRequest, ClusterJob, FlowRunLease, JobWait, ReconcileTick
 from emg.processes import wait_until
-from tests.e2e.chaos import KillableStack, session_stack_paused
+from tests.e2e.chaos import KillableStack, freeze_for, parent_pid, session_stack_paused
 from tests.e2e.requests import (
     assert_each_job_ran_once_in_slurm,
     final_request,
@@ -42,6 +43,8 @@ def zombie_stack(stack, service_logs):
         "EMG_FLOW_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
         "EMG_ZOMBIE_AFTER_SECONDS": str(ZOMBIE_AFTER_SECONDS),
+        # The lease of a new flow process appears within a second: the freeze can land early in its life.
+        "EMG_FLOW_LEASE_RENEW_SECONDS": "1",
         # The cap counts every emg-tagged job of this Slurm user, other sessions' (a benchmark's
         # thousands of held jobs) included: it must not stop this module's submissions.
         "EMG_MAX_ACTIVE_JOBS": "1000000",
@@ -151,4 +154,32 @@ def test_a_run_suspended_for_longer_than_the_zombie_threshold_is_not_rerun(zombi
     request = final_request(request, zombie_stack, timeout=240)
     assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
     assert request.flow_reruns == 0
+    assert_each_job_ran_once_in_slurm(jobs_of(request).values())
+
+
+def test_a_flow_process_frozen_for_twice_the_zombie_threshold_continues_completes_and_is_not_rerun(zombie_stack):
+    """SIGSTOP the flow process (not its runner) early in its life, for twice the zombie threshold:
+    it sends no heartbeat all that time, but its runner keeps renewing its lease, so the ticks see a
+    silent run whose process still exists (they report it as leased) and leave it; continued, it
+    carries on and completes, no re-run counted."""
+    request = new_request("PRJEB40001")
+    flow_run_id = flow_run_of(request)
+    lease = wait_until(lambda: FlowRunLease.objects.filter(flow_run_id=flow_run_id).first(), timeout=90,
+                       interval=0.1, message="the runner leased the flow run's process")
+    assert parent_pid(lease.pid) == zombie_stack.runner.process.pid  # the flow process, a child of the runner
+    frozen_at = timezone.now()
+    freeze_for([lease.pid], 2 * ZOMBIE_AFTER_SECONDS)
+    continued_at = timezone.now()
+
+    request = final_request(request, zombie_stack, timeout=240)
+    assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
+    assert request.flow_reruns == 0
+    ticks = ReconcileTick.objects.filter(started_at__gte=frozen_at, started_at__lte=continued_at,
+                                         finished_at__isnull=False)
+    # Some tick during the freeze took the silent run for a suspect and kept it for its lease.
+    assert any(str(flow_run_id) in tick.report.get("leased", []) for tick in ticks), [t.report for t in ticks]
+    assert not [tick.report for tick in ticks if tick.report.get("rerun")]
+    with get_client(sync_client=True) as client:
+        states = client.read_flow_run_states(flow_run_id)
+    assert not [state for state in states if "re-run by the reconciler" in (state.message or "")]
     assert_each_job_ran_once_in_slurm(jobs_of(request).values())

@@ -18,10 +18,18 @@ from tests.ports import free_port
 # inside a transaction, which a restart must fail rather than replay on a new connection.
 IDLE_THROUGH_RESTART = """
 import sys
+import time
 import django
 django.setup()
 from django.db import connection, transaction
 with connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
+# Closed (as CONN_MAX_AGE closes it) and opened again after idling: a new connection is not pinged
+# before Django has set its autocommit, which a ping's implicit transaction would make impossible.
+# Opened by a transaction (bulk_create's, say), which connects before any cursor does.
+connection.close()
+time.sleep(1.2)
+with transaction.atomic(), connection.cursor() as cursor:
     cursor.execute("SELECT pg_backend_pid()")
     print("before", cursor.fetchone()[0], flush=True)
 sys.stdin.readline()

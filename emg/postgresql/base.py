@@ -55,15 +55,20 @@ class DatabaseWrapper(base.DatabaseWrapper):
         return bool(readable)
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        # Django's connect() sets autocommit next, which checks the connection first: a new one
+        # counts as just used (a ping now would open a transaction before autocommit is set).
         if not self._connected_before:
             connection = super().get_new_connection(conn_params)
             self._connected_before = True
+            self._last_used = time.monotonic()
             return connection
         deadline = time.monotonic() + settings.EMG_DATABASE_RECONNECT_SECONDS
         delay = 0.2
         while True:
             try:
-                return super().get_new_connection(conn_params)
+                connection = super().get_new_connection(conn_params)
+                self._last_used = time.monotonic()
+                return connection
             except OperationalError as error:
                 if time.monotonic() + delay > deadline:
                     raise

@@ -1,4 +1,4 @@
-"""A long-lived process's Django connection outlives a PostgreSQL server restart (emg/postgresql).
+"""A long-lived process's Django connections outlive a PostgreSQL server restart (emg/postgresql).
 
 A Python process of the product's settings, on a PostgreSQL server of this test's own, holds a
 connection idle (as a flow waiting on ENA does), then the server restarts (`pg_ctl restart -m
@@ -7,6 +7,7 @@ fast`: every session cut off) and the process queries again, with no request cyc
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -77,6 +78,47 @@ def test_an_idle_connection_is_replaced_after_a_server_restart_and_a_transaction
         process.stdin.flush()
         assert process.stdout.readline().split()[:2] == ["transaction", "cut"], process.stderr.read()
         assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+# Connected once; then, told to, opens a connection of a new wrapper (as the tick lock does) while
+# the server is down, and says how long it waited.
+NEW_WRAPPER_WHILE_DOWN = """
+import sys
+import time
+import django
+django.setup()
+from django.db import connection, connections
+with connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
+print("ready", flush=True)
+sys.stdin.readline()
+started = time.monotonic()
+wrapper = connections.create_connection("default")
+with wrapper.cursor() as cursor:
+    cursor.execute("SELECT 1")
+print("connected", round(time.monotonic() - started, 1), flush=True)
+"""
+
+
+def test_a_process_that_was_connected_waits_for_a_server_that_is_restarting(own_postgres):
+    env = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "emg.settings", "DATABASE_URL": own_postgres.url(),
+           "EMG_VAR_DIR": str(own_postgres.root)}
+    process = subprocess.Popen([sys.executable, "-c", NEW_WRAPPER_WHILE_DOWN], env=env, cwd=ROOT, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stdout.readline().strip() == "ready", process.stderr.read()
+        own_postgres._pg_ctl("-m", "fast", "stop")
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        time.sleep(3)  # the outage: the server stays down this long
+        own_postgres.start()
+        answer = process.stdout.readline().split()
+        assert answer[:1] == ["connected"], process.stderr.read()
+        assert float(answer[1]) >= 2.5
+        assert process.wait(timeout=30) == 0
     finally:
         process.kill()
         process.wait()

@@ -9,8 +9,8 @@ a database error, is pinged (`SELECT 1`) before its next use outside a transacti
 replaced if it fails; a connection in use back to back is never pinged. Inside an atomic block
 nothing is checked: a transaction cut off by a restart cannot be resumed on a new connection, and
 fails as it must. A reconnect after a restart also waits for the server to accept connections
-again, for up to EMG_DATABASE_RECONNECT_SECONDS; a process's first connection does not wait, so
-a wrong address fails at once.
+again, for up to EMG_DATABASE_RECONNECT_SECONDS; a process's first connection to a database does
+not wait, so a wrong address fails at once.
 """
 
 import logging
@@ -24,12 +24,15 @@ from psycopg import OperationalError
 
 logger = logging.getLogger(__name__)
 
+# The databases this process has been connected to (host, port, name), whichever wrapper connected:
+# a wrapper of its own made later (the tick lock makes one per tick) waits for a restart too.
+_connected_before: set[tuple[str, str, str]] = set()
+
 
 class DatabaseWrapper(base.DatabaseWrapper):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last_used = time.monotonic()
-        self._connected_before = False
 
     def close_if_health_check_failed(self) -> None:
         now = time.monotonic()
@@ -57,9 +60,11 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         # Django's connect() sets autocommit next, which checks the connection first: a new one
         # counts as just used (a ping now would open a transaction before autocommit is set).
-        if not self._connected_before:
+        database = (str(self.settings_dict.get("HOST")), str(self.settings_dict.get("PORT")),
+                    str(self.settings_dict.get("NAME")))
+        if database not in _connected_before:
             connection = super().get_new_connection(conn_params)
-            self._connected_before = True
+            _connected_before.add(database)
             self._last_used = time.monotonic()
             return connection
         deadline = time.monotonic() + settings.EMG_DATABASE_RECONNECT_SECONDS

@@ -52,10 +52,12 @@ class DatabaseWrapper(base.DatabaseWrapper):
         then EOF). One non-blocking poll of the socket, no round trip: this catches a restart
         however recently the connection was used; the idle ping, a connection dropped in silence."""
         try:
-            readable, _, _ = select.select([self.connection.pgconn.socket], [], [], 0)
+            # poll, not select: a process with more than 1024 files open still gets an answer.
+            poller = select.poll()
+            poller.register(self.connection.pgconn.socket, select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError, OperationalError):
             return True
-        return bool(readable)
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         # Django's connect() sets autocommit next, which checks the connection first: a new one

@@ -25,6 +25,10 @@ django.setup()
 from django.db import connection, transaction
 with connection.cursor() as cursor:
     cursor.execute("SELECT 1")
+# A transaction idle for over a second before it commits: autocommit comes back on without a ping.
+with transaction.atomic(), connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
+    time.sleep(1.2)
 # Closed (as CONN_MAX_AGE closes it) and opened again after idling: a new connection is not pinged
 # before Django has set its autocommit, which a ping's implicit transaction would make impossible.
 # Opened by a transaction (bulk_create's, say), which connects before any cursor does.

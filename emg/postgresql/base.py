@@ -36,7 +36,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
 
     def close_if_health_check_failed(self) -> None:
         now = time.monotonic()
-        checking = self.connection is not None and not self.in_atomic_block and (
+        # Only in autocommit mode: leaving a transaction, Django turns autocommit back on through
+        # here, and a ping then (the connection not yet in autocommit) would open another one.
+        checking = self.connection is not None and not self.in_atomic_block and self.autocommit and (
             self.errors_occurred or now - self._last_used > settings.EMG_DATABASE_IDLE_CHECK_SECONDS
             or self._server_spoke())
         if checking:

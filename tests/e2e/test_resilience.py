@@ -184,3 +184,30 @@ def test_a_flow_process_frozen_for_twice_the_zombie_threshold_continues_complete
         states = client.read_flow_run_states(flow_run_id)
     assert not [state for state in states if "re-run by the reconciler" in (state.message or "")]
     assert_each_job_ran_once_in_slurm(jobs_of(request).values())
+
+
+def test_a_flow_process_frozen_with_its_runner_is_rerun_once_and_the_old_process_ends_quietly(zombie_stack):
+    """SIGSTOP the runner and its flow process together (a paused host) for twice the zombie
+    threshold: no heartbeat and no lease renewal, so the reconciler re-runs the run, once. Continued,
+    the old process finds at its next step that a re-run was counted since it started and exits
+    without a word (exit status 0: neither it nor its runner marks the run Failed or Crashed); the
+    runner then starts the re-run, which completes the request. One re-run, no failed state."""
+    request = new_request("PRJEB40002")
+    flow_run_id = flow_run_of(request)
+    lease = wait_until(lambda: FlowRunLease.objects.filter(flow_run_id=flow_run_id).first(), timeout=90,
+                       interval=0.1, message="the runner leased the flow run's process")
+    runner_pid = zombie_stack.runner.process.pid
+    assert parent_pid(lease.pid) == runner_pid
+    freeze_for([runner_pid, lease.pid], 2 * ZOMBIE_AFTER_SECONDS)
+    request.refresh_from_db()
+    assert request.flow_reruns == 1  # re-run while frozen: nothing vouched for it
+
+    request = final_request(request, zombie_stack, timeout=480)
+    assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
+    assert request.flow_reruns == 1
+    wait_until(lambda: state_names(flow_run_id)[-1] == "Completed", timeout=30, message="the flow run completed")
+    names = state_names(flow_run_id)
+    assert not {"Crashed", "Failed"} & set(names), names
+    quiet = "leaves the run to its new process" in zombie_stack.runner.log_path.read_text(errors="replace")
+    print(f"states: {names}; the old process stopped at its fence: {quiet}")
+    assert_each_job_ran_once_in_slurm(jobs_of(request).values())

@@ -5,16 +5,22 @@ here, and the actions call the models' own operations.
 """
 
 import shlex
+from contextvars import ContextVar
+from datetime import timedelta
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Count
-from django.urls import reverse
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
+from emg import timeline as timelines
+from emg.efficiency import efficiency, percent, summarise
 from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick, Study
 from emg.pipeline_options import OPTIONS
 from slurm_adapter import JobSpec, tail_log
@@ -51,6 +57,82 @@ def html_table(rows, headers: list[str] | None = None) -> str:
     return format_html("<table>{}<tbody>{}</tbody></table>", head, body)
 
 
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return timelines.human(timedelta(seconds=seconds))
+
+
+def flagged(text: str, flag: bool) -> str:
+    return format_html('<strong style="color:#d0342c">{} (under-used)</strong>', text) if flag else text
+
+
+def efficiency_rows(job: ClusterJob) -> list[tuple]:
+    found = efficiency(job.usage)
+    if found is None:
+        return []
+    usage, flags = found.usage, found.flags
+    return [
+        ("CPU", flagged(f"{percent(found.cpu)}: {duration(usage.get('cpu_s'))} CPU time of {usage.get('cpus')} CPU(s) "
+                        f"x {duration(usage.get('elapsed_s'))}", "CPU" in flags)),
+        ("memory", flagged(f"{percent(found.memory)}: peak {usage.get('max_rss_mb') or 0:.0f} MB of "
+                           f"{usage.get('requested_memory_mb') or 0:.0f} MB requested", "memory" in flags)),
+        ("time", flagged(f"{percent(found.time)}: {duration(usage.get('elapsed_s'))} of a "
+                         f"{duration(usage.get('time_limit_s'))} limit", "time" in flags)),
+    ]
+
+
+TRACE_SORT: ContextVar[tuple[str, bool]] = ContextVar("trace_sort", default=("", False))
+
+
+def trace_value(column: str, value) -> str:
+    """A trace figure as a person reads it: sizes in MB, times as durations, counts as they are."""
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if column.endswith("_bytes"):
+            return f"{value / 1024 / 1024:.1f} MB"
+        if column.endswith("_s"):
+            return duration(value)
+        if column.endswith("_percent"):
+            return f"{value:.1f}%"
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {item}" for key, item in value.items()) or "-"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
+
+
+def sort_key(value) -> tuple:
+    """Numbers by value, text alphabetically, missing values last whichever the order."""
+    if value is None or value == "":
+        return (2, 0, "")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value, "")
+    return (1, 0, str(value).lower())
+
+
+def sortable_tasks(tasks: list[dict]) -> str:
+    columns = list(dict.fromkeys(column for row in tasks for column in row))
+    column, descending = TRACE_SORT.get()
+    if column in columns:
+        present = [row for row in tasks if row.get(column) not in (None, "")]
+        missing = [row for row in tasks if row.get(column) in (None, "")]
+        tasks = sorted(present, key=lambda row: sort_key(row.get(column)), reverse=descending) + missing
+    headers = []
+    for name in columns:
+        order = "asc" if name != column or descending else "desc"
+        arrow = ("▼" if descending else "▲") if name == column else ""
+        query = urlencode({"trace_sort": name, "trace_order": order})
+        headers.append(format_html('<a href="?{}#trace">{}{}</a>', query, name, arrow))
+    head = format_html_join("", "<th>{}</th>", ((header,) for header in headers))
+    body = format_html_join("", "<tr>{}</tr>", (
+        (format_html_join("", "<td>{}</td>", ((trace_value(name, row.get(name)),) for name in columns)),)
+        for row in tasks))
+    return format_html('<table id="trace" class="trace-tasks"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>',
+                       head, body)
+
+
 def apply_to_each(modeladmin: admin.ModelAdmin, request, queryset, operation, describe, verb: str) -> None:
     """Run a domain operation on each selected row; say which were done and why others were refused."""
     done, refused = [], []
@@ -65,6 +147,35 @@ def apply_to_each(modeladmin: admin.ModelAdmin, request, queryset, operation, de
         modeladmin.message_user(request, f"{verb}: {', '.join(done)}", messages.SUCCESS)
     if refused:
         modeladmin.message_user(request, f"Not {verb.lower()}: {'; '.join(refused)}", messages.WARNING)
+
+
+class GuardedActionsAdmin(admin.ModelAdmin):
+    """Actions that each declare a permission (`@admin.action(permissions=[...])`), refused with a 403.
+
+    Django leaves an action the user may not run out of the list, but a POST naming it anyway is
+    answered with the list page again, as if nothing was asked: here it is a PermissionDenied, so a
+    view-only staff user, or a forged form, is told no."""
+
+    def changelist_view(self, request, extra_context=None):
+        name = request.POST.get("action") if request.method == "POST" else None
+        if name and name not in self.get_actions(request):
+            declared = {getattr(action, "__name__", str(action)) for action in self.actions or ()}
+            if name in declared or name == "delete_selected":
+                raise PermissionDenied(f"You may not run the action {name!r} on {self.opts.verbose_name_plural}.")
+        return super().changelist_view(request, extra_context)
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            # Only what the form changed: a full-row write from a form read minutes ago would put
+            # back whatever the reconciler wrote since (models' save() already spares the state).
+            changed = [name for name in form.changed_data if name in {f.name for f in obj._meta.concrete_fields}]
+            obj.save(update_fields=changed)
+        else:
+            obj.save()
+
+
+def has_model_permission(request, codename: str) -> bool:
+    return request.user.has_perm(f"emg.{codename}")
 
 
 class PipelineOptionsField(forms.JSONField):
@@ -121,14 +232,15 @@ class JobWaitInline(admin.TabularInline):
 
 
 @admin.register(AnalysisRequest)
-class AnalysisRequestAdmin(admin.ModelAdmin):
+class AnalysisRequestAdmin(GuardedActionsAdmin):
     list_display = ["id", "study", "status", "current_step", "short_reason", "generation", "flow_run_link",
                     "jobs_link", "created_at"]
     list_filter = ["status"]
     list_select_related = ["study"]
     search_fields = ["study__accession", "waits__job__slurm_job_id"]
     readonly_fields = ["status", "current_step", "status_reason", "generation", "flow_run_link", "jobs_link",
-                       "cancel_requested_at", "created_at", "updated_at", "finished_at"]
+                       "cancel_requested_at", "created_at", "updated_at", "finished_at", "timeline",
+                       "efficiency_report"]
     fields = ["study", "pipeline_options", *readonly_fields]
     inlines = [JobWaitInline]
     actions = ["cancel", "rerun"]
@@ -136,10 +248,27 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(job_count=Count("waits"))
 
+    def get_readonly_fields(self, request, obj=None):
+        # A flow reads the study and options again on every resume: an edit while it runs would be
+        # picked up halfway through. They can be changed once the request has ended, then re-run.
+        if obj is not None and not obj.is_final:
+            return ["study", "pipeline_options", *self.readonly_fields]
+        return self.readonly_fields
+
+    def has_cancel_permission(self, request):
+        return has_model_permission(request, "cancel_analysisrequest")
+
+    def has_rerun_permission(self, request):
+        return has_model_permission(request, "rerun_analysisrequest")
+
     def formfield_for_dbfield(self, db_field, request, **kwargs):
         if db_field.name == "pipeline_options":
             kwargs["form_class"] = PipelineOptionsField
         field = super().formfield_for_dbfield(db_field, request, **kwargs)
+        if db_field.name in ("study", "pipeline_options") and field is not None:
+            # The form carries what it was shown, so `changed_data` (what a save writes) is what
+            # this operator changed, not whatever differs from a row someone else edited since.
+            field.show_hidden_initial = True
         if db_field.name == "pipeline_options" and field is not None:
             field.help_text = "A JSON object ({} for the defaults). Options: " + "; ".join(
                 f"{option.name} ({option.pipeline}, {option.type.__name__}"
@@ -148,6 +277,26 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
                 for option in OPTIONS.values()
             )
         return field
+
+    @admin.display(description="timeline")
+    def timeline(self, obj: AnalysisRequest):
+        return timelines.timeline(obj, timezone.now()) if obj.pk else "-"
+
+    @admin.display(description="efficiency (used of requested)")
+    def efficiency_report(self, obj: AnalysisRequest):
+        rows = []
+        for wait in obj.waits.select_related("job").order_by("created_at", "id") if obj.pk else ():
+            found = efficiency(wait.job.usage)
+            if found is None:
+                rows.append((wait.step, change_link(wait.job), "-", "-", "-", "no usage recorded yet"))
+                continue
+            rows.append((wait.step, change_link(wait.job), percent(found.cpu), percent(found.memory),
+                         percent(found.time), flagged(", ".join(found.flags), True) if found.flags else "ok"))
+        if not rows:
+            return "-"
+        summary_url = reverse("admin:emg_clusterjob_efficiency")
+        return format_html("{}<p><a href=\"{}\">Efficiency of every pipeline step</a></p>",
+                           html_table(rows, ["step", "job", "CPU", "memory", "time", "flags"]), summary_url)
 
     @admin.display(description="reason")
     def short_reason(self, obj: AnalysisRequest):
@@ -166,12 +315,14 @@ class AnalysisRequestAdmin(admin.ModelAdmin):
         url = f"{reverse('admin:emg_clusterjob_changelist')}?{urlencode({JOBS_OF_REQUEST: obj.id})}"
         return format_html('<a href="{}">{} job(s)</a>', url, obj.job_count)  # type: ignore[attr-defined]
 
-    @admin.action(description="Cancel the selected requests (their flow runs and the jobs only they need)")
+    @admin.action(description="Cancel the selected requests (their flow runs and the jobs only they need)",
+                  permissions=["cancel"])
     def cancel(self, request, queryset):
         apply_to_each(self, request, queryset, request_cancel_or_refuse,
                       lambda analysis, _: f"#{analysis.id}", "Cancellation requested")
 
-    @admin.action(description="Re-run the selected ended requests (new generation, new flow run)")
+    @admin.action(description="Re-run the selected ended requests (new generation, new flow run)",
+                  permissions=["rerun"])
     def rerun(self, request, queryset):
         apply_to_each(self, request, queryset, AnalysisRequest.rerun,
                       lambda analysis, _: f"#{analysis.id} (generation {analysis.generation})", "Re-run")
@@ -200,7 +351,7 @@ class UnreadableFilter(admin.SimpleListFilter):
 
 
 @admin.register(ClusterJob)
-class ClusterJobAdmin(admin.ModelAdmin):
+class ClusterJobAdmin(GuardedActionsAdmin):
     list_display = ["id", "name", "slurm_job_id", "state", "unreadable_state", "exit_code", "attempts", "submit_time",
                     "state_checked_at"]
     list_filter = ["state", UnreadableFilter]
@@ -214,6 +365,7 @@ class ClusterJobAdmin(admin.ModelAdmin):
         ("Job log", {"fields": ["log_path", "log_tail"]}),
         ("Script and resources", {"fields": ["resources", "command_line", "job_script", "policy_table"]}),
         ("Outputs", {"fields": ["output_dir", "manifest_table", "manifest_recorded_at"]}),
+        ("Efficiency (from sacct)", {"fields": ["efficiency_table"]}),
         ("Nextflow trace", {"fields": ["trace_table"]}),
         ("Inputs", {"fields": ["input_hashes_table", "fingerprint"]}),
     ]
@@ -224,6 +376,43 @@ class ClusterJobAdmin(admin.ModelAdmin):
 
     def has_add_permission(self, request):
         return False
+
+    def has_resubmit_permission(self, request):
+        return has_model_permission(request, "resubmit_clusterjob")
+
+    def get_urls(self):
+        summary = path("efficiency/", self.admin_site.admin_view(self.efficiency_view), name="emg_clusterjob_efficiency")
+        return [summary, *super().get_urls()]
+
+    def efficiency_view(self, request):
+        """Per pipeline step, what its ended jobs used of what they requested: for right-sizing."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        by_step: dict[str, list] = {}
+        waits = JobWait.objects.filter(job__usage__isnull=False).select_related("job").order_by("job_id")
+        seen = set()
+        for wait in waits:
+            if wait.job_id in seen:
+                continue  # a job several requests waited for counts once
+            seen.add(wait.job_id)
+            found = efficiency(wait.job.usage)
+            if found is not None:
+                by_step.setdefault(wait.step, []).append(found)
+        summaries = [summarise(step, found) for step, found in sorted(by_step.items())]
+        rows = [(s.step, s.jobs, s.flagged, percent(s.cpu_median), percent(s.memory_median),
+                 f"{s.memory_peak_mb or 0:.0f} MB of {s.memory_requested_mb or 0:.0f} MB",
+                 percent(s.time_median), duration(s.elapsed_max_s)) for s in summaries]
+        context = {**self.admin_site.each_context(request), "opts": self.opts, "title": "Efficiency per pipeline step",
+                   "table": html_table(rows, ["step", "jobs", "flagged", "CPU (median)", "memory (median)",
+                                              "peak memory (largest) of requested", "time (median)",
+                                              "longest wall time"]),
+                   "threshold": percent(settings.EMG_EFFICIENCY_THRESHOLD)}
+        return TemplateResponse(request, "admin/emg/efficiency.html", context)
+
+    @admin.display(description="used of requested")
+    def efficiency_table(self, job: ClusterJob):
+        rows = efficiency_rows(job)
+        return html_table(rows) if rows else "no usage recorded (the job has not ended, or accounting has no record)"
 
     @admin.display(description="waiting requests")
     def requests(self, job: ClusterJob):
@@ -265,16 +454,41 @@ class ClusterJobAdmin(admin.ModelAdmin):
     def job_script(self, job: ClusterJob):
         return preformatted(build_script(JobSpec.from_dict(job.spec)))
 
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        # The trace table is sorted by the page's query (?trace_sort=column&trace_order=desc); a
+        # read-only field is drawn without the request, so the choice is handed over in a context
+        # variable, and the page is rendered before it is reset.
+        token = TRACE_SORT.set((request.GET.get("trace_sort", ""), request.GET.get("trace_order") == "desc"))
+        try:
+            response = super().change_view(request, object_id, form_url, extra_context)
+            if hasattr(response, "render"):
+                response.render()
+            return response
+        finally:
+            TRACE_SORT.reset(token)
+
     @admin.display(description="trace")
     def trace_table(self, job: ClusterJob):
-        """A table of task rows, or of the summary's figures; whichever the job recorded."""
+        """The summary's figures and the tasks as a table sortable by any column; or the task rows
+        of a trace recorded as a bare list."""
         trace = job.trace
         if isinstance(trace, list) and all(isinstance(row, dict) for row in trace):
-            columns = list(dict.fromkeys(column for row in trace for column in row))
-            return html_table([[row.get(column, "") for column in columns] for row in trace], columns)
-        if isinstance(trace, dict):
-            return html_table(list(trace.items()))
-        return "-"
+            return sortable_tasks(trace)
+        if not isinstance(trace, dict):
+            return "-"
+        parts: list[str] = []
+        if trace.get("error"):
+            parts.append(format_html("<p><strong>{}</strong></p>", trace["error"]))
+        summary = trace.get("summary")
+        if isinstance(summary, dict):
+            parts.append(html_table([(name, trace_value(name, value)) for name, value in summary.items()]))
+        tasks = trace.get("tasks")
+        if isinstance(tasks, list) and tasks and all(isinstance(row, dict) for row in tasks):
+            parts.append(sortable_tasks(tasks))
+        extra = {name: value for name, value in trace.items() if name not in ("error", "summary", "tasks")}
+        if extra:
+            parts.append(html_table(sorted(extra.items())))
+        return format_html_join("", "{}", ((part,) for part in parts)) if parts else "-"
 
     @admin.display(description="resubmit policy")
     def policy_table(self, job: ClusterJob):
@@ -289,7 +503,7 @@ class ClusterJobAdmin(admin.ModelAdmin):
     def input_hashes_table(self, job: ClusterJob):
         return html_table(sorted(job.input_hashes.items()), ["input", "hash"])
 
-    @admin.action(description="Resubmit the selected ended jobs now (as new jobs)")
+    @admin.action(description="Resubmit the selected ended jobs now (as new jobs)", permissions=["resubmit"])
     def resubmit(self, request, queryset):
         apply_to_each(self, request, queryset, ClusterJob.resubmit,
                       lambda job, twin: f"#{job.id} as #{twin.id}", "Resubmitted")

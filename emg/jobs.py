@@ -31,7 +31,7 @@ from django.utils import timezone
 
 from emg import waits
 from emg.history import HistoryEntry, apply_transition
-from emg.models import ClusterJob, ClusterJobState, job_tag
+from emg.models import FINAL_JOB_STATES, ClusterJob, ClusterJobState, job_tag
 from slurm_adapter import JobSpec, JobStatus, SubmittedJob
 
 logger = logging.getLogger(__name__)
@@ -243,6 +243,13 @@ def record_manifest(job: ClusterJob, manifest: dict[str, str], now: datetime | N
     now = now or timezone.now()
     rows = ClusterJob.objects.filter(id=job.id, state=ClusterJobState.COMPLETED, output_manifest__isnull=True)
     return _apply(rows, job.id, "record_manifest", None, output_manifest=manifest, manifest_recorded_at=now)
+
+
+def record_usage(job: ClusterJob, usage: dict[str, Any]) -> bool:
+    """What an ended attempt used, from accounting, recorded once for the Slurm job it names."""
+    rows = ClusterJob.objects.filter(id=job.id, state=job.state, slurm_job_id=job.slurm_job_id, usage__isnull=True,
+                                     state__in=FINAL_JOB_STATES)
+    return _apply(rows, job.id, "record_usage", None, usage=usage)
 
 
 def mark_checked(job_ids: list[int], now: datetime) -> None:

@@ -99,7 +99,7 @@ TRANSITION_OWNED_REQUEST_FIELDS = frozenset({
 TRANSITION_OWNED_JOB_FIELDS = frozenset({
     "state", "raw_state", "attempts", "retries", "submission_started_at", "slurm_job_id", "submit_time", "log_path",
     "exit_code", "signal", "ended_at", "submit_error", "next_submit_at", "unreadable_state", "unreadable_since",
-    "history", "spec", "output_manifest", "manifest_recorded_at", "cancel_requested_at",
+    "history", "spec", "output_manifest", "manifest_recorded_at", "cancel_requested_at", "usage",
 })
 
 
@@ -154,6 +154,10 @@ class AnalysisRequest(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # The admin's actions each need their own permission: viewing (or editing) a request is not
+        # the right to cancel a multi-day pipeline, or to run it again.
+        permissions = [("cancel_analysisrequest", "Can cancel analysis requests"),
+                       ("rerun_analysisrequest", "Can re-run ended analysis requests")]
         constraints = [
             # Where the ORM's validation is bypassed (bulk_create, update, SQL): options stay a JSON
             # object, and never name what the orchestrator sets itself (the flow checks the rest).
@@ -307,6 +311,9 @@ class ClusterJob(models.Model):
     # attaches to it any more, and an identical job declared meanwhile is submitted once it has ended.
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    # What the ended job used and asked for (slurm_adapter.JobUsage: CPU seconds, CPUs, wall time,
+    # peak and requested memory, time limit), read from sacct once by the reconciler.
+    usage = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -314,6 +321,7 @@ class ClusterJob(models.Model):
 
     class Meta:
         ordering = ["created_at", "id"]
+        permissions = [("resubmit_clusterjob", "Can resubmit ended cluster jobs")]
         constraints = [
             # Two flows declaring the same work at once get one live row: the loser of the
             # insert race reads the winner's row instead of submitting a twin. A row given up

@@ -40,13 +40,28 @@ def _entry(status: str, detail: str, now: datetime) -> HistoryEntry:
     return HistoryEntry(status, detail[:2000], now)
 
 
+# The analysis flow's steps in the order it takes them (flows/analysis.py; tests/test_models.py checks
+# that it names no other). The flow re-runs from the top on every resume, passing the steps it
+# already did on its way back to where it was: within a generation the step shown only moves forward.
+STEPS = ("validating the request", "fetching from ENA", "assembly", "analysis", "data move")
+
+
+def step_shown(current: str, reported: str) -> str:
+    """The step a request shows when its flow reports `reported` while it shows `current`."""
+    if current in STEPS and reported in STEPS and STEPS.index(reported) < STEPS.index(current):
+        return current
+    return reported
+
+
 def advance(request_id: int, generation: int, status: str, *, step: str = "", reason: str = "",
             flow_reruns: int | None = None) -> bool:
     """The flow run of `generation` reports progress (or its end). Applies only while that
     generation is the request's and the request is unfinished: a request cancelled, failed or
     re-run meanwhile stays as it is. Given `flow_reruns` (the count the flow process read when it
     started), it applies only while no re-run has been counted since: a process taken for a zombie
-    and re-run reports nothing more. A step change alone writes no history entry."""
+    and re-run reports nothing more. A step the generation has passed is not shown again (see
+    STEPS): a resumed run re-doing its earlier steps reads as RUNNING at the step it had reached.
+    A step change alone writes no history entry."""
     now = timezone.now()
     rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, status__in=UNFINISHED)
     if flow_reruns is not None:
@@ -55,10 +70,11 @@ def advance(request_id: int, generation: int, status: str, *, step: str = "", re
     if current is None:
         logger.info("request #%s: advance to %s skipped, it has ended or moved on", request_id, status)
         return False
-    entry = None if current[0] == status else _entry(status, f"{step or reason}".strip(), now)
+    shown = step_shown(current[1], step)
+    entry = None if current[0] == status else _entry(status, f"{shown or reason}".strip(), now)
     finished_at = now if status in AnalysisRequest.FINAL_STATUSES else None
-    return _apply(rows.filter(status=current[0]), request_id, f"advance to {status}", entry, status=status,
-                  current_step=step, status_reason=reason[:10000], finished_at=finished_at)
+    return _apply(rows.filter(status=current[0], current_step=current[1]), request_id, f"advance to {status}", entry,
+                  status=status, current_step=shown, status_reason=reason[:10000], finished_at=finished_at)
 
 
 def cancel(request: AnalysisRequest, reason: str) -> bool:

@@ -1,5 +1,6 @@
 """Settings come from the environment; every one has a default that runs the local demo."""
 
+import getpass
 import os
 import re
 from pathlib import Path
@@ -103,6 +104,11 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
 # An event not dispatched within this many seconds is published again by the sweep.
 EMG_OUTBOX_GRACE_SECONDS = _env_float("EMG_OUTBOX_GRACE_SECONDS", 30)
 EMG_OUTBOX_SWEEP_SECONDS = _env_float("EMG_OUTBOX_SWEEP_SECONDS", 15)
+# A dispatch task retries this many times (backoff 2 s doubling to 60 s), then gives the event
+# back to the sweep, which publishes it again only when no task of it is in flight.
+EMG_DISPATCH_MAX_RETRIES = _env_int("EMG_DISPATCH_MAX_RETRIES", 6)
+# A task recorded in flight for longer than this is taken for lost, and its event published again.
+EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS = _env_float("EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS", 3600)
 # Prefect idempotency keys must be unique across every database that talks to the
 # same Prefect server, or a key from another database returns that database's run.
 # They also name cache files, so only letters, digits and dashes.
@@ -118,7 +124,17 @@ PREFECT_UI_URL = os.environ.get("PREFECT_UI_URL", PREFECT_API_URL.removesuffix("
 EMG_SUSPEND_TIMEOUT_SECONDS = _env_int("EMG_SUSPEND_TIMEOUT_SECONDS", 30 * 24 * 3600)
 
 # --- Cluster -----------------------------------------------------------------------
-EMG_CLUSTER_BACKEND = os.environ.get("EMG_CLUSTER_BACKEND", "auto")  # slurm | local | auto
+EMG_CLUSTER_BACKEND = os.environ.get("EMG_CLUSTER_BACKEND", "auto")  # slurm | slurmrestd | local | auto
+# The slurmrestd backend: where, which API version ("auto": the newest both sides support), and
+# whose JWT. A token file is re-read whenever it changes, so a renewer can rotate it underneath us;
+# the token itself never reaches the database, the logs or a job.
+EMG_SLURMRESTD_URL = os.environ.get("EMG_SLURMRESTD_URL", "http://127.0.0.1:6820")
+EMG_SLURMRESTD_API_VERSION = os.environ.get("EMG_SLURMRESTD_API_VERSION", "auto")
+EMG_SLURMRESTD_USER = os.environ.get("EMG_SLURMRESTD_USER") or getpass.getuser()
+EMG_SLURMRESTD_TOKEN = os.environ.get("EMG_SLURMRESTD_TOKEN") or None
+EMG_SLURMRESTD_TOKEN_FILE = os.environ.get("EMG_SLURMRESTD_TOKEN_FILE") or None
+EMG_SLURMRESTD_TIMEOUT_SECONDS = _env_float("EMG_SLURMRESTD_TIMEOUT_SECONDS", 30)
+EMG_SLURMRESTD_RETRIES = _env_int("EMG_SLURMRESTD_RETRIES", 2)
 EMG_WORK_DIR = Path(os.environ.get("EMG_WORK_DIR", VAR_DIR / "work"))
 EMG_SLURM_PARTITION = os.environ.get("EMG_SLURM_PARTITION") or None
 EMG_SLURM_MIN_QUERY_INTERVAL_SECONDS = _env_float("EMG_SLURM_MIN_QUERY_INTERVAL_SECONDS", 0)
@@ -177,3 +193,13 @@ EMG_DATAMOVER_PARTITION = os.environ.get("EMG_DATAMOVER_PARTITION") or None
 EMG_RESULTS_DIR = Path(os.environ.get("EMG_RESULTS_DIR", VAR_DIR / "results"))
 # Analysis runs only on an assembly at least this long (total contig bases).
 EMG_MIN_ASSEMBLY_LENGTH = _env_int("EMG_MIN_ASSEMBLY_LENGTH", 5000)
+
+# --- Monitoring -------------------------------------------------------------------------------
+# /health answers from check results at most this old: a burst of callers shares one run of each.
+EMG_HEALTH_CACHE_SECONDS = _env_float("EMG_HEALTH_CACHE_SECONDS", 5)
+# A bearer token for /metrics and /health/detail (Prometheus's `authorization: credentials`),
+# besides a staff login; unset, only staff see them. Set it from a secret store, never in a file here.
+EMG_MONITORING_TOKEN = os.environ.get("EMG_MONITORING_TOKEN", "")
+# Jobs using less than this share of the CPU, memory or time they requested are flagged in the
+# admin's efficiency report.
+EMG_EFFICIENCY_THRESHOLD = _env_float("EMG_EFFICIENCY_THRESHOLD", 0.5)

@@ -5,6 +5,7 @@ ticks (or a tick and the flow itself) that see the same jobs end, one releases i
 done only by the flow run that owns the wait, just before it suspends again.
 """
 
+from typing import Any
 from uuid import UUID
 
 from django.db import transaction
@@ -32,7 +33,7 @@ def attach(flow_run_id: UUID, step: str, job_id: int, request_id: int | None) ->
         return wait
 
 
-def live_waits(**filters) -> "QuerySet[JobWait]":
+def live_waits(**filters: Any) -> "QuerySet[JobWait]":
     """Waits that still want their job: of a request that is unfinished and not being cancelled
     (released or not: its flow may re-run and wait again), or open waits of a flow with no request."""
     live_request = Q(request__cancel_requested_at__isnull=True) & ~Q(request__status__in=AnalysisRequest.FINAL_STATUSES)

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Stops the daemons scripts/slurm-up.sh started, by their pid files, and waits
-# for them to exit. Jobs and accounting survive in /var/lib/emg-slurm and
-# MariaDB. --keep-munge leaves munged running (used by slurm-up.sh on a
-# configuration change).
+# for them to exit (slurmrestd first: it talks to the others). Jobs and
+# accounting survive in /var/lib/emg-slurm and MariaDB. --keep-munge leaves
+# munged running (used by slurm-up.sh on a configuration change).
 set -euo pipefail
 
 RUN_DIR=/run/emg-slurm
 DEADLINE_S=${EMG_SLURM_DOWN_TIMEOUT:-30}
 
-daemons=(slurmd slurmctld slurmdbd)
+daemons=(slurmrestd slurmd slurmctld slurmdbd)
 [[ ${1:-} == --keep-munge ]] || daemons+=(munged)
 
 pidfile() {

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Starts a single-node Slurm cluster "emg" (munged, slurmdbd on MariaDB,
-# slurmctld, slurmd) without systemd, and waits until it schedules jobs and
-# answers sacct. Idempotent: daemons already running from their pid files are
-# left alone. Must run as root.
+# slurmctld, slurmd, and slurmrestd with JWT on 127.0.0.1:6820) without
+# systemd, and waits until it schedules jobs and answers sacct and REST.
+# Idempotent: daemons already running from their pid files are left alone.
+# Must run as root.
 #
 # Tunables (environment): EMG_SLURM_CPUS (default 64), EMG_SLURM_MEM_MB
 # (default 65536) are what the node advertises; it may be more than the machine
-# has so that many small test jobs run side by side.
+# has so that many small test jobs run side by side. EMG_SLURMRESTD_LISTEN
+# (default 127.0.0.1:6820) is where slurmrestd listens.
 set -euo pipefail
 
 CLUSTER=emg
@@ -41,10 +43,11 @@ alive() { # pidfile
 
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 
-if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v munged >/dev/null; then
-    echo "slurm-up: installing slurm-wlm slurmdbd munge"
+if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null || ! command -v munged >/dev/null \
+    || ! command -v slurmrestd >/dev/null; then
+    echo "slurm-up: installing slurm-wlm slurmdbd slurmrestd munge"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm slurmdbd munge >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm slurmdbd slurmrestd munge >/dev/null
 fi
 
 mkdir -p "$CONF_DIR" "$STATE_DIR"/ctld "$STATE_DIR"/d "$LOG_DIR" "$RUN_DIR"
@@ -68,6 +71,16 @@ if ! alive "$MUNGE_PID"; then
     started+=(munged)
 fi
 wait_for "munge" bash -c 'munge -n </dev/null | unmunge'
+
+# --- JWT for slurmrestd ----------------------------------------------------------
+# The daemons accept JWT besides munge (AuthAltTypes below); `scontrol token` mints tokens
+# signed with this key. Readable by SlurmUser (root) only.
+JWT_KEY=$STATE_DIR/jwt_hs256.key
+if [[ ! -s $JWT_KEY ]]; then
+    (umask 077 && dd if=/dev/urandom of="$JWT_KEY" bs=32 count=1 status=none)
+fi
+chown root:root "$JWT_KEY"
+chmod 0600 "$JWT_KEY"
 
 # --- MariaDB for accounting ----------------------------------------------------
 mysql_q() { mariadb -h "$DB_HOST" -P "$DB_PORT" -u root --batch --skip-column-names -e "$1"; }
@@ -94,6 +107,11 @@ TaskPlugin=task/none
 JobAcctGatherParams=OverMemoryKill"
     CGROUP_CONF="CgroupPlugin=autodetect"
 fi
+
+# slurmrestd (the REST backend) authenticates with JWT; munge stays the daemons' own AuthType.
+JWT_CONF="# slurmrestd: JWT as well as munge (scripts/slurm-up.sh)
+AuthAltTypes=auth/jwt
+AuthAltParameters=jwt_key=$JWT_KEY"
 
 # Written only when it changes; a change restarts the running daemons so they
 # do not keep serving the old one.
@@ -134,6 +152,7 @@ PartitionName=datamover Nodes=localhost MaxTime=INFINITE State=UP
 # Hidden, higher-tier partition: a job there cancels (preempts) jobs of the
 # others when the node is full; only the tests use it.
 PartitionName=urgent Nodes=localhost MaxTime=INFINITE PriorityTier=10 Hidden=YES State=UP
+$JWT_CONF
 EOF
 }
 
@@ -150,6 +169,7 @@ StorageHost=$DB_HOST
 StoragePort=$DB_PORT
 StorageUser=root
 StorageLoc=slurm_acct_db
+$JWT_CONF
 EOF
 }
 
@@ -208,6 +228,33 @@ node_usable() { [[ $(node_state) =~ ^(idle|mix|alloc|comp)$ ]]; }
 wait_for "node localhost to be idle" node_usable
 wait_for "sbatch to accept a job" sbatch --test-only --wrap true
 wait_for "sacct" sacct -n -X -S now -o JobID
+
+# --- slurmrestd ------------------------------------------------------------------
+# It refuses to run as root (or SlurmUser), so it runs as a system user of its own; who a
+# request acts for comes from its JWT. setsid (out of the caller's process group, so that a test
+# harness stopping its own group leaves it be), setpriv and env all exec: $! is slurmrestd itself.
+REST_USER=emg-slurmrestd
+REST_LISTEN=${EMG_SLURMRESTD_LISTEN:-127.0.0.1:6820}
+REST_PID=$RUN_DIR/slurmrestd.pid
+id -u "$REST_USER" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$REST_USER"
+if ((changed)) && alive "$REST_PID"; then
+    kill -TERM "$(cat "$REST_PID")"
+    wait_for "the old slurmrestd to exit" bash -c "! kill -0 $(cat "$REST_PID")"
+fi
+if ! alive "$REST_PID"; then
+    setsid setpriv --reuid="$REST_USER" --regid="$REST_USER" --clear-groups \
+        env SLURM_JWT=daemon SLURM_CONF="$CONF_DIR/slurm.conf" \
+        slurmrestd -a rest_auth/jwt "$REST_LISTEN" </dev/null >>"$LOG_DIR/slurmrestd.out" 2>&1 &
+    echo $! >"$REST_PID"
+    started+=(slurmrestd)
+fi
+rest_answers() {
+    local token
+    token=$(scontrol token username=root lifespan=60 | sed -n 's/^SLURM_JWT=//p')
+    curl -fsS -o /dev/null -H "X-SLURM-USER-NAME: root" -H "X-SLURM-USER-TOKEN: $token" \
+        "http://$REST_LISTEN/slurm/v0.0.38/ping"
+}
+wait_for "slurmrestd on $REST_LISTEN" rest_answers
 
 if ((${#started[@]})); then
     echo "slurm-up: started ${started[*]}; cluster $CLUSTER ready with $CPUS CPUs in $((SECONDS - t0))s"

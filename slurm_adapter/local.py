@@ -26,6 +26,7 @@ from .cluster import JobStatus, PartitionLimits, SubmittedJob, newest_first
 from .files import log_path, write_script
 from .spec import DEFAULT_PATH, JobSpec, validate_tag
 from .states import JobState
+from .usage import JobUsage
 
 _ID_PREFIX = "local-"
 _ID = re.compile(re.escape(_ID_PREFIX) + "[0-9a-f]{16}")
@@ -82,6 +83,10 @@ class LocalCluster:
         """Every job is on this machine's disk, so neither the name nor the window is needed."""
         validate_tag(tag)
         return newest_first(self._status(d, d.name) for d, job in self._jobs() if job["tag"] == tag)
+
+    def usage(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobUsage]:
+        """Local processes keep no accounting: no usage is known."""
+        return {}
 
     def cancel(self, job_id: str) -> None:
         state_dir = self._state_dir(job_id)

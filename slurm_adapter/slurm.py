@@ -37,6 +37,7 @@ from .status import (
     parse_squeue,
     pick_record,
 )
+from .usage import USAGE_FIELDS, JobUsage, parse_usage
 
 # Stays well below ARG_MAX (ids are ~8 characters) while one call covers any realistic batch.
 MAX_IDS_PER_CALL = 5000
@@ -139,18 +140,18 @@ def _lines_of(output: str, tag: str) -> str:
     return "\n".join(line for line in output.splitlines() if line.endswith("|" + comment))
 
 
-def _check_job_id(job_id: str) -> str:
-    if not job_id.isdigit():
+def check_job_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not job_id.isdigit():
         raise ValueError(f"not a Slurm job id: {job_id!r}")
     return job_id
 
 
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
-def _placeholder(job: SubmittedJob, state: JobState) -> JobStatus:
+def placeholder(job: SubmittedJob, state: JobState) -> JobStatus:
     return JobStatus(
         job_id=job.job_id,
         state=state,
@@ -162,6 +163,23 @@ def _placeholder(job: SubmittedJob, state: JobState) -> JobStatus:
         end_time=None,
         tag=None,
     )
+
+
+class Pacer:
+    """Keeps calls at least `min_interval_s` apart (a site's rule for how often we may ask)."""
+
+    def __init__(self, min_interval_s: float) -> None:
+        self.min_interval_s = min_interval_s
+        self._last: float | None = None
+
+    def wait(self) -> None:
+        now = time.monotonic()
+        if self._last is not None:
+            wait = self.min_interval_s - (now - self._last)
+            if wait > 0:
+                time.sleep(wait)
+                now = time.monotonic()
+        self._last = now
 
 
 class SlurmCluster:
@@ -181,12 +199,11 @@ class SlurmCluster:
             before squeue is asked, and then LOST if squeue does not know it either.
         find_window: how far back find_by_tag searches accounting.
         """
-        self.min_query_interval_s = min_query_interval_s
+        self._pacer = Pacer(min_query_interval_s)
         self.accounting_grace = timedelta(seconds=accounting_grace_s)
         self.command_timeout_s = command_timeout_s
         self.find_window = find_window
         self.calls: Counter[str] = Counter()
-        self._last_query: float | None = None
 
     def _run(self, argv: list[str], harmless_errors: tuple[str, ...] = ()) -> str:
         self.calls[argv[0]] += 1
@@ -245,16 +262,16 @@ class SlurmCluster:
         return SubmittedJob(job_id, submit_time, log_path(spec.work_dir, tag, job_id))
 
     def query(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobStatus]:
-        wanted = {_check_job_id(j.job_id): j for j in jobs}
+        wanted = {check_job_id(j.job_id): j for j in jobs}
         if not wanted:
             return {}
-        self._respect_min_interval()
+        self._pacer.wait()
         now = datetime.now(UTC)
         # Clamped: sacct refuses a window starting in the future (a submitter's clock ahead).
         since = min(min(j.submit_time for j in wanted.values()) - CLOCK_SKEW, now)
         accounted = group_by_id(
             record
-            for chunk in _chunks(list(wanted), MAX_IDS_PER_CALL)
+            for chunk in chunks(list(wanted), MAX_IDS_PER_CALL)
             for record in self._sacct(["-S", _slurm_time(since), "-E", "now", "-j", ",".join(chunk)])
         )
         result: dict[str, JobStatus] = {}
@@ -264,14 +281,14 @@ class SlurmCluster:
             if record is not None:
                 result[job_id] = record
             elif now - job.submit_time < self.accounting_grace:
-                result[job_id] = _placeholder(job, JobState.SUBMITTED)
+                result[job_id] = placeholder(job, JobState.SUBMITTED)
             else:
                 overdue.append(job)
         if overdue:
             queued = group_by_id(self._squeue(["-j", ",".join(j.job_id for j in overdue)]))
             for job in overdue:
                 record = pick_record(queued.get(job.job_id, ()), job.submit_time)
-                result[job.job_id] = record or _placeholder(job, JobState.LOST)
+                result[job.job_id] = record or placeholder(job, JobState.LOST)
         return result
 
     def find_by_tag(
@@ -293,9 +310,24 @@ class SlurmCluster:
         found.update({r.job_id: r for r in accounted if r.tag == tag})
         return newest_first(found.values())
 
+    def usage(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobUsage]:
+        """What these ended jobs used (CPU time, peak memory, wall time) and asked for, from sacct:
+        one call per MAX_IDS_PER_CALL jobs, over the window since the earliest submission (Slurm
+        reuses ids). A job accounting has not recorded yet is left out."""
+        if not jobs:
+            return {}
+        ids = [check_job_id(job.job_id) for job in jobs]
+        since = min(min(job.submit_time for job in jobs) - CLOCK_SKEW, datetime.now(UTC))
+        found: dict[str, JobUsage] = {}
+        for chunk in chunks(ids, MAX_IDS_PER_CALL):
+            output = self._run(["sacct", "--parsable2", "--noheader", "-o", ",".join(USAGE_FIELDS),
+                                "-S", _slurm_time(since), "-E", "now", "-j", ",".join(chunk)])
+            found.update(parse_usage(output))
+        return found
+
     def cancel(self, job_id: str) -> None:
         self._run(
-            ["scancel", _check_job_id(job_id)],
+            ["scancel", check_job_id(job_id)],
             harmless_errors=("Invalid job id", "already completing or completed"),
         )
 
@@ -348,12 +380,3 @@ class SlurmCluster:
         # A single unknown id makes squeue fail instead of printing nothing.
         output = self._run(argv + selection, harmless_errors=("Invalid job id",))
         return parse_squeue(_lines_of(output, only_tag) if only_tag else output)
-
-    def _respect_min_interval(self) -> None:
-        now = time.monotonic()
-        if self._last_query is not None:
-            wait = self.min_query_interval_s - (now - self._last_query)
-            if wait > 0:
-                time.sleep(wait)
-                now = time.monotonic()
-        self._last_query = now

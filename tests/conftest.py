@@ -66,6 +66,25 @@ def slurm_cluster():
 
 
 @pytest.fixture(scope="session")
+def cluster_backend_env(slurm_cluster, tmp_path_factory):
+    """What the stack's processes need for the backend of the real cluster under test:
+    EMG_TEST_CLUSTER_BACKEND=slurm (Slurm's commands, the default) or slurmrestd (its REST API, with
+    a token file, and every Slurm command on the processes' PATH a stand-in that fails and says so)."""
+    from tests.slurm import SLURMRESTD_URL, slurm_command_stand_ins, test_cluster_backend, write_token_file
+
+    if test_cluster_backend() == "slurm":
+        yield {"EMG_CLUSTER_BACKEND": "slurm"}
+        return
+    directory = tmp_path_factory.mktemp("slurmrestd")
+    token_file = write_token_file(directory)
+    stand_ins, called = slurm_command_stand_ins(directory)
+    yield {"EMG_CLUSTER_BACKEND": "slurmrestd", "EMG_SLURMRESTD_URL": SLURMRESTD_URL,
+           "EMG_SLURMRESTD_TOKEN_FILE": str(token_file), "PATH": f"{stand_ins}:{os.environ['PATH']}"}
+    if called.exists():
+        pytest.fail(f"the stack ran Slurm commands on the slurmrestd backend:\n{called.read_text()}")
+
+
+@pytest.fixture(scope="session")
 def ena_server():
     """Our local fake of the ENA Portal API, serving recorded studies and their reads."""
     from flows.ena_fake import FakeEnaServer
@@ -88,7 +107,7 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(django_db_setup, prefect_api_url, slurm_cluster, ena_server, service_logs, tmp_path_factory):
+def stack(django_db_setup, prefect_api_url, cluster_backend_env, ena_server, service_logs, tmp_path_factory):
     """Prefect runner, Celery worker and Celery beat, all on the test database."""
     database = settings.DATABASES["default"]
     env = dict(os.environ)
@@ -96,7 +115,7 @@ def stack(django_db_setup, prefect_api_url, slurm_cluster, ena_server, service_l
         DJANGO_SETTINGS_MODULE="emg.settings",
         DATABASE_URL=f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}",
         PREFECT_RUNNER_POLL_FREQUENCY="1",
-        EMG_CLUSTER_BACKEND=slurm_cluster,
+        **cluster_backend_env,
         EMG_ENA_PORTAL_API=ena_server.base_url,
         EMG_ENA_FASTQ_URL_PREFIX=ena_server.fastq_url_prefix,
         EMG_ENA_RETRY_DELAY_SECONDS="1",

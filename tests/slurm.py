@@ -1,13 +1,73 @@
 """Asking Slurm itself what ran: the counts a bug in our database cannot fake."""
 
+import getpass
+import os
 import subprocess
 from collections.abc import Iterable
 from contextlib import contextmanager
+from pathlib import Path
 
 from emg.processes import wait_until
 from slurm_adapter.cluster import job_comment
 
 ACTIVE_SQUEUE_STATES = "PENDING,RUNNING"
+# Where scripts/slurm-up.sh has slurmrestd listen.
+SLURMRESTD_URL = "http://127.0.0.1:6820"
+
+
+def test_cluster_backend() -> str:
+    """Which backend of the real cluster the stacks and the reconciler tests use:
+    EMG_TEST_CLUSTER_BACKEND=slurm (Slurm's commands, the default) or slurmrestd."""
+    backend = os.environ.get("EMG_TEST_CLUSTER_BACKEND", "slurm")
+    if backend not in ("slurm", "slurmrestd"):
+        raise ValueError(f"EMG_TEST_CLUSTER_BACKEND must be slurm or slurmrestd, not {backend!r}")
+    return backend
+
+
+def write_token_file(directory: Path, lifespan_s: int = 6 * 3600) -> Path:
+    """A JWT in a file only we can read, as a site's token renewer would keep it."""
+    path = directory / "jwt"
+    path.write_text(mint_token(lifespan_s))
+    path.chmod(0o600)
+    return path
+
+
+# Slurm's commands, which a process on the slurmrestd backend must never run.
+SLURM_COMMANDS = ("sbatch", "sacct", "squeue", "scancel", "sinfo", "scontrol", "srun", "salloc", "sacctmgr")
+
+
+def slurm_command_stand_ins(directory: Path) -> tuple[Path, Path]:
+    """A directory to put first on PATH in which every Slurm command fails and says so, and the
+    file each call is logged to (absent while none was made)."""
+    stand_ins = directory / "no-slurm-commands"
+    stand_ins.mkdir()
+    called = directory / "slurm-commands-called"
+    for command in SLURM_COMMANDS:
+        path = stand_ins / command
+        path.write_text(f'#!/bin/sh\necho "$0 $*" >> {called}\n'
+                        'echo "$0: the slurmrestd backend must not run Slurm commands" >&2\nexit 127\n')
+        path.chmod(0o755)
+    return stand_ins, called
+
+
+def own_slurmrestd(log_dir: Path):
+    """A slurmrestd of a test's own on a free port, run as scripts/slurm-up.sh runs it (its own
+    user, JWT), so that killing it disturbs nobody else's: (the process, not started yet; its URL)."""
+    from emg.processes import ManagedProcess
+    from tests.ports import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    argv = ["setpriv", "--reuid=emg-slurmrestd", "--regid=emg-slurmrestd", "--clear-groups",
+            "slurmrestd", "-a", "rest_auth/jwt", address]
+    env = {"PATH": os.environ["PATH"], "SLURM_JWT": "daemon", "SLURM_CONF": "/etc/slurm/slurm.conf"}
+    return ManagedProcess(f"slurmrestd-{address.rsplit(':', 1)[1]}", argv, env=env, log_dir=log_dir), f"http://{address}"
+
+
+def mint_token(lifespan_s: int = 3600) -> str:
+    """A JWT for the current user, as a site's token service would hand one out (`scontrol token`)."""
+    output = subprocess.run(["scontrol", "token", f"username={getpass.getuser()}", f"lifespan={lifespan_s}"],
+                            capture_output=True, text=True, check=True, timeout=30).stdout
+    return output.strip().removeprefix("SLURM_JWT=")
 
 
 def accounted_comments(*, including: Iterable[str] = (), timeout: float = 30) -> dict[str, str]:

@@ -1,9 +1,13 @@
 """The Django admin, driven through the test client on real PostgreSQL rows."""
 
 import re
+import shutil
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
+from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -13,6 +17,8 @@ from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait, Ou
 from slurm_adapter import JobSpec
 
 pytestmark = pytest.mark.django_db
+
+ROOT_ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "admin"
 
 
 def make_job(tmp_path, name: str = "emg-analysis-PRJEB1", state: str = "FAILED", slurm_job_id: str = "4242",
@@ -91,7 +97,7 @@ def test_job_page_shows_history_log_tail_script_resources_and_input_hashes(admin
     assert "90 min" in page and "2048 MB" in page
     assert "<td>reads_1.fastq.gz</td><td>sha256:abc123</td>" in page
     # The trace's task rows, whatever column order PostgreSQL's jsonb keeps.
-    assert all(f"<th>{column}</th>" in page for column in ("name", "status", "exit"))
+    assert all(f'>{column}</a></th>' in page for column in ("name", "status", "exit"))
     [row] = re.findall(r"<tr>(?:<td>[^<]*</td>)*<td>ASSEMBLY \(sample1\)</td>.*?</tr>", page)
     assert "<td>FAILED</td>" in row and "<td>137</td>" in row
     assert "137" in page and job.tag in page
@@ -194,3 +200,250 @@ def test_resubmit_action_declares_an_ended_job_again_and_refuses_a_live_one(admi
     assert ClusterJob.objects.get(id=failed.id).state == "FAILED"  # its history stays
     assert any(f"#{failed.id} as #{twin.id}" in note for note in notes)
     assert any("still RUNNING" in note for note in notes)
+
+
+# --- who may act --------------------------------------------------------------------------------
+
+def staff_user(username: str, *codenames: str) -> User:
+    user = User.objects.create_user(username, password="pw-for-tests", is_staff=True)
+    user.user_permissions.set(Permission.objects.filter(content_type__app_label="emg", codename__in=codenames))
+    return user
+
+
+VIEW_ONLY = ("view_analysisrequest", "view_clusterjob")
+ACTIONS = [("analysisrequest", "cancel"), ("analysisrequest", "rerun"), ("clusterjob", "resubmit"),
+           ("analysisrequest", "delete_selected"), ("clusterjob", "delete_selected")]
+
+
+def post_raw_action(client, model: str, action: str, objects):
+    return client.post(reverse(f"admin:emg_{model}_changelist"),
+                       {"action": action, "_selected_action": [obj.pk for obj in objects]})
+
+
+@pytest.mark.parametrize(("model", "action"), ACTIONS)
+def test_a_view_only_staff_user_is_refused_every_action_and_nothing_changes(client, rows, tmp_path, model, action):
+    waiting = make_request(accession="PRJEB33334", status=AnalysisRequest.Status.WAITING)
+    client.force_login(staff_user("viewer", *VIEW_ONLY))
+    target = {"analysisrequest": [waiting, rows["request"]], "clusterjob": [rows["job"]]}[model]
+    page = client.get(reverse(f"admin:emg_{model}_changelist"))
+    assert page.status_code == 200 and f'value="{action}"' not in page.content.decode()
+
+    assert post_raw_action(client, model, action, target).status_code == 403
+
+    waiting.refresh_from_db()
+    rows["request"].refresh_from_db()
+    assert waiting.cancel_requested_at is None and rows["request"].generation == 1
+    assert ClusterJob.objects.count() == 1 and AnalysisRequest.objects.count() == 2
+
+
+def test_the_change_permission_alone_does_not_allow_cancelling_or_rerunning(client, rows):
+    waiting = make_request(accession="PRJEB33335", status=AnalysisRequest.Status.WAITING)
+    client.force_login(staff_user("editor", *VIEW_ONLY, "change_analysisrequest", "change_clusterjob"))
+
+    assert post_raw_action(client, "analysisrequest", "cancel", [waiting]).status_code == 403
+    assert post_raw_action(client, "analysisrequest", "rerun", [rows["request"]]).status_code == 403
+    assert post_raw_action(client, "clusterjob", "resubmit", [rows["job"]]).status_code == 403
+    waiting.refresh_from_db()
+    assert waiting.cancel_requested_at is None
+
+
+def test_each_action_runs_for_a_staff_user_granted_its_permission(client, rows):
+    waiting = make_request(accession="PRJEB33336", status=AnalysisRequest.Status.WAITING)
+    client.force_login(staff_user("operator", *VIEW_ONLY, "cancel_analysisrequest", "rerun_analysisrequest",
+                                  "resubmit_clusterjob"))
+    listing = client.get(reverse("admin:emg_analysisrequest_changelist")).content.decode()
+    assert 'value="cancel"' in listing and 'value="rerun"' in listing
+
+    notes = post_action(client, "analysisrequest", "cancel", [waiting])
+    assert any("Cancellation requested" in note for note in notes)
+    post_action(client, "analysisrequest", "rerun", [rows["request"]])
+    post_action(client, "clusterjob", "resubmit", [rows["job"]])
+
+    waiting.refresh_from_db()
+    rows["request"].refresh_from_db()
+    assert waiting.cancel_requested_at is not None and rows["request"].generation == 2
+    assert ClusterJob.objects.filter(fingerprint=rows["job"].fingerprint).count() == 2
+
+
+# --- what may be edited --------------------------------------------------------------------------
+
+def form_fields(admin_client, request: AnalysisRequest) -> set[str]:
+    response = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id]))
+    return set(response.context["adminform"].form.fields)
+
+
+@pytest.mark.parametrize("status", ["PENDING", "RUNNING", "WAITING"])
+def test_an_unfinished_requests_study_and_options_are_read_only(admin_client, status):
+    request = make_request(accession="PRJEB66601", status=status, pipeline_options={"k": 31})
+    other = Study.objects.create(accession="PRJEB66602")
+    assert form_fields(admin_client, request) == set()
+    page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
+    assert 'name="pipeline_options"' not in page and 'name="study"' not in page
+
+    response = admin_client.post(reverse("admin:emg_analysisrequest_change", args=[request.id]),
+                                 {"study": other.id, "pipeline_options": '{"k": 21}', "waits-TOTAL_FORMS": 0,
+                                  "waits-INITIAL_FORMS": 0})
+    assert response.status_code == 302  # saved: the posted study and options were not form fields
+
+    request.refresh_from_db()
+    assert (request.study.accession, request.pipeline_options) == ("PRJEB66601", {"k": 31})
+
+
+def test_an_ended_request_can_be_edited_and_a_save_writes_only_what_its_form_changed(admin_client):
+    request = make_request(accession="PRJEB66603", status="FAILED", pipeline_options={"k": 31})
+    other = Study.objects.create(accession="PRJEB66604")
+    assert form_fields(admin_client, request) == {"study", "pipeline_options"}
+    url = reverse("admin:emg_analysisrequest_change", args=[request.id])
+    shown = {"initial-study": request.study.id, "initial-pipeline_options": '{"k": 31}',
+             "waits-TOTAL_FORMS": 0, "waits-INITIAL_FORMS": 0}
+    # Two operators opened the form; the first changes the options, the second (shown the old
+    # options) the study: the second save must not put the old options back.
+    first = admin_client.post(url, {**shown, "study": request.study.id, "pipeline_options": '{"k": 21}'})
+    second = admin_client.post(url, {**shown, "study": other.id, "pipeline_options": '{"k": 31}'})
+    assert (first.status_code, second.status_code) == (302, 302)
+
+    request.refresh_from_db()
+    assert (request.study, request.pipeline_options) == (other, {"k": 21})
+
+
+# --- a picture per request ---------------------------------------------------------------------
+
+def test_a_request_page_draws_its_life_and_its_jobs_phases_with_the_retry_and_the_waiting_times(admin_client,
+                                                                                               tmp_path):
+    start = timezone.now() - timezone.timedelta(days=7)
+
+    def at(hours: float) -> str:
+        return (start + timezone.timedelta(hours=hours)).isoformat()
+
+    request = make_request(accession="PRJEB88801", status="COMPLETED", finished_at=start + timezone.timedelta(days=6),
+                           created_at=start, history=[
+                               {"state": "RUNNING", "detail": "fetching from ENA", "at": at(0.1)},
+                               {"state": "WAITING", "detail": "assembly", "at": at(0.2)},
+                               {"state": "RUNNING", "detail": "assembly", "at": at(6 * 24 - 1)},
+                               {"state": "COMPLETED", "detail": "results in /r <b>", "at": at(6 * 24)}])
+    job = make_job(tmp_path, name="emg-assembly-PRJEB88801", state="COMPLETED", created_at=start, history=[
+        {"state": "CLAIMED", "detail": "attempt 1", "at": at(0.2)},
+        {"state": "SUBMITTED", "detail": "sbatch -> 1", "at": at(0.2)},
+        {"state": "RUNNING", "detail": "RUNNING", "at": at(48.2)},  # queued 2 days
+        {"state": "OUT_OF_MEMORY", "detail": "OUT_OF_MEMORY exit 0:9", "at": at(50)},
+        {"state": "DECLARED", "detail": "out of memory: 2048 MB -> 4096 MB", "at": at(50)},
+        {"state": "SUBMITTED", "detail": "sbatch -> 2", "at": at(50.1)},
+        {"state": "RUNNING", "detail": "RUNNING", "at": at(51)},
+        {"state": "COMPLETED", "detail": "COMPLETED exit 0:0", "at": at(6 * 24 - 1)}])
+    wait_for(request, job, step="assembly")
+
+    page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
+
+    [drawing] = re.findall(r'<svg xmlns="http://www.w3.org/2000/svg" class="emg-timeline".*?</svg>', page, re.S)
+    assert f"request #{request.id} (gen 1)" in drawing and f"assembly: job #{job.id}" in drawing
+    assert "<title>WAITING 5d 22h: assembly</title>" in drawing  # the request's wait for the cluster
+    assert "<title>pending 2d: sbatch -&gt; 1</title>" in drawing  # the job queued two days
+    assert "<title>running 1h 48m: RUNNING</title>" in drawing  # the attempt that ran out of memory
+    assert "<title>retried: out of memory: 2048 MB -&gt; 4096 MB</title>" in drawing
+    assert drawing.count('class="phase-pending"') == 2 and drawing.count('class="phase-running"') == 2
+    assert "<b>" not in drawing and "results in /r &lt;b&gt;" in drawing
+    screenshot(drawing, "timeline")
+
+
+def screenshot(html: str, name: str) -> None:
+    """The drawing as a page, and its picture taken by headless Chromium, kept with the test artifacts."""
+    ROOT_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page = ROOT_ARTIFACTS / f"{name}.html"
+    page.write_text(f"<!doctype html><html><body>{html}</body></html>")
+    picture = ROOT_ARTIFACTS / f"{name}.png"
+    picture.unlink(missing_ok=True)
+    subprocess.run([shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
+                    "--window-size=1000,400", f"--screenshot={picture}", page.as_uri()],
+                   capture_output=True, timeout=60, check=True)
+    assert picture.stat().st_size > 1000
+
+
+def test_a_request_with_no_history_yet_draws_its_pending_time(admin_client):
+    request = make_request(accession="PRJEB88802")
+    page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
+    assert 'class="emg-timeline"' in page and 'class="phase-PENDING"' in page
+
+
+# --- efficiency -------------------------------------------------------------------------------
+
+USAGE = {"elapsed_s": 7200, "cpu_s": 3600, "cpus": 4, "max_rss_mb": 1800, "requested_memory_mb": 2048,
+         "time_limit_s": 6 * 3600}
+
+
+def test_a_jobs_page_shows_what_it_used_of_what_it_asked_and_flags_the_under_used(admin_client, rows):
+    job = rows["job"]
+    ClusterJob.objects.filter(id=job.id).update(usage=USAGE)
+
+    page = admin_client.get(reverse("admin:emg_clusterjob_change", args=[job.id])).content.decode()
+
+    # 1 h of CPU from 4 CPUs over 2 h: 12%; 1800 of 2048 MB: 88%; 2 h of 6 h: 33%.
+    assert "12%: 1h CPU time of 4 CPU(s) x 2h (under-used)" in page
+    assert "88%: peak 1800 MB of 2048 MB requested" in page and "88%: peak 1800 MB of 2048 MB requested (" not in page
+    assert "33%: 2h of a 6h limit (under-used)" in page
+
+
+def test_a_request_page_reports_each_jobs_efficiency_and_the_summary_per_step(admin_client, rows, tmp_path):
+    ClusterJob.objects.filter(id=rows["job"].id).update(usage=USAGE)
+    second = make_job(tmp_path, name="emg-assembly-PRJEB1", state="COMPLETED", slurm_job_id="4343",
+                      usage={**USAGE, "cpu_s": 4 * 7000, "max_rss_mb": 1000})
+    wait_for(rows["request"], second, step="assembly")
+    unmeasured = make_job(tmp_path, name="emg-datamove", state="COMPLETED", slurm_job_id="4444")
+    wait_for(rows["request"], unmeasured, step="data move")
+
+    page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[rows["request"].id])).content.decode()
+    assert "<td>analysis</td>" in page and "<td>12%</td><td>88%</td><td>33%</td>" in page
+    assert "<td>97%</td><td>49%</td><td>33%</td>" in page and "no usage recorded yet" in page
+    summary_url = reverse("admin:emg_clusterjob_efficiency")
+    assert summary_url in page
+
+    summary = admin_client.get(summary_url)
+    assert summary.status_code == 200
+    text = summary.content.decode()
+    assert "<td>analysis</td><td>1</td><td>1</td><td>12%</td><td>88%</td><td>1800 MB of 2048 MB</td>" in text
+    assert "<td>assembly</td><td>1</td><td>1</td><td>97%</td><td>49%</td><td>1000 MB of 2048 MB</td>" in text
+    assert "data move" not in text
+    screenshot(text[text.index("<table>"):text.index("</table>") + 8], "efficiency-summary")
+
+
+def test_the_efficiency_summary_is_for_staff_who_may_view_jobs(client, rows):
+    url = reverse("admin:emg_clusterjob_efficiency")
+    assert client.get(url).status_code == 302  # to the login page
+    client.force_login(staff_user("nobody-in-particular"))
+    assert client.get(url).status_code == 403
+    client.force_login(staff_user("viewer-of-jobs", "view_clusterjob"))
+    assert client.get(url).status_code == 200
+
+
+def test_a_jobs_nextflow_trace_is_a_summary_and_a_task_table_sortable_by_any_column(admin_client, tmp_path):
+    tasks = [{"task_id": "1", "name": "READ_QC (s1)", "status": "COMPLETED", "realtime_s": 90.0,
+              "peak_rss_bytes": 300 * 1024 * 1024, "cpu_percent": 95.5},
+             {"task_id": "2", "name": "ASSEMBLY (s1)", "status": "FAILED", "realtime_s": 7200.0,
+              "peak_rss_bytes": 3 * 1024 ** 3, "cpu_percent": 380.0},
+             {"task_id": "3", "name": "ANNOTATE (s1)", "status": "ABORTED", "realtime_s": None,
+              "peak_rss_bytes": None, "cpu_percent": None}]
+    job = make_job(tmp_path, trace={"summary": {"tasks": 3, "by_status": {"COMPLETED": 1, "FAILED": 1},
+                                                "max_peak_rss_bytes": 3 * 1024 ** 3, "failed_tasks": ["ASSEMBLY (s1)"]},
+                                    "tasks": tasks})
+    url = reverse("admin:emg_clusterjob_change", args=[job.id])
+
+    def names_in_order(**query) -> list[str]:
+        page = admin_client.get(url, query).content.decode()
+        table = page[page.index('<table id="trace"'):]
+        table = table[:table.index("</table>")]
+        return re.findall(r"<td>(\w+ \(s1\))</td>", table)
+
+    page = admin_client.get(url).content.decode()
+    [by_status] = re.findall(r"<td>by_status</td><td>([^<]*)</td>", page)
+    assert sorted(by_status.split(", ")) == ["COMPLETED: 1", "FAILED: 1"]  # in jsonb's key order
+    assert "<td>max_peak_rss_bytes</td><td>3072.0 MB</td>" in page and "{&#x27;" not in page  # no dict dump
+    assert "<td>2h</td>" in page and "<td>380.0%</td>" in page
+    assert names_in_order() == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
+    assert names_in_order(trace_sort="peak_rss_bytes", trace_order="desc") == [
+        "ASSEMBLY (s1)", "READ_QC (s1)", "ANNOTATE (s1)"]  # missing values last either way
+    assert names_in_order(trace_sort="realtime_s") == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
+    assert names_in_order(trace_sort="name") == ["ANNOTATE (s1)", "ASSEMBLY (s1)", "READ_QC (s1)"]
+    assert names_in_order(trace_sort="not-a-column") == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
+    sorted_page = admin_client.get(url, {"trace_sort": "name"}).content.decode()
+    assert 'href="?trace_sort=name&amp;trace_order=desc#trace">name▲</a>' in sorted_page
+    table = sorted_page[sorted_page.index('<table id="trace"'):]
+    screenshot(table[:table.index("</table>") + 8], "trace-table")

@@ -139,3 +139,27 @@ def test_reconcile_once_refuses_while_another_tick_holds_the_lock(reconciler_blo
 def test_reconcile_requires_once():
     with pytest.raises(CommandError, match="--once"):
         run("reconcile")
+
+
+def test_status_shows_the_prefect_state_of_every_request_beyond_one_page_of_the_api(prefect_api_url):
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from tests.workers.flow_runs import awaiting_flow
+
+    count = 300  # Prefect answers at most 200 runs per call
+    with get_client(sync_client=True) as prefect:
+        flow_runs = [prefect.create_flow_run(awaiting_flow).id for _ in range(count)]
+        for flow_run_id in flow_runs[::7]:
+            prefect.set_flow_run_state(flow_run_id, Running(), force=True)
+    study = Study.objects.create(accession="PRJEB55599")
+    AnalysisRequest.objects.bulk_create(AnalysisRequest(study=study, status="WAITING", flow_run_id=flow_run_id)
+                                        for flow_run_id in flow_runs)
+
+    requests_part = sections(run("emg_status"))[0]
+
+    rows = {line.split()[5]: line.split()[6] for line in requests_part.splitlines()
+            if "PRJEB55599" in line}
+    assert len(rows) == count
+    assert {rows[str(flow_run_id)] for flow_run_id in flow_runs[::7]} == {"Running"}
+    assert set(rows.values()) == {"Running", "Pending"}

@@ -58,3 +58,56 @@ def test_saving_a_request_writes_one_run_event_per_generation(django_capture_on_
     request.generation = 2
     request.save()
     assert sorted(OutboxEvent.objects.filter(request=request).values_list("generation", flat=True)) == [1, 2]
+
+
+# --- a status that reads forward ------------------------------------------------------------------
+
+def test_a_resumed_flow_redoing_its_earlier_steps_does_not_show_them_again():
+    from emg import requests
+
+    study = Study.objects.create(accession="PRJEB12399")
+    request = AnalysisRequest.objects.create(study=study)
+
+    def shown() -> tuple[str, str]:
+        request.refresh_from_db()
+        return request.status, request.current_step
+
+    # The first run: up to the data move, suspended there.
+    for status, step in [("RUNNING", "fetching from ENA"), ("RUNNING", "assembly"), ("WAITING", "assembly"),
+                         ("RUNNING", "assembly"), ("RUNNING", "analysis"), ("RUNNING", "data move"),
+                         ("WAITING", "data move")]:
+        assert requests.advance(request.id, 1, status, step=step)
+    assert shown() == ("WAITING", "data move")
+    # Resumed: the flow runs from the top, through steps whose jobs have ended.
+    assert requests.advance(request.id, 1, "RUNNING", step="fetching from ENA")
+    assert shown() == ("RUNNING", "data move")
+    assert requests.advance(request.id, 1, "RUNNING", step="assembly")
+    assert shown() == ("RUNNING", "data move")
+    assert requests.advance(request.id, 1, "COMPLETED", reason="results in /r")
+    assert shown() == ("COMPLETED", "")
+    # The resume's entry names the step the request had reached, not the one re-done.
+    assert [(entry["state"], entry["detail"]) for entry in request.history][-2:] == [
+        ("RUNNING", "data move"), ("COMPLETED", "results in /r")]
+
+    # A new generation starts from the first step again.
+    requests.rerun(request)
+    assert requests.advance(request.id, 2, "RUNNING", step="fetching from ENA")
+    assert shown() == ("RUNNING", "fetching from ENA")
+
+
+def test_the_analysis_flow_names_only_the_steps_whose_order_is_known():
+    import ast
+    from pathlib import Path
+
+    from emg.requests import STEPS
+
+    source = Path(__file__).resolve().parent.parent / "flows" / "analysis.py"
+    named = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            if node.func.id == "cluster_step" and isinstance(node.args[1], ast.Constant):
+                named.add(node.args[1].value)
+            if node.func.id == "set_status":
+                named |= {kw.value.value for kw in node.keywords if kw.arg == "step" and isinstance(kw.value, ast.Constant)}
+    assert named and named <= set(STEPS), named - set(STEPS)
+    assert {"fetching from ENA", "assembly", "analysis", "data move"} <= named

@@ -13,7 +13,8 @@ Each tick, in order (one module per step, under workers/reconcile/):
 5. `orphans`: our Slurm jobs that no row owns (an sbatch answer that came after its claim was
    superseded) are cancelled, in ticks that superseded a claim and every few minutes;
 6. `flow_runs`: suspended runs whose jobs have all ended are resumed; broken ones re-run, and
-   drifted ones (deleted from Prefect, Completed while their request is not) get a fresh run.
+   drifted ones (deleted from Prefect, Completed while their request is not) get a fresh run;
+7. `usage`: what recently ended jobs used (CPU, memory, wall time), from accounting, once each.
 
 One bad job, request or run never stops the others: each step isolates them, and a step that
 fails as a whole is reported without starving the next. Ticks are made exclusive by
@@ -40,6 +41,7 @@ from workers.reconcile.lock import TickLock
 from workers.reconcile.orphans import cancel_orphans
 from workers.reconcile.reaper import reap_unwanted_jobs
 from workers.reconcile.submissions import LockLost, submit_declared_jobs
+from workers.reconcile.usage import record_usage
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ class TickReport:
     errors: list[str] = field(default_factory=list)
 
 
-STEPS = (cancel_requested, reap_unwanted_jobs, refresh_job_states, submit_declared_jobs, cancel_orphans, tend_flow_runs)
+STEPS = (cancel_requested, reap_unwanted_jobs, refresh_job_states, submit_declared_jobs, cancel_orphans, tend_flow_runs,
+         record_usage)
 
 
 class Reconciler:

@@ -82,6 +82,7 @@ def suspended_on_pending_assembly(request: AnalysisRequest) -> ClusterJob:
         return job if job is not None and job.slurm_job_id and squeue_state(job.slurm_job_id) == "PENDING" else None
 
     job = wait_until(pending_job, timeout=90, interval=0.2, message="the assembly job is submitted and pending")
+    request.refresh_from_db()  # its flow run is recorded by now
     wait_until(lambda: state_names(request.flow_run_id)[-1] == "Suspended", timeout=60,
                message="the flow is suspended on its job")
     return job

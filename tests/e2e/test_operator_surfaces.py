@@ -3,12 +3,14 @@
 import base64
 import os
 import secrets
+import subprocess
 from pathlib import Path
 from unittest import mock
 
 import psycopg
 import pytest
 from django.conf import settings
+from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
@@ -104,8 +106,14 @@ def test_planted_secret_reaches_neither_database_nor_logs(stack, service_logs):
     logs = "\n".join(path.read_text(errors="replace") for path in sorted(service_logs.glob("*.log")))
 
     assert job.slurm_job_id in ours and str(request.flow_run_id) in prefects and logs  # the scans saw real data
-    for text in (ours, prefects, logs):
-        assert PLANTED not in text and PLANTED.encode().hex() not in text
+    # On the slurmrestd backend (EMG_TEST_CLUSTER_BACKEND=slurmrestd) its JWT is a secret as well.
+    token_file = stack.env.get("EMG_SLURMRESTD_TOKEN_FILE")
+    planted = [PLANTED] + ([Path(token_file).read_text().strip()] if token_file else [])
+    scripts = "\n".join(path.read_text() for path in Path(job.spec["work_dir"]).glob(".emg/*.sbatch"))
+    assert scripts
+    for secret in planted:
+        for text in (ours, prefects, logs, scripts):
+            assert secret not in text and secret.encode().hex() not in text
 
 
 @pytest.fixture
@@ -162,3 +170,67 @@ def test_screenshot_of_flower_with_the_stack_worker(stack, browser, service_logs
         assert screenshot(browser, "flower-dashboard").stat().st_size > 10_000
     finally:
         flower.stop()
+
+
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """Slurm's accounting's own word on each job's state."""
+    output = subprocess.run(["sacct", "--parsable2", "--noheader", "-X", "-S", "now-1days", "-o", "JobIDRaw,State",
+                             "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=60, check=True).stdout
+    return dict(line.split("|", 1) for line in output.splitlines() if "|" in line)
+
+
+def test_metrics_after_a_real_run_agree_with_the_database_and_with_slurms_accounting(stack, client, settings):
+    request = completed_request(stack, accession="PRJEB40002")
+    jobs = jobs_of(request)
+    token = secrets.token_urlsafe(24)
+    settings.EMG_MONITORING_TOKEN = token
+    # The beat ticks every second: let one finish after the request ended, and record the jobs' usage.
+    wait_until(lambda: all(job.usage for job in ClusterJob.objects.filter(id__in=[j.id for j in jobs.values()])),
+               timeout=120, interval=1, message="the reconciler recorded the request's jobs' usage")
+
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(response.content.decode()) for sample in family.samples}
+
+    def total(name: str, **labels) -> float:
+        return sum(value for (sample, sample_labels), value in samples.items()
+                   if sample == name and set(labels.items()) <= set(sample_labels))
+
+    assert total("emg_requests", status="COMPLETED") == AnalysisRequest.objects.filter(status="COMPLETED").count() >= 1
+    completed = list(ClusterJob.objects.filter(state="COMPLETED").values_list("slurm_job_id", flat=True))
+    accounted = sacct_states(completed)
+    assert total("emg_cluster_jobs", state="COMPLETED") == len(completed) >= len(jobs)
+    assert [accounted.get(job_id) for job_id in completed] == ["COMPLETED"] * len(completed)
+    assert total("emg_cluster_jobs") == ClusterJob.objects.count()
+    assert total("emg_reconcile_ticks_total") >= 1 and total("emg_reconcile_last_tick_age_seconds") < 30
+    assert total("emg_slurm_calls_total", command="sbatch") >= len(jobs)
+    assert total("emg_flow_resumes_total") >= 1  # the request's flow waited for its jobs, suspended
+    assert total("emg_outbox_dispatch_latency_seconds_count") >= 1 and total("emg_outbox_backlog") == 0
+
+
+def test_screenshots_of_a_requests_timeline_its_jobs_trace_and_the_efficiency_report(stack, live_server, browser,
+                                                                                     django_user_model):
+    request = completed_request(stack, accession="PRJEB40001")
+    job: ClusterJob = jobs_of(request)["assembly"]
+    wait_until(lambda: ClusterJob.objects.get(id=job.id).usage, timeout=120, interval=1,
+               message="the reconciler recorded the assembly job's usage")
+    password = secrets.token_urlsafe(12)
+    django_user_model.objects.create_superuser("operator2", password=password)
+    browser.get(f"{live_server.url}/admin/login/?next=/admin/emg/analysisrequest/{request.id}/change/")
+    browser.find_element(By.ID, "id_username").send_keys("operator2")
+    browser.find_element(By.ID, "id_password").send_keys(password)
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    wait_until(lambda: "emg-timeline" in browser.page_source, timeout=20, message="the request page is shown")
+    assert browser.find_elements(By.CSS_SELECTOR, "svg.emg-timeline rect.phase-running")
+    assert screenshot(browser, "admin-request-timeline").stat().st_size > 20_000
+
+    browser.get(f"{live_server.url}/admin/emg/clusterjob/{job.id}/change/?trace_sort=name")
+    wait_until(lambda: "Efficiency (from sacct)" in browser.page_source, timeout=20, message="the job page")
+    assert "peak" in browser.page_source and 'id="trace"' in browser.page_source
+    assert screenshot(browser, "admin-job-trace-and-efficiency").stat().st_size > 20_000
+
+    browser.get(f"{live_server.url}/admin/emg/clusterjob/efficiency/")
+    wait_until(lambda: "Efficiency per pipeline step" in browser.page_source, timeout=20, message="the summary")
+    assert "<td>assembly</td>" in browser.page_source
+    assert screenshot(browser, "admin-efficiency-summary").stat().st_size > 10_000

@@ -5,6 +5,7 @@ Needs no Django: run with `python -m pytest -p no:django tests/slurm_adapter`.
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 import subprocess
@@ -12,10 +13,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from emg.processes import wait_until
-from slurm_adapter import JobSpec, JobState, JobStatus, LocalCluster, SlurmCluster, SubmittedJob
+from slurm_adapter import JobSpec, JobState, JobStatus, LocalCluster, RestCluster, SlurmCluster, SubmittedJob
+from tests.slurm import SLURMRESTD_URL, mint_token
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_ID = uuid.uuid4().hex[:6]
@@ -38,12 +41,16 @@ def _slurm_cmd(*args: str, timeout: float = 30) -> str:
 
 
 def _slurm_answers() -> bool:
+    """Slurm's commands and slurmrestd (with the JWT the daemons accept) both answer."""
     # Before slurm.conf exists a client hangs on a DNS SRV lookup: do not even try.
     if not Path("/etc/slurm/slurm.conf").exists():
         return False
     try:
-        return subprocess.run(["sinfo", "-h"], check=False, capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
+        if subprocess.run(["sinfo", "-h"], check=False, capture_output=True, timeout=10).returncode != 0:
+            return False
+        headers = {"X-SLURM-USER-NAME": getpass.getuser(), "X-SLURM-USER-TOKEN": mint_token(60)}
+        return httpx.get(f"{SLURMRESTD_URL}/slurm/v0.0.38/ping", headers=headers, timeout=10).status_code == 200
+    except (OSError, subprocess.SubprocessError, httpx.HTTPError):
         return False
 
 
@@ -98,13 +105,40 @@ def slurm_cluster(slurm_up: None) -> SlurmCluster:
     return SlurmCluster(accounting_grace_s=60)
 
 
+@pytest.fixture(scope="session")
+def rest_token_file(slurm_up: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A token file as a renewer keeps it: `scontrol token`'s own output."""
+    path = tmp_path_factory.mktemp("slurmrestd") / "token"
+    path.write_text(f"SLURM_JWT={mint_token()}\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def slurmrestd_cluster(rest_token_file: Path) -> Iterator[RestCluster]:
+    cluster = RestCluster(url=SLURMRESTD_URL, user=getpass.getuser(), token_file=str(rest_token_file),
+                          accounting_grace_s=60)
+    assert cluster.version  # discovered from /openapi/v3 before the test counts requests
+    cluster.calls.clear()
+    yield cluster
+    cluster.close()
+
+
 @pytest.fixture
 def local_cluster(tmp_path: Path) -> LocalCluster:
     return LocalCluster(str(tmp_path / "local-jobs"))
 
 
-@pytest.fixture(params=[pytest.param("slurm", marks=pytest.mark.slurm), "local"])
+@pytest.fixture(params=[pytest.param("slurm", marks=pytest.mark.slurm),
+                        pytest.param("slurmrestd", marks=pytest.mark.slurm), "local"])
 def cluster(request: pytest.FixtureRequest):
+    return request.getfixturevalue(f"{request.param}_cluster")
+
+
+@pytest.fixture(params=[pytest.param("slurm", marks=pytest.mark.slurm),
+                        pytest.param("slurmrestd", marks=pytest.mark.slurm)])
+def real_cluster(request: pytest.FixtureRequest):
+    """Either backend of the real Slurm cluster: its commands, or slurmrestd."""
     return request.getfixturevalue(f"{request.param}_cluster")
 
 

@@ -5,6 +5,7 @@ beat's tick lock: a session stack started by other tests then skips its ticks in
 racing ours (see workers.reconcile.lock).
 """
 
+import getpass
 import os
 import uuid
 from datetime import timedelta
@@ -20,8 +21,9 @@ from prefect.client.orchestration import get_client
 from emg.models import ClusterJob
 from emg.outbox import _producer
 from emg.processes import ManagedProcess, venv_script, wait_until
-from slurm_adapter import SlurmCluster
+from slurm_adapter import Cluster, RestCluster, SlurmCluster
 from tests.ports import free_port
+from tests.slurm import SLURMRESTD_URL, test_cluster_backend, write_token_file
 from tests.workers.ticking import held_tick_lock
 from workers.reconciler import Reconciler
 
@@ -42,7 +44,12 @@ def prefect(prefect_api_url):
 
 
 @pytest.fixture(scope="session")
-def cluster(slurm_cluster) -> SlurmCluster:
+def cluster(slurm_cluster, tmp_path_factory) -> Cluster:
+    """The real cluster through the backend EMG_TEST_CLUSTER_BACKEND names (Slurm's commands by default)."""
+    if test_cluster_backend() == "slurmrestd":
+        return RestCluster(url=SLURMRESTD_URL, user=getpass.getuser(),
+                           token_file=str(write_token_file(tmp_path_factory.mktemp("slurmrestd"))),
+                           accounting_grace_s=settings.EMG_SLURM_ACCOUNTING_GRACE_SECONDS)
     return SlurmCluster(accounting_grace_s=settings.EMG_SLURM_ACCOUNTING_GRACE_SECONDS)
 
 
@@ -104,13 +111,13 @@ class OwnRedisStack:
     def stop_redis(self) -> None:
         self.redis.stop()
 
-    def start_worker(self) -> ManagedProcess:
+    def start_worker(self, **env: str) -> ManagedProcess:
         name = f"own-{os.getpid()}-{len(self.workers)}"
         worker = ManagedProcess(
             f"celery-worker-{name}",
             [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO", "--concurrency", "2",
              "--without-gossip", "--without-mingle", "-n", f"{name}@%h"],
-            env=self.env, log_dir=self.log_dir,
+            env={**self.env, **env}, log_dir=self.log_dir,
         ).start()
         self.workers.append(worker)
         wait_until(lambda: any(name in reply for answer in self.control.control.ping(timeout=1) for reply in answer),

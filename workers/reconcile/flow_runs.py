@@ -174,19 +174,19 @@ def replace_deleted(reconciler, request: AnalysisRequest, report) -> None:
     """The request's flow run was deleted from Prefect (or Prefect lost its database): a fresh run,
     with a key of its own, taken from the re-run budget. A replacement that an earlier tick made
     but died before recording is found by its key, not made twice."""
-    why = f"its flow run {request.flow_run_id} no longer exists in Prefect"
+    lost = request.flow_run_id
+    assert lost is not None  # only requests with a flow run are tended
+    why = f"its flow run {lost} no longer exists in Prefect"
     new_id = dispatch.flow_run_id_by_key(dispatch.replacement_key(request)) if request.flow_reruns else None
-    if new_id == request.flow_run_id:
-        new_id = None
-    if new_id is None:
+    if new_id is None or new_id == lost:
         if request.flow_reruns >= reconciler.max_flow_reruns:
             requests.fail(request, f"{why}, and the request was re-run {request.flow_reruns} times already")
             return
         if not requests.count_rerun(request, why):
             return
-        request.flow_reruns += 1
+        request.refresh_from_db()  # its re-run count, which names the replacement's key
         new_id = dispatch.create_flow_run(request, request.generation, dispatch.replacement_key(request)).id
-    if requests.replace_flow_run(request.id, request.generation, request.flow_run_id, new_id, why):
+    if requests.replace_flow_run(request.id, request.generation, lost, new_id, why):
         logger.warning("request #%s: %s; replaced by flow run %s", request.id, why, new_id)
         report.flow_runs_replaced.append(new_id)
 

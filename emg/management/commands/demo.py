@@ -118,6 +118,9 @@ class Command(BaseCommand):
         if not slurm_answers():
             self.stdout.write("Slurm is installed but not answering: starting it with scripts/slurm-up.sh ...")
             subprocess.run(["bash", str(ROOT / "scripts" / "slurm-up.sh")], check=True)
+        if os.environ.get("EMG_CLUSTER_BACKEND") == "slurmrestd":
+            self.stdout.write(f"using the real Slurm cluster through slurmrestd at {settings.EMG_SLURMRESTD_URL}")
+            return "slurmrestd"
         self.stdout.write("using the real Slurm cluster")
         return "slurm"
 

@@ -29,20 +29,29 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip() for row in cells)
 
 
+# The most flow runs Prefect's API returns for one filter call (it refuses a larger `limit`).
+PREFECT_PAGE_SIZE = 200
+
+
 def flow_run_states(flow_run_ids: list) -> tuple[dict, str]:
-    """Each flow run's Prefect state name, from one API call; and why not, if Prefect did not answer."""
+    """Each flow run's Prefect state name, from one API call per PREFECT_PAGE_SIZE runs; and why not,
+    if Prefect did not answer."""
     if not flow_run_ids:
         return {}, ""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    states = {}
     try:
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)),
-                                         limit=len(flow_run_ids))
+            for start in range(0, len(flow_run_ids), PREFECT_PAGE_SIZE):
+                page = flow_run_ids[start : start + PREFECT_PAGE_SIZE]
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)),
+                                             limit=len(page))
+                states.update({run.id: run.state.name if run.state else "-" for run in runs})
     except Exception as error:  # the table is still worth printing without Prefect
-        return {}, f"Prefect API did not answer ({type(error).__name__}); flow run states unknown"
-    return {run.id: run.state.name if run.state else "-" for run in runs}, ""
+        return states, f"Prefect API did not answer ({type(error).__name__}); flow run states unknown"
+    return states, ""
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('emg', '0005_jobs_given_up'),
+        ('emg', '0006_operator_permissions_and_job_usage'),
     ]
 
     operations = [

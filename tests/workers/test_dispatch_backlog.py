@@ -1,0 +1,97 @@
+"""A Prefect outage with a backlog of events: dispatch retries are bounded, the outbox sweep never
+publishes an event whose task is still in the broker, and once Prefect is back each request gets
+exactly one flow run.
+
+On the `own_redis_stack` (a Redis, Celery worker and beat of this module's own); the consumer is
+pointed at a Prefect API nobody serves, which is what a stopped Prefect server looks like to it.
+"""
+
+import json
+import os
+import threading
+
+import pytest
+import redis
+
+from emg.models import OutboxEvent
+from emg.outbox import DISPATCH_TASK_NAME
+from emg.processes import wait_until
+from tests.e2e.requests import new_request
+from tests.ports import free_port
+from tests.workers.test_celery_services import flow_runs_of
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
+
+EVENTS = int(os.environ.get("EMG_TEST_BACKLOG_EVENTS", "40"))
+# Long enough for each event's retries (3 here: 2 + 4 + 8 s) to run out and the sweep (every 2 s,
+# 5 s grace) to take over several times.
+WORKER_PROCESSES = 2  # the own stack's worker concurrency
+OUTAGE_SECONDS = float(os.environ.get("EMG_TEST_BACKLOG_OUTAGE_SECONDS", "60"))
+
+
+def dispatch_tasks_in(client: redis.Redis) -> int:
+    """Dispatch tasks the broker holds: queued, or delivered and not acknowledged (which is where
+    the Redis transport keeps a task waiting on its retry countdown). Ticks and sweeps not counted."""
+    queued = [json.loads(raw) for raw in client.lrange("celery", 0, -1)]
+    unacked = [json.loads(raw)[0] for raw in client.hvals("unacked")]
+    return sum(1 for message in queued + unacked if message["headers"].get("task") == DISPATCH_TASK_NAME)
+
+
+class BrokerSampler:
+    """The most dispatch tasks the broker held at once, sampled in a thread."""
+
+    def __init__(self, stack):
+        self.client = redis.Redis.from_url(stack.url)
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.samples.append(dispatch_tasks_in(self.client))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def test_a_prefect_outage_with_a_backlog_never_grows_the_queue_and_ends_in_one_flow_run_each(
+    own_redis_stack, stack, prefect
+):
+    for worker in own_redis_stack.workers:
+        worker.stop()
+    dead_prefect = f"http://127.0.0.1:{free_port()}/api"
+    outage_worker = own_redis_stack.start_worker(PREFECT_API_URL=dead_prefect, EMG_DISPATCH_MAX_RETRIES="3")
+
+    with BrokerSampler(own_redis_stack) as sampler:
+        requests = [new_request(f"PRJEB3{n:04d}") for n in range(100, 100 + EVENTS)]
+        events = OutboxEvent.objects.filter(request__in=requests)
+
+        def given_back_to_the_sweep():
+            return events.filter(last_error__startswith="dispatch failed").count() == EVENTS
+
+        wait_until(given_back_to_the_sweep, timeout=OUTAGE_SECONDS + 120, interval=1,
+                   message="every event's dispatch retries ran out at least once")
+        published_again = wait_until(lambda: sum(events.values_list("publish_attempts", flat=True)) > EVENTS,
+                                     timeout=60, message="the sweep published events again")
+        assert published_again
+        wait_until(lambda: len(sampler.samples) > OUTAGE_SECONDS / 0.2 or False, timeout=OUTAGE_SECONDS + 30,
+                   interval=1, message="the outage lasted")
+        outage_worker.stop()
+
+    assert not events.filter(dispatched_at__isnull=False).exists()
+    # A retry is published before the task it replaces is acknowledged: for that instant one event
+    # has two, at most one per worker process (2). Without the in-flight record every sweep added one per event.
+    assert max(sampler.samples) <= EVENTS + WORKER_PROCESSES, max(sampler.samples)
+
+    own_redis_stack.start_worker()
+    for request in requests:
+        wait_until(lambda request=request: OutboxEvent.objects.get(request=request).dispatched_at, timeout=180,
+                   interval=0.5, message=f"request #{request.id} dispatched once Prefect answers")
+    for request in requests:
+        request.refresh_from_db()
+        assert [run.id for run in flow_runs_of(prefect, request)] == [request.flow_run_id]

@@ -449,3 +449,19 @@ class Analysis(models.Model):
 
     def __str__(self) -> str:
         return f"analysis of {self.assembly}"
+
+
+class FlowRunLease(models.Model):
+    """A runner's word that a flow run has a live process: renewed every few seconds by the runner
+    that started it (flows/serve.py) for as long as that process exists, frozen or not.
+
+    A run Running with no heartbeat is a zombie only if its lease is stale too (emg.leases).
+    """
+
+    flow_run_id = models.UUIDField(primary_key=True)
+    host = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    renewed_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.flow_run_id} runs as pid {self.pid} on {self.host}"

@@ -53,14 +53,19 @@ def step_shown(current: str, reported: str) -> str:
     return reported
 
 
-def advance(request_id: int, generation: int, status: str, *, step: str = "", reason: str = "") -> bool:
+def advance(request_id: int, generation: int, status: str, *, step: str = "", reason: str = "",
+            flow_reruns: int | None = None) -> bool:
     """The flow run of `generation` reports progress (or its end). Applies only while that
     generation is the request's and the request is unfinished: a request cancelled, failed or
-    re-run meanwhile stays as it is. A step the generation has passed is not shown again (see
+    re-run meanwhile stays as it is. Given `flow_reruns` (the count the flow process read when it
+    started), it applies only while no re-run has been counted since: a process taken for a zombie
+    and re-run reports nothing more. A step the generation has passed is not shown again (see
     STEPS): a resumed run re-doing its earlier steps reads as RUNNING at the step it had reached.
     A step change alone writes no history entry."""
     now = timezone.now()
     rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, status__in=UNFINISHED)
+    if flow_reruns is not None:
+        rows = rows.filter(flow_reruns=flow_reruns)
     current = rows.values_list("status", "current_step").first()
     if current is None:
         logger.info("request #%s: advance to %s skipped, it has ended or moved on", request_id, status)
@@ -141,6 +146,13 @@ def take_deferral(request: AnalysisRequest) -> bool:
         return False
     return _apply(_as_read(request).filter(deferred_until=request.deferred_until), request.id, "take_deferral", None,
                   deferred_until=None)
+
+
+def superseded(request: AnalysisRequest) -> bool:
+    """Whether a re-run of this generation was counted after `request` was read: the flow process
+    that read it has been replaced (it was taken for a zombie) and must stop without a word."""
+    return AnalysisRequest.objects.filter(id=request.id, generation=request.generation,
+                                          flow_reruns__gt=request.flow_reruns).exists()
 
 
 def request_cancel(request: AnalysisRequest) -> bool:

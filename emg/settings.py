@@ -72,6 +72,14 @@ DATABASES = {
     )
 }
 
+# Flows and the runner have no request cycle to run Django's health checks: this backend checks a
+# connection idle for more than this before its next use (outside transactions) and, after a server
+# restart, waits this long for the server to take connections again (emg/postgresql/base.py).
+EMG_DATABASE_IDLE_CHECK_SECONDS = _env_float("EMG_DATABASE_IDLE_CHECK_SECONDS", 1)
+EMG_DATABASE_RECONNECT_SECONDS = _env_float("EMG_DATABASE_RECONNECT_SECONDS", 30)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["ENGINE"] = "emg.postgresql"
+
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # The demo's SQLite file is shared by the web server, Celery and every flow process:
     # WAL lets readers run beside the writer, and IMMEDIATE transactions queue writers
@@ -162,6 +170,12 @@ EMG_FLOW_HEARTBEAT_SECONDS = _env_int("EMG_FLOW_HEARTBEAT_SECONDS", 30)
 # A run Running this long with no heartbeat in that time is a zombie (its process is gone).
 EMG_ZOMBIE_AFTER_SECONDS = _env_float("EMG_ZOMBIE_AFTER_SECONDS", 3 * EMG_FLOW_HEARTBEAT_SECONDS)
 EMG_MAX_FLOW_RERUNS = _env_int("EMG_MAX_FLOW_RERUNS", 3)
+# The runner renews a lease for each flow-run process it holds this often: a run with no heartbeat
+# whose lease is fresh (renewed within EMG_ZOMBIE_AFTER_SECONDS) is alive but silent (SIGSTOPped,
+# swapped out) and would continue; it is not re-run. Less than half the zombie threshold.
+EMG_FLOW_LEASE_RENEW_SECONDS = _env_float("EMG_FLOW_LEASE_RENEW_SECONDS", 5)
+# At most this many flow-run processes per runner at once; more runs wait, Scheduled, for a slot.
+EMG_RUNNER_LIMIT = _env_int("EMG_RUNNER_LIMIT", 8)
 
 # --- ENA and the MGnify flow -----------------------------------------------------------------
 EMG_ENA_PORTAL_API = os.environ.get("EMG_ENA_PORTAL_API", "https://www.ebi.ac.uk/ena/portal/api")

@@ -11,6 +11,8 @@ a request reads only its own jobs' declared outputs, verified against their reco
 
 import dataclasses
 import json
+import logging
+import os
 import shlex
 from datetime import timedelta
 from pathlib import Path
@@ -45,6 +47,7 @@ from flows.nextflow_trace import parse_trace, summarise  # noqa: E402
 from flows.study_records import content_addressed, ensure_samplesheet, store_study_and_runs  # noqa: E402
 from slurm_adapter import JobSpec, tail_log  # noqa: E402
 
+logger = logging.getLogger(__name__)
 Status = AnalysisRequest.Status
 TRACE_FILE = Path("pipeline_info") / "execution_trace.txt"
 # Assembly is the expensive step: reuse an identical one that succeeded, run it again if it failed.
@@ -68,8 +71,21 @@ class Deferred(Exception):
 
 
 def set_status(request: AnalysisRequest, status: str, *, step: str = "", reason: str = "") -> None:
-    """Move this generation of an unfinished request on; an ended one (say, cancelled meanwhile) stays as it is."""
-    requests.advance(request.id, request.generation, status, step=step, reason=reason)
+    """Move this generation of an unfinished request on; an ended one (say, cancelled meanwhile) stays as it is.
+
+    A process the reconciler took for a zombie and re-ran (it was frozen with its runner, say, and
+    continued) finds here that a re-run was counted since it started, and exits at once: the run
+    belongs to its new process now, which this one must neither report for nor mark Failed or
+    Crashed in Prefect. Exit status 0, so its runner reports nothing either.
+    """
+    if requests.advance(request.id, request.generation, status, step=step, reason=reason,
+                        flow_reruns=request.flow_reruns):
+        return
+    if requests.superseded(request):
+        logger.warning("request #%s was re-run (re-run %s counted) while this flow process (pid %s) was silent; "
+                       "it leaves the run to its new process", request.id, request.flow_reruns + 1, os.getpid())
+        logging.shutdown()
+        os._exit(0)
 
 
 def command(setting: str, *arguments: str) -> tuple[str, ...]:

@@ -63,6 +63,8 @@ class TickReport:
     orphans_cancelled: list[str] = field(default_factory=list)
     resumed: list[UUID] = field(default_factory=list)
     rerun: list[UUID] = field(default_factory=list)
+    # Running with no heartbeat, kept: their runner still holds a live (perhaps stopped) process.
+    leased: list[UUID] = field(default_factory=list)
     deferred: list[UUID] = field(default_factory=list)
     cancelled: list[int] = field(default_factory=list)
     given_up: list[int] = field(default_factory=list)

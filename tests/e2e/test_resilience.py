@@ -1,5 +1,6 @@
 """A flow run whose runner died is found by its missing heartbeats and re-run in place;
-a suspended run, which sends no heartbeats, is never taken for such a zombie.
+a suspended run, which sends no heartbeats, is never taken for such a zombie, nor is a flow
+process that is alive but frozen (SIGSTOPped), whose runner still renews its lease.
 
 Runs on a runner, Celery worker and beat of this module's own (heartbeats every 30 s, Prefect's
 minimum; a zombie after 45 s without one), on the session's Redis, Prefect server, PostgreSQL
@@ -16,7 +17,8 @@ from prefect.client.orchestration import get_client
 
 from devstack.processes import wait_until
 from devstack.stack import Stack
-from emg.models import AnalysisRequest, ClusterJob, JobWait, ReconcileTick
+from emg.models import AnalysisRequest, ClusterJob, FlowRunLease, JobWait, ReconcileTick
+from tests.e2e.chaos import freeze_for, parent_pid
 from tests.e2e.requests import (
     assert_each_job_ran_once_in_slurm,
     final_request,
@@ -42,6 +44,8 @@ def zombie_stack(stack, service_logs):
         "EMG_FLOW_HEARTBEAT_SECONDS": str(HEARTBEAT_SECONDS),
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
         "EMG_ZOMBIE_AFTER_SECONDS": str(ZOMBIE_AFTER_SECONDS),
+        # The lease of a new flow process appears within a second: the freeze can land early in its life.
+        "EMG_FLOW_LEASE_RENEW_SECONDS": "1",
         # The cap counts every emg-tagged job of this Slurm user, other sessions' (a benchmark's
         # thousands of held jobs) included: it must not stop this module's submissions.
         "EMG_MAX_ACTIVE_JOBS": "1000000",
@@ -151,4 +155,60 @@ def test_a_run_suspended_for_longer_than_the_zombie_threshold_is_not_rerun(zombi
     request = final_request(request, zombie_stack, timeout=240)
     assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
     assert request.flow_reruns == 0
+    assert_each_job_ran_once_in_slurm(jobs_of(request).values())
+
+
+def test_a_flow_process_frozen_for_twice_the_zombie_threshold_continues_completes_and_is_not_rerun(zombie_stack):
+    """SIGSTOP the flow process (not its runner) early in its life, for twice the zombie threshold:
+    it sends no heartbeat all that time, but its runner keeps renewing its lease, so the ticks see a
+    silent run whose process still exists (they report it as leased) and leave it; continued, it
+    carries on and completes, no re-run counted."""
+    request = new_request("PRJEB40001")
+    flow_run_id = flow_run_of(request)
+    lease = wait_until(lambda: FlowRunLease.objects.filter(flow_run_id=flow_run_id).first(), timeout=90,
+                       interval=0.1, message="the runner leased the flow run's process")
+    assert parent_pid(lease.pid) == zombie_stack.runner.process.pid  # the flow process, a child of the runner
+    frozen_at = timezone.now()
+    freeze_for([lease.pid], 2 * ZOMBIE_AFTER_SECONDS)
+    continued_at = timezone.now()
+
+    # A deadline for a cluster shared with other sessions, whose jobs may hold the node for minutes.
+    request = final_request(request, zombie_stack, timeout=480)
+    assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
+    assert request.flow_reruns == 0
+    ticks = ReconcileTick.objects.filter(started_at__gte=frozen_at, started_at__lte=continued_at,
+                                         finished_at__isnull=False)
+    # Some tick during the freeze took the silent run for a suspect and kept it for its lease.
+    assert any(str(flow_run_id) in tick.report.get("leased", []) for tick in ticks), [t.report for t in ticks]
+    assert not [tick.report for tick in ticks if tick.report.get("rerun")]
+    with get_client(sync_client=True) as client:
+        states = client.read_flow_run_states(flow_run_id)
+    assert not [state for state in states if "re-run by the reconciler" in (state.message or "")]
+    assert_each_job_ran_once_in_slurm(jobs_of(request).values())
+
+
+def test_a_flow_process_frozen_with_its_runner_is_rerun_once_and_the_old_process_ends_quietly(zombie_stack):
+    """SIGSTOP the runner and its flow process together (a paused host) for twice the zombie
+    threshold: no heartbeat and no lease renewal, so the reconciler re-runs the run, once. Continued,
+    the old process finds at its next step that a re-run was counted since it started and exits
+    without a word (exit status 0: neither it nor its runner marks the run Failed or Crashed); the
+    runner then starts the re-run, which completes the request. One re-run, no failed state."""
+    request = new_request("PRJEB40002")
+    flow_run_id = flow_run_of(request)
+    lease = wait_until(lambda: FlowRunLease.objects.filter(flow_run_id=flow_run_id).first(), timeout=90,
+                       interval=0.1, message="the runner leased the flow run's process")
+    runner_pid = zombie_stack.runner.process.pid
+    assert parent_pid(lease.pid) == runner_pid
+    freeze_for([runner_pid, lease.pid], 2 * ZOMBIE_AFTER_SECONDS)
+    request.refresh_from_db()
+    assert request.flow_reruns == 1  # re-run while frozen: nothing vouched for it
+
+    request = final_request(request, zombie_stack, timeout=480)
+    assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
+    assert request.flow_reruns == 1
+    wait_until(lambda: state_names(flow_run_id)[-1] == "Completed", timeout=30, message="the flow run completed")
+    names = state_names(flow_run_id)
+    assert not {"Crashed", "Failed"} & set(names), names
+    quiet = "leaves the run to its new process" in zombie_stack.runner.log_path.read_text(errors="replace")
+    print(f"states: {names}; the old process stopped at its fence: {quiet}")
     assert_each_job_ran_once_in_slurm(jobs_of(request).values())

@@ -4,7 +4,8 @@ Reads the Prefect state of every flow run with an open wait or an unfinished req
 per 200 runs. Resumes at most `resumes_per_tick` suspended runs whose awaited jobs have all
 ended, oldest wait first (the rest go to later ticks): Prefect accepts the resume of a paused run
 once, so that transition is Prefect's own compare-and-set, and the waits are released after it.
-Re-runs in place any run that crashed, failed, went silent while Running or stayed Pending, at
+Re-runs in place any run that crashed, failed, went silent while Running (no heartbeat, and no
+live process its runner vouches for: emg.leases) or stayed Pending, at
 most `max_flow_reruns` times per request generation (a run that deferred its request is scheduled
 for the time it asked instead, and costs no re-run): only the tick whose re-run count update
 (emg.requests.count_rerun) applied sets the run Scheduled.
@@ -16,12 +17,13 @@ from datetime import datetime
 from uuid import UUID
 
 import httpx
+from django.db import transaction
 from django.utils import timezone
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State, StateType
 from prefect.states import Cancelled, Scheduled
 
-from emg import requests, waits
+from emg import leases, requests, waits
 from emg.models import AnalysisRequest, JobWait
 from workers import dispatch
 
@@ -46,6 +48,8 @@ def tend_flow_runs(reconciler, report) -> None:
         for request in AnalysisRequest.objects.unfinished().filter(flow_run_id__isnull=False)
     }
     runs = read_flow_runs(reconciler.prefect, list(waits_by_run.keys() | requests_by_run.keys()))
+    # A lease no runner renewed for ten zombie thresholds vouches for nothing (its runner died).
+    leases.forget_stale(timezone.now() - 10 * reconciler.zombie_after)
     resume_ready(reconciler, waits_by_run, runs, report)
     recover_broken(reconciler, requests_by_run, runs, report)
 
@@ -79,6 +83,7 @@ def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict
 def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], runs: dict, report) -> None:
     now = timezone.now()
     suspects = {}
+    stuck_pending = {}
     for flow_run_id, request in requests_by_run.items():
         run = runs.get(flow_run_id)
         if request.cancel_requested_at is not None:
@@ -111,16 +116,46 @@ def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], run
             elif run.state.type == StateType.PENDING and now - run.state.timestamp > reconciler.zombie_after:
                 # A runner sets Pending and starts the run's process within seconds; a runner that
                 # died in between leaves it Pending for good (a restarted one takes Scheduled runs only).
-                rerun(reconciler, request, run.state, "flow run stuck Pending (its runner died before starting it)",
-                      report)
+                # A process frozen before it set Running still has its lease: not re-run.
+                stuck_pending[flow_run_id] = (request, run.state)
         except Exception as error:  # one request's failure never stops the others' recovery
             logger.exception("recovering the flow run of request #%s failed", request.id)
             report.errors.append(f"recover request #{request.id}: {error}")
+    since = now - reconciler.zombie_after
+    silent = {}
     if suspects:
-        alive = runs_with_recent_heartbeat(reconciler.prefect, list(suspects), since=now - reconciler.zombie_after)
-        for flow_run_id, (request, state) in suspects.items():
-            if flow_run_id not in alive:
-                rerun(reconciler, request, state, "flow run stopped sending heartbeats", report)
+        beating = runs_with_recent_heartbeat(reconciler.prefect, list(suspects), since=since)
+        silent = {flow_run_id: (request, state, "flow run stopped sending heartbeats and its runner holds no process")
+                  for flow_run_id, (request, state) in suspects.items() if flow_run_id not in beating}
+    silent.update({flow_run_id: (request, state, "flow run stuck Pending (its runner died before starting it)")
+                   for flow_run_id, (request, state) in stuck_pending.items()})
+    if not silent:
+        return
+    leased = leases.fresh(list(silent), since)
+    report.leased += sorted(leased, key=str)
+    for flow_run_id, (request, state, why) in silent.items():
+        if flow_run_id in leased:
+            logger.info("flow run %s of request #%s is silent but its runner still holds its process", flow_run_id,
+                        request.id)
+            continue
+        try:
+            rerun_dead(reconciler, flow_run_id, request, state, since, why, report)
+        except Exception as error:  # one request's failure never stops the others' recovery
+            logger.exception("re-running the silent flow run of request #%s failed", request.id)
+            report.errors.append(f"recover request #{request.id}: {error}")
+
+
+def rerun_dead(reconciler, flow_run_id: UUID, request: AnalysisRequest, state: State, since: datetime, why: str,
+               report) -> None:
+    """A silent run (Running with no heartbeat, or stuck Pending) is re-run only once its process is
+    confirmed gone: its lease revoked (no runner renewed it since `since`) in the transaction that
+    counts the re-run, so a runner renewing meanwhile keeps its run and costs the request nothing."""
+    with transaction.atomic():
+        if not leases.revoke_stale(flow_run_id, since):
+            logger.info("flow run %s was renewed by its runner meanwhile; not dead", flow_run_id)
+            return
+        # Prefect's state is set inside the transaction: should that fail, the re-run is not counted.
+        rerun(reconciler, request, state, why, report)
 
 
 def rerun(reconciler, request: AnalysisRequest, state: State, why: str, report) -> None:

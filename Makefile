@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install lock services slurm-up slurm-down bench model-check
+.PHONY: demo test test-soak lint install lock services slurm-up slurm-down bench model-check
 
 .venv/.installed: pyproject.toml requirements.lock scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -44,7 +44,11 @@ model-check:
 
 test: install slurm-up
 	DJANGO_SETTINGS_MODULE=emg.settings DATABASE_URL=sqlite://:memory: $(PYTHON) manage.py makemigrations --check --dry-run
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -m "not soak" $(PYTEST_ARGS)
+
+# The longer repeats (pytest marker `soak`), kept out of `make test` so CI stays within its time.
+test-soak: install slurm-up
+	$(PYTHON) -m pytest -m soak $(PYTEST_ARGS)
 
 demo: install services
 	$(PYTHON) -m devstack.demo

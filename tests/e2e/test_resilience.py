@@ -187,6 +187,7 @@ def test_a_flow_process_frozen_for_twice_the_zombie_threshold_continues_complete
     assert_each_job_ran_once_in_slurm(jobs_of(request).values())
 
 
+@pytest.mark.soak
 def test_a_flow_process_frozen_with_its_runner_is_rerun_once_and_the_old_process_ends_quietly(zombie_stack):
     """SIGSTOP the runner and its flow process together (a paused host) for twice the zombie
     threshold: no heartbeat and no lease renewal, so the reconciler re-runs the run, once. Continued,

@@ -174,6 +174,7 @@ def test_a_first_fetch_that_outlasts_its_retries_defers_the_request_and_costs_no
     assert [detail.split(",")[0] for detail in deferrals] == ["deferral 1", "deferral 2"]
 
 
+@pytest.mark.soak
 def test_an_outage_longer_than_every_deferral_fails_the_request_saying_so(stack, ena_server):
     """Past EMG_ENA_MAX_DEFERRALS the outage ends the request FAILED with a reason naming ENA;
     nothing was submitted for it."""

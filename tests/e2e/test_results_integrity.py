@@ -225,4 +225,5 @@ def test_ena_unavailable_and_rate_limiting_after_the_first_fetch_end_no_request(
     # is still queued, untouched; PRJEB40001's was met by the latecomer's first fetch alone.
     assert ena_server.request_count("PRJEB40002") == before["PRJEB40002"]
     assert ena_server.request_count("PRJEB40001") == before["PRJEB40001"] + 4 + 2
+    ena_server.fail_next("PRJEB40002", [])  # the session's fake ENA: no later test may meet this outage
     assert all(JobWait.objects.filter(request=r).count() >= 2 for r in waiting)

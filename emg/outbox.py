@@ -7,7 +7,6 @@ logged and left to the sweep, never raised into the transaction that saved the m
 import logging
 import time
 import uuid
-from collections.abc import Iterable
 from functools import cache
 
 import redis
@@ -47,20 +46,9 @@ def in_flight_key() -> str:
     return f"emg:{settings.EMG_INSTANCE_NAMESPACE}:outbox:in-flight"
 
 
-def in_flight(event_ids: Iterable[uuid.UUID | str]) -> set[str]:
-    """Which of these events have a dispatch task in the broker (queued, running or retrying).
-
-    Kept in the broker's own Redis, beside the queue: a Redis that comes back empty has lost the
-    tasks and this record together, so the sweep publishes those events again at once. An entry
-    older than EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS is taken for a task lost some other way.
-    """
-    ids = [str(event_id) for event_id in event_ids]
-    if not ids:
-        return set()
-    client = _redis()
-    client.zremrangebyscore(in_flight_key(), "-inf", time.time() - settings.EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS)
-    scores = client.zmscore(in_flight_key(), ids)
-    return {event_id for event_id, score in zip(ids, scores, strict=True) if score is not None}
+def forget_lost_in_flight() -> None:
+    """An entry older than EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS is taken for a task lost some other way."""
+    _redis().zremrangebyscore(in_flight_key(), "-inf", time.time() - settings.EMG_OUTBOX_IN_FLIGHT_MAX_SECONDS)
 
 
 def settle(event_id: uuid.UUID | str) -> None:
@@ -83,11 +71,25 @@ def publish_after_commit(event: OutboxEvent) -> None:
     transaction.on_commit(lambda: publish(event.id), robust=True)
 
 
-def publish(event_id: uuid.UUID) -> bool:
-    """Send the event's dispatch task, recorded in flight first (so no sweep sends a second while it lives)."""
+def publish(event_id: uuid.UUID | str, *, unless_in_flight: bool = False) -> bool:
+    """Send the event's dispatch task, recorded in flight first (so no sweep sends a second while it lives).
+
+    The record of which events have a task in the broker (queued, running or retrying) is kept in
+    the broker's own Redis, beside the queue: a Redis that comes back empty has lost the tasks and
+    the record together, so the sweep publishes those events again at once.
+
+    `unless_in_flight` (the sweep) makes the record a compare-and-set: the task is sent only by the
+    caller whose `ZADD NX` added the entry, so two sweeps running at once (on two worker processes)
+    send one task between them, not one each.
+    """
+    try:
+        claimed = _redis().zadd(in_flight_key(), {str(event_id): time.time()}, nx=unless_in_flight)
+    except Exception as error:  # the broker is down: the sweep will publish it again
+        return _not_published(event_id, error)
+    if unless_in_flight and not claimed:
+        return False
     OutboxEvent.objects.filter(id=event_id).update(publish_attempts=F("publish_attempts") + 1)
     try:
-        _redis().zadd(in_flight_key(), {str(event_id): time.time()})
         _producer().send_task(DISPATCH_TASK_NAME, args=[str(event_id)], queue=settings.EMG_DISPATCH_QUEUE,
                               retry=False)
     except Exception as error:  # any broker failure: the sweep will publish it again
@@ -95,8 +97,12 @@ def publish(event_id: uuid.UUID) -> bool:
             settle(event_id)
         except Exception:  # the broker is down: its record went with it
             pass
-        logger.warning("event %s not published (%s); the outbox sweep will retry it", event_id, error)
-        OutboxEvent.objects.filter(id=event_id).update(last_error=f"publish failed: {error}"[:2000])
-        return False
+        return _not_published(event_id, error)
     OutboxEvent.objects.filter(id=event_id).update(published_at=timezone.now())
     return True
+
+
+def _not_published(event_id: uuid.UUID | str, error: Exception) -> bool:
+    logger.warning("event %s not published (%s); the outbox sweep will retry it", event_id, error)
+    OutboxEvent.objects.filter(id=event_id).update(last_error=f"publish failed: {error}"[:2000])
+    return False

@@ -8,7 +8,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from emg.models import AnalysisRequest, OutboxEvent
-from emg.outbox import DISPATCH_TASK_NAME, in_flight, publish, record_run_event, settle
+from emg.outbox import DISPATCH_TASK_NAME, forget_lost_in_flight, publish, record_run_event, settle
 from workers.dispatch import dispatch_event as dispatch
 from workers.reconcile.ticks import report_summary, run_tick
 
@@ -63,15 +63,12 @@ def sweep_outbox() -> int:
         Q(published_at__isnull=True, created_at__lt=cutoff) | Q(published_at__lt=cutoff)
     )
     count = 0
-    stale_ids = list(stale.values_list("id", flat=True)[:500])
     try:
-        flying = in_flight(stale_ids)
+        forget_lost_in_flight()
     except Exception as error:  # the broker is down: publishing fails too, and says so
         logger.warning("cannot read which events are in flight (%s)", error)
-        flying = set()
-    for event_id in stale_ids:
-        if str(event_id) not in flying:
-            count += publish(event_id)
+    for event_id in stale.values_list("id", flat=True)[:500]:
+        count += publish(event_id, unless_in_flight=True)
     # A request saved without its event (bulk_create, a raw update of its generation) still runs.
     without_event = AnalysisRequest.objects.unfinished().filter(created_at__lt=cutoff).exclude(
         Exists(OutboxEvent.objects.filter(request=OuterRef("pk"), generation=OuterRef("generation")))

@@ -148,7 +148,9 @@ class AnalysisRequest(models.Model):
     # The flow asked to be run again later (ENA unavailable for its first fetch): the reconciler
     # schedules its run for then, and counts it here, not against the re-run budget.
     deferred_until = models.DateTimeField(null=True, blank=True)
-    deferrals = models.PositiveIntegerField(default=0)
+    # A database default too: the column came after the others, and a writer that predates it
+    # (a raw INSERT, a bulk loader) must still be able to add a row.
+    deferrals = models.PositiveIntegerField(default=0, db_default=0)
 
     objects = AnalysisRequestQuerySet.as_manager()
 

@@ -7,13 +7,18 @@ import sys
 import time
 
 import pytest
-from django.conf import settings
 from django.db import connection
 
 from devstack.processes import wait_until
 from workers.reconcile.lock import TickLock, lock_key
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# Not a transactional test: the locks are taken on connections of their own, and a flush at the end
+# would race the session stack's workers, which may be running.
+pytestmark = pytest.mark.django_db
+
+# A namespace of this module's own: the session stack's tick worker, if it is running, takes the
+# tick lock of the tests' instance at every beat.
+NAMESPACE = f"tick-lock-test-{os.getpid()}"
 
 HOLDER = """
 import sys, time, psycopg
@@ -29,7 +34,7 @@ def holder():
     """Another process holding the tick lock, as a ticking worker does."""
     database = connection.settings_dict
     dsn = f"postgresql://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, dsn, str(lock_key(settings.EMG_INSTANCE_NAMESPACE))],
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, dsn, str(lock_key(NAMESPACE))],
                                stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "held"
     yield process
@@ -41,18 +46,18 @@ def test_a_held_lock_is_refused_and_a_frozen_holder_keeps_it_for_as_long_as_it_i
     os.kill(holder.pid, signal.SIGSTOP)
     try:
         frozen_since = time.monotonic()
-        lock = TickLock()
+        lock = TickLock(namespace=NAMESPACE)
         # Longer than the 60 s the old Redis lock lived; nothing here expires.
         while time.monotonic() - frozen_since < 65:
             assert not lock.acquire()
             time.sleep(5)
     finally:
         os.kill(holder.pid, signal.SIGCONT)
-    assert not TickLock().acquire()
+    assert not TickLock(namespace=NAMESPACE).acquire()
 
 
 def test_the_lock_is_free_the_moment_its_holder_dies(holder):
-    lock = TickLock()
+    lock = TickLock(namespace=NAMESPACE)
     assert not lock.acquire()
     holder.kill()
     holder.wait(timeout=30)
@@ -62,13 +67,13 @@ def test_the_lock_is_free_the_moment_its_holder_dies(holder):
 
 
 def test_still_held_turns_false_when_the_lock_connection_is_dropped():
-    lock = TickLock()
+    lock = TickLock(namespace=NAMESPACE)
     assert lock.acquire()
     pid = lock._connection.connection.info.backend_pid
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
     assert wait_until(lambda: not lock.still_held(), timeout=10, message="the dropped lock is noticed")
     lock.release()
-    again = TickLock()
+    again = TickLock(namespace=NAMESPACE)
     assert again.acquire()
     again.release()

@@ -1,3 +1,5 @@
+from datetime import datetime
+
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
@@ -160,6 +162,15 @@ class AnalysisRequest(models.Model):
         # the right to cancel a multi-day pipeline, or to run it again.
         permissions = [("cancel_analysisrequest", "Can cancel analysis requests"),
                        ("rerun_analysisrequest", "Can re-run ended analysis requests")]
+        # Partial indexes for what every reconciler tick reads: they stay the size of the live work
+        # however many requests have ended. (The statuses are FINAL_STATUSES: a class's Meta cannot
+        # name its attributes; tests/test_models.py checks they agree.)
+        indexes = [
+            models.Index(fields=["created_at"], condition=~Q(status__in=["COMPLETED", "FAILED", "CANCELLED"]),
+                         name="request_unfinished"),
+            models.Index(fields=["cancel_requested_at"], condition=Q(cancel_requested_at__isnull=False),
+                         name="request_cancel_requested"),
+        ]
         constraints = [
             # Where the ORM's validation is bypassed (bulk_create, update, SQL): options stay a JSON
             # object, and never name what the orchestrator sets itself (the flow checks the rest).
@@ -232,6 +243,9 @@ class OutboxEvent(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["topic", "request", "generation"], name="one_event_per_request_generation"),
         ]
+        # The outbox sweep reads the undispatched events at every beat.
+        indexes = [models.Index(fields=["created_at"], condition=Q(dispatched_at__isnull=True),
+                                name="outbox_undispatched")]
 
     def __str__(self) -> str:
         return f"{self.topic} #{self.request_id} gen {self.generation}"
@@ -308,7 +322,12 @@ class ClusterJob(models.Model):
     # the job is reused only while its outputs still hash to this.
     output_manifest = models.JSONField(null=True, blank=True)
     manifest_recorded_at = models.DateTimeField(null=True, blank=True)
-    state_checked_at = models.DateTimeField(null=True, blank=True)
+    # When a Slurm answer last wrote the state. A tick that finds the state unchanged writes nothing
+    # (a row rewritten every tick is a row version per job per tick); it records instead, once, that
+    # it read every awaited job: ReconcileTick.job_states_read_at.
+    state_checked_at = models.DateTimeField(
+        null=True, blank=True, help_text="When Slurm's answer last changed this row; unchanged jobs are read at "
+                                         "every tick (see the ticks' 'job states read at').")
     # Given up: no live request waits for it (emg.jobs.give_up). The reconciler stops it; no flow
     # attaches to it any more, and an identical job declared meanwhile is submitted once it has ended.
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
@@ -332,6 +351,17 @@ class ClusterJob(models.Model):
                 fields=["fingerprint"], condition=~Q(state__in=FINAL_JOB_STATES) & Q(cancel_requested_at__isnull=True),
                 name="one_wanted_job_per_fingerprint",
             ),
+        ]
+        # Every tick reads the live jobs (awaited, declared, given up) and the claims of the last
+        # minute; the usage step reads the recently ended jobs it has no usage for.
+        indexes = [
+            models.Index(fields=["state"], condition=~Q(state__in=FINAL_JOB_STATES), name="cluster_job_live"),
+            models.Index(fields=["cancel_requested_at"],
+                         condition=Q(cancel_requested_at__isnull=False) & ~Q(state__in=FINAL_JOB_STATES),
+                         name="cluster_job_given_up_live"),
+            models.Index(fields=["submission_started_at"], name="cluster_job_claimed_at"),
+            models.Index(fields=["ended_at"], condition=Q(usage__isnull=True) & Q(ended_at__isnull=False),
+                         name="cluster_job_usage_unread"),
         ]
 
     def __str__(self) -> str:
@@ -393,6 +423,11 @@ class JobWait(models.Model):
     class Meta:
         ordering = ["created_at", "id"]
         constraints = [models.UniqueConstraint(fields=["flow_run_id", "step"], name="one_job_per_flow_step")]
+        # Every tick reads the open waits; released ones are history (and pruned, workers.reconcile.prune).
+        indexes = [
+            models.Index(fields=["created_at"], condition=Q(released_at__isnull=True), name="job_wait_open"),
+            models.Index(fields=["released_at"], condition=Q(released_at__isnull=False), name="job_wait_released"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.flow_run_id} waits at {self.step} for job #{self.job_id}"
@@ -407,12 +442,28 @@ class ReconcileTick(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=200, blank=True)
     report = models.JSONField(default=dict, blank=True)
+    # When this tick read the state of every awaited job (null: it could not). The "last checked"
+    # of a job whose state did not change is the latest of these.
+    job_states_read_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-started_at"]
 
     def __str__(self) -> str:
         return f"tick at {self.started_at:%Y-%m-%d %H:%M:%S}"
+
+    @classmethod
+    def job_states_last_read_at(cls) -> datetime | None:
+        """When a tick last read the state of every awaited job."""
+        return (cls.objects.filter(job_states_read_at__isnull=False).order_by("-started_at")
+                .values_list("job_states_read_at", flat=True).first())
+
+
+def last_checked(job: "ClusterJob", job_states_read_at: datetime | None) -> datetime | None:
+    """When the job's state was last read from Slurm: the tick's read, for an awaited job it did not change."""
+    if job.state in FINAL_JOB_STATES or job.state == ClusterJobState.DECLARED or job_states_read_at is None:
+        return job.state_checked_at
+    return max(job.state_checked_at, job_states_read_at) if job.state_checked_at else job_states_read_at
 
 
 class Assembly(models.Model):

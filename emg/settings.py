@@ -154,6 +154,11 @@ EMG_RECONCILE_INTERVAL_SECONDS = _env_float("EMG_RECONCILE_INTERVAL_SECONDS", 10
 # know it, superseded) only after this long: longer than sbatch may take before we kill it.
 EMG_SUBMIT_CLAIM_LEASE_SECONDS = _env_float("EMG_SUBMIT_CLAIM_LEASE_SECONDS", 180)
 EMG_RESUMES_PER_TICK = _env_int("EMG_RESUMES_PER_TICK", 20)
+# History the tick no longer reads is deleted this long after it ended (0 keeps it for ever): waits
+# released, and run events dispatched, for requests that have ended or moved to a later generation.
+# At most EMG_PRUNE_BATCH rows of each kind per tick, so a first prune of a large backlog is spread out.
+EMG_PRUNE_AFTER_DAYS = _env_float("EMG_PRUNE_AFTER_DAYS", 30)
+EMG_PRUNE_BATCH = _env_int("EMG_PRUNE_BATCH", 5000)
 
 from emg.log import LOGGING, LOGGING_CONFIG  # noqa: E402,F401  (one masked JSON-lines format everywhere)
 

@@ -86,6 +86,22 @@ def test_status_says_nothing_is_stuck_when_all_is_well():
     assert sections(output)[2].strip() == "nothing stuck"
 
 
+def test_a_job_whose_state_a_recent_tick_read_unchanged_is_not_stuck(tmp_path):
+    """Ticks do not rewrite a job they found unchanged: its last check is the tick's read of every awaited job."""
+    quiet = declare(tmp_path, "quiet-job")
+    ClusterJob.objects.filter(id=quiet.id).update(state=ClusterJobState.RUNNING, slurm_job_id="31339",
+                                                  state_checked_at=long_ago(7200))
+    ReconcileTick.objects.create(started_at=long_ago(3600), finished_at=long_ago(3600),
+                                 job_states_read_at=long_ago(3600))
+    assert f"job #{quiet.id} (Slurm 31339, RUNNING) not checked for 1h" in sections(run("emg_status"))[2]
+
+    ReconcileTick.objects.create(started_at=timezone.now(), finished_at=timezone.now(),
+                                 job_states_read_at=timezone.now())
+    _, jobs_part, stuck_part = sections(run("emg_status"))
+    assert re.search(rf"^{quiet.id} +quiet-job +31339 +RUNNING .* 0s +-$", jobs_part, re.M)
+    assert f"job #{quiet.id}" not in stuck_part
+
+
 def test_requeue_events_publishes_each_undispatched_event_with_progress():
     study = Study.objects.create(accession="PRJEB55502")
     first, second = (AnalysisRequest.objects.create(study=study) for _ in range(2))

@@ -111,3 +111,24 @@ def test_the_analysis_flow_names_only_the_steps_whose_order_is_known():
                 named |= {kw.value.value for kw in node.keywords if kw.arg == "step" and isinstance(kw.value, ast.Constant)}
     assert named and named <= set(STEPS), named - set(STEPS)
     assert {"fetching from ENA", "assembly", "analysis", "data move"} <= named
+
+
+def test_the_unfinished_request_index_covers_exactly_the_unfinished_statuses():
+    """The partial index names the final statuses literally (a Meta cannot name its class's attributes)."""
+    (index,) = [index for index in AnalysisRequest._meta.indexes if index.name == "request_unfinished"]
+    assert index.condition.negated
+    (lookup, statuses), = index.condition.children
+    assert lookup == "status__in" and set(statuses) == set(AnalysisRequest.FINAL_STATUSES)
+
+
+def test_the_reconciler_reads_the_live_jobs_through_their_partial_index(db):
+    """With many ended jobs and a few live ones, the live ones are found by the index, not a scan."""
+    from django.db import connection
+
+    ClusterJob.objects.bulk_create([
+        ClusterJob(name="ended", fingerprint=f"ended-{n}", spec={}, state="COMPLETED") for n in range(5000)
+    ] + [ClusterJob(name="live", fingerprint=f"live-{n}", spec={}, state="RUNNING") for n in range(5)])
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE emg_clusterjob")
+    plan = ClusterJob.objects.live().explain()
+    assert "cluster_job_live" in plan, plan

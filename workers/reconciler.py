@@ -14,7 +14,8 @@ Each tick, in order (one module per step, under workers/reconcile/):
    superseded) are cancelled, in ticks that superseded a claim and every few minutes;
 6. `flow_runs`: suspended runs whose jobs have all ended are resumed; broken ones re-run, and
    drifted ones (deleted from Prefect, Completed while their request is not) get a fresh run;
-7. `usage`: what recently ended jobs used (CPU, memory, wall time), from accounting, once each.
+7. `usage`: what recently ended jobs used (CPU, memory, wall time), from accounting, once each;
+8. `prune`: released waits and dispatched events of ended requests, once they are old, deleted.
 
 One bad job, request or run never stops the others: each step isolates them, and a step that
 fails as a whole is reported without starving the next. Ticks are made exclusive by
@@ -26,7 +27,7 @@ in emg.jobs / emg.requests / emg.waits, so even overlapping ticks never submit a
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from django.conf import settings
@@ -39,6 +40,7 @@ from workers.reconcile.flow_runs import tend_flow_runs
 from workers.reconcile.job_states import refresh_job_states
 from workers.reconcile.lock import TickLock
 from workers.reconcile.orphans import cancel_orphans
+from workers.reconcile.prune import prune_history
 from workers.reconcile.reaper import reap_unwanted_jobs
 from workers.reconcile.submissions import LockLost, submit_declared_jobs
 from workers.reconcile.usage import record_usage
@@ -53,6 +55,8 @@ _partition_limits: dict[str, tuple[float, dict]] = {}
 @dataclass
 class TickReport:
     checked: int = 0
+    # When the job_states step read every awaited job from the cluster (None: it did not, this tick).
+    job_states_read_at: datetime | None = None
     changed: dict[str, str] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)
     submitted: list[str] = field(default_factory=list)
@@ -70,11 +74,12 @@ class TickReport:
     given_up: list[int] = field(default_factory=list)
     flow_runs_replaced: list[UUID] = field(default_factory=list)
     released: int = 0
+    pruned: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
 STEPS = (cancel_requested, reap_unwanted_jobs, refresh_job_states, submit_declared_jobs, cancel_orphans, tend_flow_runs,
-         record_usage)
+         record_usage, prune_history)
 
 
 class Reconciler:

@@ -3,9 +3,12 @@
 Guarantee: one `Cluster.query` call per tick for all awaited jobs (it chunks only when the
 argument list would be too long); only when an answer holds a record we cannot read is the batch
 halved until that record stands alone. Every change is recorded through emg.jobs, guarded by the
-state it was read in; a job whose state cannot be read is recorded as unreadable and polled on,
-never cancelled for it. A job that ran out of memory or time, or lost its node, is declared
-again with more resources (per its ResubmitPolicy and the partition's limits) instead of ending.
+state it was read in, and all of a tick's plain changes in one statement (emg.jobs.record_statuses),
+so a tick's cost in SQL does not grow with the number of jobs that changed. Unchanged rows are not
+written at all: the tick records when it read every awaited job (ReconcileTick.job_states_read_at).
+A job whose state cannot be read is recorded as unreadable and polled on, never cancelled for it.
+A job that ran out of memory or time, or lost its node, is declared again with more resources (per
+its ResubmitPolicy and the partition's limits) instead of ending.
 """
 
 import dataclasses
@@ -24,6 +27,7 @@ logger = logging.getLogger(__name__)
 def refresh_job_states(reconciler, report) -> None:
     awaited = list(ClusterJob.objects.awaited())
     if not awaited:
+        report.job_states_read_at = timezone.now()  # every awaited job (none) is read
         return
     statuses, unreadable = query_readable(
         reconciler.cluster,
@@ -31,7 +35,8 @@ def refresh_job_states(reconciler, report) -> None:
     )
     now = timezone.now()
     report.checked = len(awaited)
-    unchanged = []
+    report.job_states_read_at = now
+    plain_changes: list[tuple[ClusterJob, JobStatus]] = []
     for job in awaited:
         try:
             if job.slurm_job_id in unreadable:
@@ -41,16 +46,17 @@ def refresh_job_states(reconciler, report) -> None:
                 logger.error("Slurm job %s (%s): cannot read its state %r; polling on", job.slurm_job_id,
                              job.name, raw)
                 continue
-            if not record_one(reconciler, job, statuses[job.slurm_job_id], now, report):
-                unchanged.append(job.id)
+            record_one(reconciler, job, statuses[job.slurm_job_id], now, report, plain_changes)
         except Exception as error:  # one bad job never stops the others
             logger.exception("recording the state of cluster job #%s failed", job.id)
             report.errors.append(f"job #{job.id} (Slurm {job.slurm_job_id}): {error}")
-    jobs.mark_checked(unchanged, now)
+    jobs.record_statuses(plain_changes, now)
 
 
-def record_one(reconciler, job: ClusterJob, status: JobStatus, now, report) -> bool:
-    """Record the job's new state; False when it has not changed."""
+def record_one(reconciler, job: ClusterJob, status: JobStatus, now, report,
+               plain_changes: list[tuple[ClusterJob, JobStatus]]) -> bool:
+    """Record the job's new state: a resubmission at once, a plain change appended to
+    `plain_changes` (recorded with the others in one statement). False when it has not changed."""
     if status.state == JobState.SUBMITTED and job.state != ClusterJobState.SUBMITTED:
         # Slurm has reported this job before: a record missing now is a gap in its answer
         # (accounting lag, a cut-off output), not news.
@@ -68,7 +74,7 @@ def record_one(reconciler, job: ClusterJob, status: JobStatus, now, report) -> b
     retry = None if job.cancel_requested_at else escalated_spec(
         job, status, lambda: reconciler.partition_limits(job.spec.get("partition")))  # given up: never again
     if retry is None:
-        jobs.record_status(job, status, now)
+        plain_changes.append((job, status))
     else:
         spec, reason = retry
         if jobs.declare_again(job, status, spec, reason, now):

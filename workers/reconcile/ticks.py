@@ -51,7 +51,8 @@ def run_tick():
         calls = slurm_calls(cluster) - calls_before
         summary = {**report_summary(report), "duration_seconds": round(duration, 3), "slurm_calls": dict(calls),
                    "totals": running_totals(previous_totals(tick.id), report, calls)}
-        ReconcileTick.objects.filter(id=tick.id).update(finished_at=timezone.now(), report=summary)
+        ReconcileTick.objects.filter(id=tick.id).update(finished_at=timezone.now(), report=summary,
+                                                        job_states_read_at=report.job_states_read_at)
         ReconcileTick.objects.filter(id__lte=tick.id - ReconcileTick.KEEP).delete()
         return report
 

@@ -7,7 +7,7 @@ from django.core.management import BaseCommand
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from emg.models import FINAL_JOB_STATES, AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick
+from emg.models import FINAL_JOB_STATES, AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick, last_checked
 
 # Something the reconciler should have touched within this many of its intervals is stuck.
 STALE_INTERVALS = 5
@@ -79,8 +79,9 @@ class Command(BaseCommand):
             ClusterJob.objects.filter(state__in=FINAL_JOB_STATES).order_by("-ended_at", "-id")
             .prefetch_related("waits")[:ended]
         )
+        read_at = ReconcileTick.job_states_last_read_at()
         self.section("Cluster jobs", ["id", "name", "Slurm id", "state", "exit", "attempts", "checked", "requests"], [
-            [j.id, j.name, j.slurm_job_id, j.state, j.exit_code, j.attempts, age(j.state_checked_at, now),
+            [j.id, j.name, j.slurm_job_id, j.state, j.exit_code, j.attempts, age(last_checked(j, read_at), now),
              ",".join(f"#{w.request_id}" for w in j.waits.all() if w.request_id)]
             for j in jobs
         ])
@@ -113,9 +114,11 @@ class Command(BaseCommand):
                          f"after {age(event.created_at, now)}, published {event.publish_attempts} time(s)"
                          + (f": {event.last_error[:100]}" if event.last_error else ""))
 
-        for job in ClusterJob.objects.awaited().filter(Q(state_checked_at__lt=stale) | Q(state_checked_at=None)):
-            lines.append(f"job #{job.id} (Slurm {job.slurm_job_id or '-'}, {job.state}) not checked for "
-                         f"{age(job.state_checked_at, now)}")
+        read_at = ReconcileTick.job_states_last_read_at()
+        if read_at is None or read_at < stale:  # a recent tick read every awaited job: none is stale
+            for job in ClusterJob.objects.awaited().filter(Q(state_checked_at__lt=stale) | Q(state_checked_at=None)):
+                lines.append(f"job #{job.id} (Slurm {job.slurm_job_id or '-'}, {job.state}) not checked for "
+                             f"{age(last_checked(job, read_at), now)}")
 
         for job in ClusterJob.objects.live().exclude(unreadable_state=""):
             lines.append(f"job #{job.id} (Slurm {job.slurm_job_id}, last read {job.state}): Slurm reports "

@@ -33,6 +33,10 @@ def worker_queues(roles: str) -> list[str]:
 ROLE_QUEUES = worker_queues(os.environ["EMG_WORKER_ROLES"]) if "EMG_WORKER_ROLES" in os.environ else None
 
 app = Celery("emg-workers")
+# Where the Redis transport keeps delivered, unacknowledged tasks (a global "unacked" by default):
+# an instance of its own, so two instances on one Redis never restore, or count, each other's.
+UNACKED_KEY = f"emg:{settings.EMG_INSTANCE_NAMESPACE}:unacked"
+
 app.conf.update(
     broker_url=settings.CELERY_BROKER_URL,
     # An event is acknowledged only after its flow run exists; a worker that dies mid-task
@@ -49,6 +53,9 @@ app.conf.update(
         # check scans): here a tenth of the timeout, 1 to 10 s, and every check scans.
         "unacked_restore_interval": max(1, min(10, VISIBILITY_TIMEOUT // 10)),
         "unacked_restore_throttle": 1,
+        "unacked_key": UNACKED_KEY,
+        "unacked_index_key": f"{UNACKED_KEY}:index",
+        "unacked_mutex_key": f"{UNACKED_KEY}:mutex",
         "socket_timeout": 5,
         "socket_connect_timeout": 5,
     },

@@ -24,6 +24,7 @@ from slurm_adapter import Cluster, RestCluster, SlurmCluster
 from tests.services import broker_at
 from tests.slurm import SLURMRESTD_URL, test_cluster_backend, write_token_file
 from tests.workers.ticking import held_tick_lock
+from workers.celery import UNACKED_KEY
 from workers.reconciler import Reconciler
 
 # Generous unless a test is about one of them: the test, not a limit, decides what happens.
@@ -132,7 +133,7 @@ class OwnRedisStack:
     def queued_or_unacked(self) -> int:
         """Dispatch messages the broker still holds: waiting in the queue, or delivered and not yet acknowledged."""
         client = redis.Redis.from_url(self.url)
-        return client.llen(settings.EMG_DISPATCH_QUEUE) + client.hlen("unacked")
+        return client.llen(settings.EMG_DISPATCH_QUEUE) + client.hlen(UNACKED_KEY)
 
     def stop(self) -> None:
         for process in [*self.beats, self.tick_worker, *self.workers, self.redis]:

@@ -20,6 +20,7 @@ from emg.models import OutboxEvent
 from emg.outbox import DISPATCH_TASK_NAME
 from tests.e2e.requests import new_request
 from tests.workers.test_celery_services import flow_runs_of
+from workers.celery import UNACKED_KEY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
 
@@ -34,7 +35,7 @@ def dispatch_tasks_in(client: redis.Redis) -> int:
     """Dispatch tasks the broker holds: queued, or delivered and not acknowledged (which is where
     the Redis transport keeps a task waiting on its retry countdown). Ticks and sweeps not counted."""
     queued = [json.loads(raw) for raw in client.lrange(settings.EMG_DISPATCH_QUEUE, 0, -1)]
-    unacked = [json.loads(raw)[0] for raw in client.hvals("unacked")]
+    unacked = [json.loads(raw)[0] for raw in client.hvals(UNACKED_KEY)]
     return sum(1 for message in queued + unacked if message["headers"].get("task") == DISPATCH_TASK_NAME)
 
 

@@ -153,7 +153,11 @@ EMG_RECONCILE_INTERVAL_SECONDS = _env_float("EMG_RECONCILE_INTERVAL_SECONDS", 10
 # A claimed submission whose answer never came is looked up by its tag (and, if Slurm does not
 # know it, superseded) only after this long: longer than sbatch may take before we kill it.
 EMG_SUBMIT_CLAIM_LEASE_SECONDS = _env_float("EMG_SUBMIT_CLAIM_LEASE_SECONDS", 180)
+# Resumes per tick start here and adapt (workers.reconcile.resume_pace): doubled after a tick that
+# used them all, up to the ceiling; halved when Prefect answers 429/5xx or times out.
 EMG_RESUMES_PER_TICK = _env_int("EMG_RESUMES_PER_TICK", 20)
+EMG_RESUMES_PER_TICK_MAX = _env_int("EMG_RESUMES_PER_TICK_MAX", 2000)
+EMG_RESUME_CONCURRENCY = _env_int("EMG_RESUME_CONCURRENCY", 8)
 # History the tick no longer reads is deleted this long after it ended (0 keeps it for ever): waits
 # released, and run events dispatched, for requests that have ended or moved to a later generation.
 # At most EMG_PRUNE_BATCH rows of each kind per tick, so a first prune of a large backlog is spread out.

@@ -12,7 +12,8 @@ Each tick, in order (one module per step, under workers/reconcile/):
    rate limit; a claim whose answer was lost is adopted by its tag or superseded;
 5. `orphans`: our Slurm jobs that no row owns (an sbatch answer that came after its claim was
    superseded) are cancelled, in ticks that superseded a claim and every few minutes;
-6. `flow_runs`: suspended runs whose jobs have all ended are resumed; broken ones re-run, and
+6. `flow_runs`: suspended runs whose jobs have all ended are resumed (as many a tick as Prefect
+   accepts: workers.reconcile.resume_pace); broken ones re-run, and
    drifted ones (deleted from Prefect, Completed while their request is not) get a fresh run;
 7. `usage`: what recently ended jobs used (CPU, memory, wall time), from accounting, once each;
 8. `prune`: released waits and dispatched events of ended requests, once they are old, deleted.
@@ -28,6 +29,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cache
 from uuid import UUID
 
 from django.conf import settings
@@ -42,6 +44,7 @@ from workers.reconcile.lock import TickLock
 from workers.reconcile.orphans import cancel_orphans
 from workers.reconcile.prune import prune_history
 from workers.reconcile.reaper import reap_unwanted_jobs
+from workers.reconcile.resume_pace import ResumePace
 from workers.reconcile.submissions import LockLost, submit_declared_jobs
 from workers.reconcile.usage import record_usage
 
@@ -82,6 +85,13 @@ STEPS = (cancel_requested, reap_unwanted_jobs, refresh_job_states, submit_declar
          record_usage, prune_history)
 
 
+@cache
+def settings_resume_pace() -> ResumePace:
+    """One pace per tick process, kept from tick to tick (each tick makes a Reconciler of its own)."""
+    return ResumePace(settings.EMG_RESUMES_PER_TICK, ceiling=settings.EMG_RESUMES_PER_TICK_MAX,
+                      concurrency=settings.EMG_RESUME_CONCURRENCY)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -95,6 +105,7 @@ class Reconciler:
         max_flow_reruns: int,
         claim_lease: timedelta | None = None,
         lock: TickLock | None = None,
+        resume_pace: ResumePace | None = None,
     ):
         self.cluster = cluster
         self.prefect = prefect
@@ -106,6 +117,8 @@ class Reconciler:
         self.claim_lease = (claim_lease if claim_lease is not None
                             else timedelta(seconds=settings.EMG_SUBMIT_CLAIM_LEASE_SECONDS))
         self.lock = lock
+        # Without a pace of its own, a fixed `resumes_per_tick` (what a test asks for).
+        self.resume_pace = resume_pace or ResumePace(resumes_per_tick, ceiling=resumes_per_tick)
 
     @classmethod
     def from_settings(cls, cluster: Cluster, prefect: SyncPrefectClient, lock: TickLock | None = None) -> "Reconciler":
@@ -118,6 +131,7 @@ class Reconciler:
             zombie_after=timedelta(seconds=settings.EMG_ZOMBIE_AFTER_SECONDS),
             max_flow_reruns=settings.EMG_MAX_FLOW_RERUNS,
             lock=lock,
+            resume_pace=settings_resume_pace(),
         )
 
     def tick(self) -> TickReport:

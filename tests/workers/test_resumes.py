@@ -4,8 +4,12 @@ Real Slurm jobs and real flow runs on the session's Prefect server; the flow run
 through the states a waiting flow goes through (tests/workers/flow_runs.py), the test drives the ticks.
 """
 
+import http.server
+import threading
 
+import httpx
 import pytest
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.objects import StateType
 
 from devstack.processes import wait_until
@@ -14,6 +18,7 @@ from flows.cluster_jobs import declare_job
 from slurm_adapter import SubmittedJob
 from tests.workers.flow_runs import await_job, new_flow_run, set_running, state_type, suspend
 from tests.workers.ticking import RecordedLogs, job_ended, shell_job, tick_until
+from workers.reconcile.resume_pace import ResumePace
 
 pytestmark = [pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
 
@@ -74,3 +79,87 @@ def test_job_that_ends_before_its_flow_run_suspends_is_resumed_within_two_ticks_
     assert run in after[0].resumed + after[1].resumed
     assert state_type(prefect, run) == StateType.SCHEDULED
     assert not any(report.errors for report in after)
+
+
+class StrugglingPrefect:
+    """A proxy in front of the session's Prefect server that, while `refusing`, answers every resume
+    with a 503, as an overloaded server (or the load balancer before it) does; the rest passes through."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.rstrip("/")
+        self.refusing = False
+        self.resumes_seen = 0
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.removeprefix("/api")
+                if path.endswith("/resume"):
+                    proxy.resumes_seen += 1
+                    if proxy.refusing:
+                        self.send_response(503)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                answer = httpx.request(self.command, f"{proxy.upstream}{path}", content=body, timeout=30,
+                                       headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def ended_job(work_dir, n: int) -> ClusterJob:
+    job = declare_job(shell_job(f"ended-{n}", "true", work_dir))
+    ClusterJob.objects.filter(id=job.id).update(state=ClusterJobState.COMPLETED, slurm_job_id=str(800000 + n))
+    return job
+
+
+def test_resumes_per_tick_grow_while_prefect_accepts_them_and_halve_when_it_refuses(
+    make_reconciler, prefect, prefect_api_url, work_dir
+):
+    runs = [new_flow_run(prefect) for _ in range(40)]
+    for n, run in enumerate(runs):
+        await_job(run, ended_job(work_dir, n))
+        suspend(prefect, run, key="jobs-wait-1")
+
+    with StrugglingPrefect(prefect_api_url) as struggling, SyncPrefectClient(struggling.url) as through_proxy:
+        pace = ResumePace(2, ceiling=64, concurrency=4)
+        reconciler = make_reconciler(resume_pace=pace)
+        reconciler.prefect = through_proxy
+        growing = [len(reconciler.tick().resumed) for _ in range(3)]
+        assert growing == [2, 4, 8] and pace.budget == 16
+
+        struggling.refusing = True
+        seen = struggling.resumes_seen
+        refused = reconciler.tick()
+        assert refused.resumed == [] and not refused.errors
+        assert pace.budget == 8
+        assert struggling.resumes_seen - seen <= 4  # it stopped asking once refused: one call per thread at most
+
+        struggling.refusing = False
+        reports = tick_until(reconciler, lambda: not JobWait.objects.filter(released_at__isnull=True).exists(),
+                             timeout=60, message="every wait released once Prefect accepts again")
+    assert [len(report.resumed) for report in reports] == [8, 16, 2]
+    resumed = [run for report in reports for run in report.resumed]
+    assert len(set(resumed)) == len(resumed) == len(runs) - sum(growing)
+    assert {state_type(prefect, run) for run in runs} == {StateType.SCHEDULED}

@@ -1,9 +1,10 @@
 """Resuming suspended flow runs whose jobs have ended, and re-running broken ones.
 
 Reads the Prefect state of every flow run with an open wait or an unfinished request in one call
-per 200 runs. Resumes at most `resumes_per_tick` suspended runs whose awaited jobs have all
-ended, oldest wait first (the rest go to later ticks): Prefect accepts the resume of a paused run
-once, so that transition is Prefect's own compare-and-set, and the waits are released after it.
+per 200 runs. Resumes the suspended runs whose awaited jobs have all ended, oldest wait first, as
+many a tick as Prefect accepts (workers.reconcile.resume_pace; the rest go to later ticks): Prefect
+accepts the resume of a paused run once, so that transition is Prefect's own compare-and-set, and
+the waits are released after it.
 Re-runs in place any run that crashed, failed, went silent while Running (no heartbeat, and no
 live process its runner vouches for: emg.leases) or stayed Pending, at
 most `max_flow_reruns` times per request generation (a run that deferred its request is scheduled
@@ -12,7 +13,9 @@ for the time it asked instead, and costs no re-run): only the tick whose re-run 
 """
 
 import logging
+import threading
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from uuid import UUID
 
@@ -21,11 +24,13 @@ from django.db import transaction
 from django.utils import timezone
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import State, StateType
+from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Cancelled, Scheduled
 
 from emg import leases, requests, waits
 from emg.models import AnalysisRequest, JobWait
 from workers import dispatch
+from workers.reconcile.resume_pace import is_throttling
 
 logger = logging.getLogger(__name__)
 
@@ -55,29 +60,53 @@ def tend_flow_runs(reconciler, report) -> None:
 
 
 def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict, report) -> None:
+    ready = []
     for flow_run_id, run_waits in waits_by_run.items():
         run = runs.get(flow_run_id)
         if run is None or run.state.type in ENDED_STATE_TYPES:
             report.released += waits.release([wait.id for wait in run_waits])
             continue
-        if run.state.type != StateType.PAUSED or not all(wait.job.is_final for wait in run_waits):
-            continue
-        if len(report.resumed) >= reconciler.resumes_per_tick:
-            continue
+        if run.state.type == StateType.PAUSED and all(wait.job.is_final for wait in run_waits):
+            ready.append((flow_run_id, run_waits))
+    if not ready:
+        return
+    pace = reconciler.resume_pace
+    chosen = ready[:pace.budget]  # the rest go to later ticks, oldest wait first
+    throttled = threading.Event()
+
+    def resume(flow_run_id: UUID):
+        if throttled.is_set():
+            return None  # Prefect is struggling: the rest wait for a later tick
         try:
-            result = reconciler.prefect.resume_flow_run(flow_run_id)
-        except httpx.HTTPStatusError as error:
-            logger.info("resume of %s refused (%s); the next tick will look again", flow_run_id, error)
+            # No retries inside the client (it would wait out a struggling server for half a
+            # minute a call): the next tick is the retry, at a lower pace.
+            with temporary_settings(updates={PREFECT_CLIENT_MAX_RETRIES: 0}):
+                return reconciler.prefect.resume_flow_run(flow_run_id)
+        except Exception as error:
+            if is_throttling(error):
+                throttled.set()
+                logger.info("resume of %s refused under load (%s); the next tick will look again", flow_run_id, error)
+                return None
+            return error
+
+    with ThreadPoolExecutor(max(1, min(pace.concurrency, len(chosen)))) as pool:
+        outcomes = list(pool.map(resume, [flow_run_id for flow_run_id, _ in chosen]))
+    for (flow_run_id, run_waits), outcome in zip(chosen, outcomes, strict=True):
+        if outcome is None:
             continue
-        except Exception as error:  # one run's failure never stops the others' resumes
-            report.errors.append(f"resume flow run {flow_run_id}: {error}")
+        if isinstance(outcome, httpx.HTTPStatusError):
+            logger.info("resume of %s refused (%s); the next tick will look again", flow_run_id, outcome)
             continue
-        if result.status.value != "ACCEPT":
+        if isinstance(outcome, Exception):  # one run's failure never stops the others' resumes
+            report.errors.append(f"resume flow run {flow_run_id}: {outcome}")
+            continue
+        if outcome.status.value != "ACCEPT":
             # Resumed by someone else, or already moving on: normal, not an error.
-            logger.info("resume of %s not accepted: %s", flow_run_id, result.details)
+            logger.info("resume of %s not accepted: %s", flow_run_id, outcome.details)
             continue
         waits.release([wait.id for wait in run_waits])
         report.resumed.append(flow_run_id)
+    pace.settle(issued=len(chosen), throttled=throttled.is_set())
 
 
 def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], runs: dict, report) -> None:

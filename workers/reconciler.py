@@ -89,7 +89,7 @@ STEPS = (cancel_requested, reap_unwanted_jobs, refresh_job_states, submit_declar
 def settings_resume_pace() -> ResumePace:
     """One pace per tick process, kept from tick to tick (each tick makes a Reconciler of its own)."""
     return ResumePace(settings.EMG_RESUMES_PER_TICK, ceiling=settings.EMG_RESUMES_PER_TICK_MAX,
-                      concurrency=settings.EMG_RESUME_CONCURRENCY)
+                      concurrency=settings.EMG_RESUME_CONCURRENCY, target_seconds=settings.EMG_RECONCILE_INTERVAL_SECONDS)
 
 
 class Reconciler:

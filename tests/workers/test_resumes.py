@@ -163,3 +163,15 @@ def test_resumes_per_tick_grow_while_prefect_accepts_them_and_halve_when_it_refu
     resumed = [run for report in reports for run in report.resumed]
     assert len(set(resumed)) == len(resumed) == len(runs) - sum(growing)
     assert {state_type(prefect, run) for run in runs} == {StateType.SCHEDULED}
+
+
+def test_resumes_that_prefect_answers_slowly_stop_the_budget_growing_and_very_slow_ones_halve_it():
+    pace = ResumePace(40, ceiling=1000, target_seconds=10)
+    pace.settle(issued=40, throttled=False, seconds=12)
+    assert pace.budget == 40  # at the server's limit: held
+    pace.settle(issued=40, throttled=False, seconds=25)
+    assert pace.budget == 20
+    pace.settle(issued=20, throttled=False, seconds=3)
+    assert pace.budget == 40
+    pace.settle(issued=7, throttled=False, seconds=1)
+    assert pace.budget == 40  # fewer were ready than it allowed: nothing learnt

@@ -14,6 +14,7 @@ for the time it asked instead, and costs no re-run): only the tick whose re-run 
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -89,8 +90,10 @@ def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict
                 return None
             return error
 
+    started = time.monotonic()
     with ThreadPoolExecutor(max(1, min(pace.concurrency, len(chosen)))) as pool:
         outcomes = list(pool.map(resume, [flow_run_id for flow_run_id, _ in chosen]))
+    seconds = time.monotonic() - started
     for (flow_run_id, run_waits), outcome in zip(chosen, outcomes, strict=True):
         if outcome is None:
             continue
@@ -106,7 +109,7 @@ def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict
             continue
         waits.release([wait.id for wait in run_waits])
         report.resumed.append(flow_run_id)
-    pace.settle(issued=len(chosen), throttled=throttled.is_set())
+    pace.settle(issued=len(chosen), throttled=throttled.is_set(), seconds=seconds)
 
 
 def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], runs: dict, report) -> None:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 BENCHMARKS = ("fingerprint", "slurm_query", "rest_query", "reconcile_scale", "event_latency", "resume_latency",
-              "resume_storm",
-              "waiting_cost", "db_health_check")
+              "resume_storm", "waiting_cost", "db_health_check")
 
 
 def run(name: str, quick: bool) -> dict | None:

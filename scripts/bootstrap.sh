@@ -20,6 +20,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
+# promtool checks the shipped alert rules (tests/test_metrics.py); it comes with Prometheus, whose
+# recommended exporters are not wanted here, and whose server is never started.
+if ! command -v promtool >/dev/null; then
+    echo "bootstrap: installing prometheus (for promtool) from Debian's packages"
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus
+    # Where systemd runs, the package starts its server: only the tool is wanted.
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
 
 python=${PYTHON:-python3.11}
 [ -x .venv/bin/python ] || "$python" -m venv .venv

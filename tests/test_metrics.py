@@ -279,3 +279,24 @@ def test_alert_rules_and_dashboard_name_only_metrics_the_endpoint_serves(client)
 def test_a_rule_naming_a_metric_that_is_not_served_is_caught(client):
     served = served_names(client)
     assert metric_names("emg_outbox_backlogg > 100") - served == {"emg_outbox_backlogg"}
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    # make install puts it there (Debian's prometheus package); the rules are checked, not skipped.
+    return subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_accepts_the_shipped_alert_rules_and_scrape_config():
+    rules = promtool("check", "rules", str(ALERTS))
+    assert rules.returncode == 0, rules.stdout + rules.stderr
+    config = promtool("check", "config", "--syntax-only", str(ALERTS.parent / "scrape.yml"))
+    assert config.returncode == 0, config.stdout + config.stderr
+
+
+def test_promtool_refuses_a_rule_whose_expression_does_not_parse(tmp_path):
+    broken = yaml.safe_load(ALERTS.read_text())
+    broken["groups"][0]["rules"][0]["expr"] = "sum(emg_requests{status=}"
+    path = tmp_path / "broken.yml"
+    path.write_text(yaml.safe_dump(broken))
+    checked = promtool("check", "rules", str(path))
+    assert checked.returncode != 0 and "parse error" in (checked.stdout + checked.stderr)

@@ -20,7 +20,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from emg import timeline as timelines
-from emg.efficiency import efficiency, percent, summarise
+from emg.efficiency import efficiency, largest_task, percent, summarise, task_shares
 from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick, Study
 from emg.pipeline_options import OPTIONS
 from slurm_adapter import JobSpec, tail_log
@@ -68,9 +68,10 @@ def flagged(text: str, flag: bool) -> str:
 
 
 def efficiency_rows(job: ClusterJob) -> list[tuple]:
+    rows = trace_efficiency_rows(job)
     found = efficiency(job.usage)
     if found is None:
-        return []
+        return rows
     usage, flags = found.usage, found.flags
     return [
         ("CPU", flagged(f"{percent(found.cpu)}: {duration(usage.get('cpu_s'))} CPU time of {usage.get('cpus')} CPU(s) "
@@ -79,7 +80,26 @@ def efficiency_rows(job: ClusterJob) -> list[tuple]:
                            f"{usage.get('requested_memory_mb') or 0:.0f} MB requested", "memory" in flags)),
         ("time", flagged(f"{percent(found.time)}: {duration(usage.get('elapsed_s'))} of a "
                          f"{duration(usage.get('time_limit_s'))} limit", "time" in flags)),
+        *rows,
     ]
+
+
+def trace_efficiency_rows(job: ClusterJob) -> list[tuple]:
+    """From the Nextflow trace: the task whose peak memory the request must cover, and the busiest task's CPU."""
+    shares = task_shares(job.trace, job.spec)
+    largest = largest_task(shares)
+    busy = [share for share in shares if share.cpu is not None]
+    rows = []
+    threshold = settings.EMG_EFFICIENCY_THRESHOLD
+    if largest is not None:
+        rows.append(("largest task's memory (trace)", flagged(
+            f"{percent(largest.memory)} of the request: {largest.name}", (largest.memory or 0) < threshold)))
+    if busy:
+        busiest = max(busy, key=lambda share: share.cpu or 0.0)
+        rows.append(("busiest task's CPU (trace)", flagged(
+            f"{percent(busiest.cpu)} of {job.spec.get('cpus') or 1} CPU(s): {busiest.name}",
+            (busiest.cpu or 0) < threshold)))
+    return rows
 
 
 TRACE_SORT: ContextVar[tuple[str, bool]] = ContextVar("trace_sort", default=("", False))
@@ -286,17 +306,20 @@ class AnalysisRequestAdmin(GuardedActionsAdmin):
     def efficiency_report(self, obj: AnalysisRequest):
         rows = []
         for wait in obj.waits.select_related("job").order_by("created_at", "id") if obj.pk else ():
+            largest = largest_task(task_shares(wait.job.trace, wait.job.spec))
+            task = f"{percent(largest.memory)} ({largest.name})" if largest else "-"
             found = efficiency(wait.job.usage)
             if found is None:
-                rows.append((wait.step, change_link(wait.job), "-", "-", "-", "no usage recorded yet"))
+                rows.append((wait.step, change_link(wait.job), "-", "-", "-", task, "no usage recorded yet"))
                 continue
             rows.append((wait.step, change_link(wait.job), percent(found.cpu), percent(found.memory),
-                         percent(found.time), flagged(", ".join(found.flags), True) if found.flags else "ok"))
+                         percent(found.time), task, flagged(", ".join(found.flags), True) if found.flags else "ok"))
         if not rows:
             return "-"
         summary_url = reverse("admin:emg_clusterjob_efficiency")
         return format_html("{}<p><a href=\"{}\">Efficiency of every pipeline step</a></p>",
-                           html_table(rows, ["step", "job", "CPU", "memory", "time", "flags"]), summary_url)
+                           html_table(rows, ["step", "job", "CPU", "memory", "time", "largest task's memory (trace)",
+                                             "flags"]), summary_url)
 
     @admin.display(description="reason")
     def short_reason(self, obj: AnalysisRequest):

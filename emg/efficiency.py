@@ -78,3 +78,41 @@ def summarise(step: str, efficiencies: list[Efficiency]) -> StepSummary:
         memory_peak_mb=max(peaks) if peaks else None, memory_requested_mb=max(requested) if requested else None,
         time_median=median([e.time for e in efficiencies]), elapsed_max_s=max(elapsed) if elapsed else None,
     )
+
+
+@dataclass(frozen=True)
+class TaskShare:
+    """One Nextflow task's use of its job's request: CPU (its %cpu over the job's CPUs) and peak memory."""
+
+    name: str
+    cpu: float | None
+    memory: float | None
+
+
+def task_shares(trace: dict | list | None, spec: dict) -> list[TaskShare]:
+    """Per task of the job's Nextflow trace, what it used of what the job requested.
+
+    sacct sees the job as a whole; the trace says which task needed the memory or kept the CPUs
+    busy, so a step's request can be sized for its largest task rather than guessed."""
+    tasks = trace.get("tasks") if isinstance(trace, dict) else trace
+    if not isinstance(tasks, list):
+        return []
+    cpus = spec.get("cpus") or 1
+    memory_bytes = (spec.get("memory_mb") or 0) * 1024 * 1024
+    shares = []
+    for task in tasks:
+        if not isinstance(task, dict):
+            continue
+        cpu_percent, peak = task.get("cpu_percent"), task.get("peak_rss_bytes")
+        shares.append(TaskShare(
+            name=str(task.get("name") or task.get("task_id") or "?"),
+            cpu=None if cpu_percent is None else cpu_percent / 100 / cpus,
+            memory=ratio(peak, memory_bytes),
+        ))
+    return shares
+
+
+def largest_task(shares: list[TaskShare]) -> TaskShare | None:
+    """The task with the highest peak memory: what the job's memory request must cover."""
+    measured = [share for share in shares if share.memory is not None]
+    return max(measured, key=lambda share: share.memory or 0.0) if measured else None

@@ -382,6 +382,30 @@ def test_a_jobs_page_shows_what_it_used_of_what_it_asked_and_flags_the_under_use
     assert "33%: 2h of a 6h limit (under-used)" in page
 
 
+TRACE_TASKS = [{"task_id": "1", "name": "READ_QC (s1)", "status": "COMPLETED", "realtime_s": 90.0,
+                "peak_rss_bytes": 300 * 1024 * 1024, "cpu_percent": 95.5},
+               {"task_id": "2", "name": "ASSEMBLY (s1)", "status": "COMPLETED", "realtime_s": 7200.0,
+                "peak_rss_bytes": 1536 * 1024 * 1024, "cpu_percent": 380.0},
+               {"task_id": "3", "name": "ANNOTATE (s1)", "status": "ABORTED", "realtime_s": None,
+                "peak_rss_bytes": None, "cpu_percent": None}]
+
+
+def test_the_nextflow_trace_says_which_task_the_memory_request_must_cover_and_how_busy_the_cpus_were(
+    admin_client, tmp_path
+):
+    # 4 CPUs and 2048 MB requested (make_job): ASSEMBLY peaked at 1536 MB (75%) and kept 3.8 of them busy (95%).
+    job = make_job(tmp_path, state="COMPLETED", trace={"summary": {"tasks": 3}, "tasks": TRACE_TASKS})
+    page = admin_client.get(reverse("admin:emg_clusterjob_change", args=[job.id])).content.decode()
+    assert "75% of the request: ASSEMBLY (s1)" in page and "75% of the request: ASSEMBLY (s1) (under-used)" not in page
+    assert "95% of 4 CPU(s): ASSEMBLY (s1)" in page
+
+    small = [{**task, "peak_rss_bytes": 100 * 1024 * 1024, "cpu_percent": 50.0} for task in TRACE_TASKS[:2]]
+    oversized = make_job(tmp_path, state="COMPLETED", slurm_job_id="4243", trace={"tasks": small})
+    page = admin_client.get(reverse("admin:emg_clusterjob_change", args=[oversized.id])).content.decode()
+    assert "5% of the request: READ_QC (s1) (under-used)" in page  # the larger of two equal peaks: the first
+    assert "12% of 4 CPU(s): READ_QC (s1) (under-used)" in page
+
+
 def test_a_request_page_reports_each_jobs_efficiency_and_the_summary_per_step(admin_client, rows, tmp_path):
     ClusterJob.objects.filter(id=rows["job"].id).update(usage=USAGE)
     second = make_job(tmp_path, name="emg-assembly-PRJEB1", state="COMPLETED", slurm_job_id="4343",

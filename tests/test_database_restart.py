@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from devstack.processes import ROOT
+from devstack.processes import ROOT, wait_until
 from devstack.services import free_port
 from tests.e2e.chaos import OwnPostgres
 
@@ -122,6 +122,54 @@ def test_a_process_that_was_connected_waits_for_a_server_that_is_restarting(own_
         answer = process.stdout.readline().split()
         assert answer[:1] == ["connected"], process.stderr.read()
         assert float(answer[1]) >= 2.5
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.wait()
+
+
+FIRST_CONNECTION = """
+import time
+import django
+django.setup()
+from django.db import connection
+started = time.monotonic()
+with connection.cursor() as cursor:
+    cursor.execute("SELECT 1")
+print("connected", round(time.monotonic() - started, 1), flush=True)
+"""
+
+
+def test_a_process_whose_first_connection_meets_a_server_going_down_waits_for_it_to_come_back(own_postgres):
+    """A flow process started in the middle of a restart: the server answers that it is shutting
+    down (SQLSTATE 57P03), so the address is right and the connection is worth waiting for."""
+    import psycopg
+
+    holder = psycopg.connect(own_postgres.url())  # a smart shutdown waits for every session to end
+    own_postgres._as_postgres(str(own_postgres.BIN / "pg_ctl"), "-D", str(own_postgres.data), "-m", "smart", "-W",
+                              "stop")
+
+    def refuses_as_shutting_down() -> bool:
+        try:
+            psycopg.connect(own_postgres.url(), connect_timeout=2).close()
+        except psycopg.OperationalError as error:
+            return "shutting down" in str(error)
+        return False
+
+    wait_until(refuses_as_shutting_down, timeout=30, message="the server refuses new sessions: shutting down")
+    env = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "emg.settings", "DATABASE_URL": own_postgres.url(),
+           "EMG_VAR_DIR": str(own_postgres.root)}
+    process = subprocess.Popen([sys.executable, "-c", FIRST_CONNECTION], env=env, cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(2)  # the process is refused all this while; it must still be waiting, not failed
+        assert process.poll() is None, process.stderr.read()
+        holder.close()
+        wait_until(lambda: not (own_postgres.data / "postmaster.pid").exists(), timeout=30,
+                   message="the server has shut down")
+        own_postgres.start()
+        answer = process.stdout.readline().split()
+        assert answer[:1] == ["connected"], process.stderr.read()
         assert process.wait(timeout=30) == 0
     finally:
         process.kill()

@@ -9,8 +9,9 @@ a database error, is pinged (`SELECT 1`) before its next use outside a transacti
 replaced if it fails; a connection in use back to back is never pinged. Inside an atomic block
 nothing is checked: a transaction cut off by a restart cannot be resumed on a new connection, and
 fails as it must. A reconnect after a restart also waits for the server to accept connections
-again, for up to EMG_DATABASE_RECONNECT_SECONDS; a process's first connection to a database does
-not wait, so a wrong address fails at once.
+again, for up to EMG_DATABASE_RECONNECT_SECONDS; a process's first connection to a database waits
+only when the server itself says it cannot take connections yet (starting up, shutting down: a
+process started in the middle of a restart), so a wrong address fails at once.
 """
 
 import logging
@@ -27,6 +28,14 @@ logger = logging.getLogger(__name__)
 # The databases this process has been connected to (host, port, name), whichever wrapper connected:
 # a wrapper of its own made later (the tick lock makes one per tick) waits for a restart too.
 _connected_before: set[tuple[str, str, str]] = set()
+# SQLSTATE cannot_connect_now: "the database system is starting up" (or shutting down, or in recovery).
+CANNOT_CONNECT_NOW = "57P03"
+
+
+def server_cannot_connect_now(error: OperationalError) -> bool:
+    """The server answered, and said it is restarting: the address is right, so waiting is worth it."""
+    sqlstate = getattr(error, "sqlstate", None) or getattr(getattr(error, "diag", None), "sqlstate", None)
+    return sqlstate == CANNOT_CONNECT_NOW or "the database system is" in str(error)
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
@@ -67,10 +76,16 @@ class DatabaseWrapper(base.DatabaseWrapper):
         database = (str(self.settings_dict.get("HOST")), str(self.settings_dict.get("PORT")),
                     str(self.settings_dict.get("NAME")))
         if database not in _connected_before:
-            connection = super().get_new_connection(conn_params)
+            try:
+                connection = super().get_new_connection(conn_params)
+            except OperationalError as error:
+                if not server_cannot_connect_now(error):
+                    raise
+            else:
+                _connected_before.add(database)
+                self._last_used = time.monotonic()
+                return connection
             _connected_before.add(database)
-            self._last_used = time.monotonic()
-            return connection
         deadline = time.monotonic() + settings.EMG_DATABASE_RECONNECT_SECONDS
         delay = 0.2
         while True:

@@ -13,7 +13,7 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from devstack.processes import ROOT
+from devstack.processes import ROOT, wait_until
 from emg.models import AnalysisRequest, ClusterJob, ClusterJobState
 from emg.policies import ResubmitPolicy, Reuse
 from flows.cluster_jobs import declare_job
@@ -215,14 +215,30 @@ def test_job_out_of_memory_is_resubmitted_with_more_memory_and_completes(make_re
 
 @pytest.mark.slow
 def test_job_out_of_time_is_resubmitted_with_more_time_and_completes(make_reconciler, work_dir):
-    # Slurm limits are whole minutes: 75 s of work overruns one minute and fits in two.
-    spec = shell_job("needs-75s", "sleep 75", work_dir, time_limit_minutes=1)
+    # Slurm limits are whole minutes: the first attempt overruns its one minute; the second (which
+    # Slurm is asked to give two) finishes at once, so the test waits out one limit, not two.
+    spec = shell_job("overruns-once", "if [ -e overran ]; then exit 0; fi; touch overran; sleep 600", work_dir,
+                     time_limit_minutes=1)
 
-    job = run_job(make_reconciler(), spec, ResubmitPolicy(time_factor=2), timeout=360)
+    job = run_job(make_reconciler(), spec, ResubmitPolicy(time_factor=2), timeout=240)
 
     assert job.state == COMPLETED
     assert (job.attempts, job.spec["time_limit_minutes"]) == (2, 2)
     assert "TIMEOUT" in states_seen(job) and len(sbatch_ids(job)) == 2
+    first, second = sbatch_ids(job)
+    limits = wait_until(lambda: slurm_time_limits([first, second]), timeout=60,
+                        message="Slurm's accounting has both attempts' time limits")
+    assert limits == {first: 1, second: 2}  # what Slurm was really asked for
+
+
+def slurm_time_limits(job_ids: list[str]) -> dict[str, int] | None:
+    """Each job's time limit in minutes, as Slurm's accounting recorded it; None until it has them all."""
+    output = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,TimelimitRaw", "-j", ",".join(job_ids)],
+                            capture_output=True, text=True, check=True, timeout=30).stdout
+    found = dict(line.split("|") for line in output.split())
+    if set(found) != set(job_ids) or not all(limit.isdigit() for limit in found.values()):
+        return None
+    return {job_id: int(limit) for job_id, limit in found.items()}
 
 
 def test_edited_input_file_gives_a_new_job_and_an_untouched_one_reuses_the_old(make_reconciler, work_dir):

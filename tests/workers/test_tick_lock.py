@@ -19,6 +19,7 @@ pytestmark = pytest.mark.django_db
 # A namespace of this module's own: the session stack's tick worker, if it is running, takes the
 # tick lock of the tests' instance at every beat.
 NAMESPACE = f"tick-lock-test-{os.getpid()}"
+FROZEN_SECONDS = float(os.environ.get("EMG_TEST_TICK_LOCK_FROZEN_SECONDS", "20"))
 
 HOLDER = """
 import sys, time, psycopg
@@ -47,8 +48,9 @@ def test_a_held_lock_is_refused_and_a_frozen_holder_keeps_it_for_as_long_as_it_i
     try:
         frozen_since = time.monotonic()
         lock = TickLock(namespace=NAMESPACE)
-        # Longer than the 60 s the old Redis lock lived; nothing here expires.
-        while time.monotonic() - frozen_since < 65:
+        # An advisory lock has no expiry to wait out: it is the holder's session. Frozen for 20 s
+        # (EMG_TEST_TICK_LOCK_FROZEN_SECONDS=65 outlasts the old Redis lock's 60 s) it is refused at every try.
+        while time.monotonic() - frozen_since < FROZEN_SECONDS:
             assert not lock.acquire()
             time.sleep(5)
     finally:

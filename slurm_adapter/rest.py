@@ -297,8 +297,8 @@ class RestCluster:
 
     # --- the Cluster protocol ------------------------------------------------------------------
     def submit(self, spec: JobSpec, tag: str) -> SubmittedJob:
-        """One POST. On v0.0.36-v0.0.38 slurmrestd ignores `requeue: false` (22.05 queues the job with
-        the cluster's JobRequeue default): ask the site for JobRequeue=0 there."""
+        """One POST. The job is never requeued by Slurm (the reconciler owns retries): `requeue: false`,
+        and on v0.0.36-v0.0.38, which ignore that, `no_requeue: true` (see rest_api)."""
         validate_tag(tag)
         dialect = self.dialect
         script_path = write_script(spec, tag, ".sbatch")

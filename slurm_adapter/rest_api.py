@@ -6,7 +6,8 @@ Two dialects cover what we support:
   dictionary, the controller's exit code a raw wait status. Verified against the real 22.05 slurmrestd
   of the test cluster, where two defects shape the client: accounting's exit code is always 0
   (so the controller is asked for the exit code of a job that ended unsuccessfully), and
-  `requeue: false` is ignored (see RestCluster.submit).
+  `requeue: false` is ignored: its job description reads `no_requeue: true` instead (measured:
+  Requeue=0 on the job, and `scontrol requeue` refused), which the submission sends as well.
 - v0.0.40 and newer (Slurm 23.11+): numbers as {"set", "infinite", "number"}, states as lists of
   flags, the environment a list of "NAME=value". Written to SchedMD's published OpenAPI shapes;
   tests/slurm_adapter/data/rest_*.json hold those shapes.
@@ -116,6 +117,8 @@ class Dialect:
             "standard_error": output,
             "cpus_per_task": spec.cpus,
         }
+        if not self.new:
+            job["no_requeue"] = True  # 22.05 ignores requeue=false; this it honours (measured)
         if spec.partition:
             job["partition"] = spec.partition
         for option in spec.extra_options:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from slurm_adapter import ClusterError, JobState, SlurmCluster, SubmittedJob, make_cluster
-from slurm_adapter.rest_api import OLD_VERSIONS
 from slurm_adapter.slurm import parse_sbatch_output
 
 pytestmark = pytest.mark.slurm
@@ -25,12 +24,6 @@ def _calls(cluster, rest: dict[str, int] | None = None, **commands: int) -> dict
     if cluster.name != "slurmrestd":
         return commands
     return rest if rest is not None else {_REST_CALL[command]: n for command, n in commands.items()}
-
-
-def _requeue_ignored_by_old_slurmrestd(cluster, request: pytest.FixtureRequest) -> None:
-    if cluster.name == "slurmrestd" and cluster.version in OLD_VERSIONS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "slurmrestd 22.05 (v0.0.36-v0.0.38) ignores requeue=false: the job gets the cluster's JobRequeue")))
 
 
 EATER = ("python3", "-c", "a = bytearray(600 * 1024 * 1024); import time; time.sleep(5)")
@@ -54,9 +47,8 @@ def test_suspend_and_resume(real_cluster, slurm_cmd, spec, tag, wait_for_state) 
 
 
 def test_slurm_refuses_to_requeue_our_jobs_so_it_never_runs_one_twice(real_cluster, slurm_cmd, spec, tag,
-                                                                      wait_for_state, request) -> None:
+                                                                      wait_for_state) -> None:
     """Submitted with --no-requeue: the reconciler owns retries, and even an admin's requeue is refused."""
-    _requeue_ignored_by_old_slurmrestd(real_cluster, request)
     job = real_cluster.submit(spec("sleep", "300"), tag)
     wait_for_state(real_cluster, job, {JobState.RUNNING})
     refused = subprocess.run(["scontrol", "requeue", job.job_id], capture_output=True, text=True, timeout=30)
@@ -69,8 +61,7 @@ def test_node_failure_ends_the_job_because_slurm_never_requeues_ours(
     real_cluster, slurm_cmd, spec, tag, wait_for_state, wait_until
 ) -> None:
     """Jobs go in with --no-requeue (the reconciler owns retries), so a failed node ends the job.
-    Through slurmrestd 22.05 too: it ignores requeue=false for an admin's requeue (the test above),
-    but the job it submitted still ends NODE_FAIL when its node goes down."""
+    Through slurmrestd 22.05 too, whose submissions say so with `no_requeue` (requeue=false it ignores)."""
     expected = JobState.NODE_FAIL
     job = real_cluster.submit(spec("sleep", "300"), tag)
     wait_for_state(real_cluster, job, {JobState.RUNNING})

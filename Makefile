@@ -2,7 +2,7 @@
 PYTHON := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-soak lint install lock services slurm-up slurm-down bench model-check
+.PHONY: demo test test-soak test-rest lint install lock services slurm-up slurm-down bench model-check
 
 .venv/.installed: pyproject.toml requirements.lock scripts/bootstrap.sh
 	bash scripts/bootstrap.sh
@@ -49,6 +49,11 @@ test: install slurm-up
 # The longer repeats (pytest marker `soak`), kept out of `make test` so CI stays within its time.
 test-soak: install slurm-up
 	$(PYTHON) -m pytest -m soak $(PYTEST_ARGS)
+
+# The stack's e2e tests on the slurmrestd backend (every Slurm command on the stack's PATH a
+# stand-in that fails): `make test` runs them on Slurm's commands, and the adapter tests on both.
+test-rest: install slurm-up
+	EMG_TEST_CLUSTER_BACKEND=slurmrestd $(PYTHON) -m pytest -m "not soak" tests/e2e/test_walking_skeleton.py $(PYTEST_ARGS)
 
 demo: install services
 	$(PYTHON) -m devstack.demo

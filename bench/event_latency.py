@@ -4,15 +4,23 @@
     receiver at all (the floor), with ours (an outbox row in the save's transaction, published
     to Redis on commit), and with the seed system's (a synchronous `run_deployment` inside
     `post_save`). No Celery worker runs meanwhile, so nothing else competes for the CPU.
-(b) --n requests saved in a burst, one transaction each, consumed by a Celery worker
-    (concurrency 2, as the stack runs it): events/s from the first save until the last request
-    has its flow run id, and save-to-flow-run latency per request (the event's created_at to its
-    dispatched_at, which the consumer sets in the transaction that records the flow run id).
+(b) The baseline of (c): Prefect's own create rate on this run's server, --n flow runs of the
+    analysis deployment made through one long-lived client with the deployment id looked up once
+    (`create_flow_run_from_deployment`, with the parameters, name, tags and idempotency key the
+    consumer sends), from 1 thread and from 2 threads sharing the client.
+(c) --n requests saved in a burst, one transaction each, consumed by one Celery dispatch worker
+    (--pool/--concurrency, by default as the stack runs it): events/s from the first save until the
+    last request has its flow run id, as a ratio of (b), and save-to-flow-run latency per request
+    (the event's created_at to its dispatched_at, which the consumer sets in the transaction that
+    records the flow run id).
+(d) Below saturation: --paced saves at half the rate (c) reached, one at a time; their
+    save-to-flow-run latency.
 
 The analysis deployment exists on this run's own Prefect server but no runner serves it: flow
 run creation is what is measured, and no flow runs.
 
-    .venv/bin/python bench/event_latency.py [--saves 200] [--n 500] [--quick]
+    .venv/bin/python bench/event_latency.py [--saves 200] [--n 1000] [--paced 200] [--quick]
+        [--pool prefork|threads] [--concurrency N]
 """
 
 from __future__ import annotations
@@ -21,25 +29,38 @@ import argparse
 import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from harness import BenchServices, configure_environment, emit, log, percentile
 
 ROUND = 20
 WARM_UP = 5
+# What devstack.stack runs the dispatch worker with (see bench/README.md for the alternatives measured).
+DISPATCH_POOL = "prefork"
+DISPATCH_CONCURRENCY = 2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--saves", type=int, default=200, help="saves per way in (a) (default 200)")
-    parser.add_argument("--n", type=int, default=500, help="requests in the burst (b) (default 500)")
-    parser.add_argument("--quick", action="store_true", help="--saves 40 --n 50 (for CI)")
+    parser.add_argument("--n", type=int, default=1000, help="flow runs per way in (b), requests in the burst (c) "
+                                                             "(default 1000)")
+    parser.add_argument("--paced", type=int, default=200, help="requests saved below saturation (d) (default 200)")
+    parser.add_argument("--pool", default=DISPATCH_POOL, help=f"the dispatch worker's pool (default {DISPATCH_POOL})")
+    parser.add_argument("--concurrency", type=int, default=DISPATCH_CONCURRENCY,
+                        help=f"the dispatch worker's processes or threads (default {DISPATCH_CONCURRENCY})")
+    parser.add_argument("--quick", action="store_true", help="--saves 40 --n 50 --paced 20 (for CI)")
     args = parser.parse_args()
     if args.quick:
-        args.saves, args.n = 40, 50
+        args.saves, args.n, args.paced = 40, 50, 20
 
     configure_environment(
         # No sweep runs here (no beat), and the grace must not matter: every event is published on commit.
         EMG_OUTBOX_GRACE_SECONDS="3600",
+        # No runner serves the deployment, so every run made here would be marked Late 15 s on, a
+        # state change per run that the server's late-runs service makes while the next phase
+        # is measured (after the baseline's 2 x N runs: most of the server's CPU in the burst).
+        PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED="false",
     )
     with BenchServices("event_latency") as services:
         services.redis()
@@ -48,9 +69,17 @@ def main() -> None:
         register_deployment()
         save_cost = measure_save_cost(args.saves)
         flush_broker()
-        start_consumer(services)
+        raw = {f"raw_creates_per_s_{threads}_thread{'s' if threads > 1 else ''}": measure_raw_create_rate(args.n, threads)
+               for threads in (1, 2)}
+        log(str(raw))
+        start_consumer(services, args.pool, args.concurrency)
         burst = measure_burst(args.n)
-    emit("event_latency", **save_cost, **burst)
+        paced = measure_paced(args.paced, burst["events_per_s"] / 2)
+    ceiling = max(raw.values())
+    ratios = {"burst_ratio_to_raw_1_thread": round(burst["events_per_s"] / raw["raw_creates_per_s_1_thread"], 3),
+              "burst_ratio_to_raw_best": round(burst["events_per_s"] / ceiling, 3)}
+    emit("event_latency", **save_cost, **raw, consumer_pool=args.pool, consumer_concurrency=args.concurrency,
+         **burst, **ratios, **paced)
 
 
 def register_deployment() -> None:
@@ -115,10 +144,12 @@ def measure_save_cost(saves: int) -> dict:
         "save_ms_p50_no_trigger": round(median["none"], 2),
         "save_ms_p50_ours": round(median["ours"], 2),
         "save_ms_p50_seed": round(median["seed"], 2),
+        "save_ms_p99_no_trigger": round(percentile(ms["none"], 99), 2),
         "save_ms_p99_ours": round(percentile(ms["ours"], 99), 2),
         "save_ms_p99_seed": round(percentile(ms["seed"], 99), 2),
         "added_ms_ours": round(median["ours"] - median["none"], 2),
         "added_ms_seed": round(median["seed"] - median["none"], 2),
+        "added_ms_p99_ours": round(percentile(ms["ours"], 99) - percentile(ms["none"], 99), 2),
     }
     figures["added_ratio"] = round(figures["added_ms_seed"] / max(figures["added_ms_ours"], 0.01), 1)
     log(str(figures))
@@ -137,13 +168,43 @@ def flush_broker() -> None:
     OutboxEvent.objects.update(dispatched_at=timezone.now())
 
 
-def start_consumer(services: BenchServices) -> None:
+def measure_raw_create_rate(n: int, threads: int) -> float:
+    """Flow runs per second that one kept client, the deployment id looked up once, gets from Prefect."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Scheduled
+
+    from flows.deployments import ANALYSIS_DEPLOYMENT
+
+    run = f"raw-{threads}"
+    with get_client(sync_client=True) as client:
+        deployment_id = client.read_deployment_by_name(ANALYSIS_DEPLOYMENT).id
+
+        def create(number: int) -> None:
+            client.create_flow_run_from_deployment(
+                deployment_id, parameters={"request_id": number, "generation": 1}, state=Scheduled(),
+                idempotency_key=f"bench:{run}:{number}", name=f"{run}-{number}", tags=["emg", f"request-{number}"],
+            )
+
+        def create_all(numbers: range) -> None:
+            for number in numbers:
+                create(number)
+
+        create(-1)  # the connection is open before the clock starts
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(create_all, [range(k, n, threads) for k in range(threads)]))
+        elapsed = time.perf_counter() - started
+    return round(n / elapsed, 1)
+
+
+def start_consumer(services: BenchServices, pool: str, concurrency: int) -> None:
     """One dispatch worker (what the burst measures); no tick worker, no beat."""
     from devstack.processes import wait_until
     from devstack.stack import celery_worker, worker_answers
 
     node = f"bench-event-latency-{os.getpid()}"
-    worker = celery_worker("celery-worker", node, services.env(), services.log_dir, roles="dispatch").start()
+    worker = celery_worker("celery-worker", node, services.env(), services.log_dir, roles="dispatch",
+                           pool=pool, concurrency=concurrency).start()
     services.callback(worker.stop)
     wait_until(lambda: worker_answers(services.env(), node), timeout=60, message="the Celery worker answers pings")
 
@@ -175,7 +236,34 @@ def measure_burst(n: int) -> dict:
         "latency_s_p50": round(percentile(latencies, 50), 3),
         "latency_s_p99": round(percentile(latencies, 99), 3),
         "latency_s_max": round(max(latencies), 3),
-        "consumer_concurrency": 2,
+    }
+    log(str(figures))
+    return figures
+
+
+def measure_paced(n: int, rate: float) -> dict:
+    """`n` saves at `rate` per second (below what the consumer sustains): save-to-flow-run latency."""
+    from devstack.processes import wait_until
+    from emg.models import AnalysisRequest, OutboxEvent, Study
+
+    study = Study.objects.get(accession="PRJEB40001")
+    ids = []
+    started = time.perf_counter()
+    for number in range(n):
+        # On a schedule, not a sleep after each save: the rate holds whatever a save costs.
+        delay = started + number / rate - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        ids.append(AnalysisRequest.objects.create(study=study).id)
+    wait_until(lambda: not AnalysisRequest.objects.filter(id__in=ids, flow_run_id__isnull=True).exists(),
+               timeout=max(120, n), interval=0.2, message=f"all {n} paced requests have a flow run")
+    events = list(OutboxEvent.objects.filter(request_id__in=ids).values_list("created_at", "dispatched_at"))
+    latencies = [(dispatched - created).total_seconds() for created, dispatched in events]
+    figures = {
+        "paced_n": n,
+        "paced_saves_per_s": round(rate, 1),
+        "paced_latency_s_p50": round(percentile(latencies, 50), 3),
+        "paced_latency_s_p99": round(percentile(latencies, 99), 3),
     }
     log(str(figures))
     return figures

@@ -22,14 +22,15 @@ from flows.deployments import ANALYSIS_DEPLOYMENT
 
 
 def celery_worker(name: str, node: str, env: dict[str, str], log_dir: Path, *, roles: str | None,
-                  concurrency: int = 2) -> ManagedProcess:
-    """A Celery worker consuming the queues of `roles` (workers.celery: dispatch, reconcile; None: both)."""
+                  concurrency: int = 2, pool: str = "prefork") -> ManagedProcess:
+    """A Celery worker consuming the queues of `roles` (workers.celery: dispatch, reconcile; None: both),
+    with `concurrency` processes (pool prefork) or threads (pool threads)."""
     worker_env = {**env, "EMG_WORKER_ROLES": roles} if roles else {k: v for k, v in env.items()
                                                                     if k != "EMG_WORKER_ROLES"}
     return ManagedProcess(
         name,
         [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO", "--concurrency", str(concurrency),
-         "--without-gossip", "--without-mingle", "-n", f"{node}@%h"],
+         "--pool", pool, "--without-gossip", "--without-mingle", "-n", f"{node}@%h"],
         env=worker_env, log_dir=log_dir,
     )
 

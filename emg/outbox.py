@@ -56,8 +56,16 @@ def settle(event_id: uuid.UUID | str) -> None:
     _redis().zrem(in_flight_key(), str(event_id))
 
 
-def record_run_event(request: AnalysisRequest) -> OutboxEvent | None:
-    """Write the run event for the request's current generation; None if it already exists."""
+def record_run_event(request: AnalysisRequest, *, new_request: bool = False) -> OutboxEvent | None:
+    """Write the run event for the request's current generation; None if it already exists.
+
+    `new_request`: the request's row was inserted in this very transaction, so no event of it can
+    exist yet, and one INSERT does (get_or_create's look-up and savepoint are three more round
+    trips inside the save).
+    """
+    if new_request:
+        return OutboxEvent.objects.create(id=uuid.uuid4(), topic=OutboxEvent.Topic.RUN_ANALYSIS, request=request,
+                                          generation=request.generation)
     event, created = OutboxEvent.objects.get_or_create(
         topic=OutboxEvent.Topic.RUN_ANALYSIS,
         request=request,
@@ -85,10 +93,9 @@ def publish(event_id: uuid.UUID | str, *, unless_in_flight: bool = False) -> boo
     try:
         claimed = _redis().zadd(in_flight_key(), {str(event_id): time.time()}, nx=unless_in_flight)
     except Exception as error:  # the broker is down: the sweep will publish it again
-        return _not_published(event_id, error)
+        return _not_published(event_id, error, attempted=False)
     if unless_in_flight and not claimed:
         return False
-    OutboxEvent.objects.filter(id=event_id).update(publish_attempts=F("publish_attempts") + 1)
     try:
         _producer().send_task(DISPATCH_TASK_NAME, args=[str(event_id)], queue=settings.EMG_DISPATCH_QUEUE,
                               retry=False)
@@ -98,11 +105,33 @@ def publish(event_id: uuid.UUID | str, *, unless_in_flight: bool = False) -> boo
         except Exception:  # the broker is down: its record went with it
             pass
         return _not_published(event_id, error)
-    OutboxEvent.objects.filter(id=event_id).update(published_at=timezone.now())
+    _record_publish(event_id, published_at=timezone.now())
     return True
 
 
-def _not_published(event_id: uuid.UUID | str, error: Exception) -> bool:
+def _not_published(event_id: uuid.UUID | str, error: Exception, *, attempted: bool = True) -> bool:
     logger.warning("event %s not published (%s); the outbox sweep will retry it", event_id, error)
-    OutboxEvent.objects.filter(id=event_id).update(last_error=f"publish failed: {error}"[:2000])
+    _record_publish(event_id, attempted=attempted, last_error=f"publish failed: {error}"[:2000])
     return False
+
+
+def _record_publish(event_id: uuid.UUID | str, *, attempted: bool = True, **fields: object) -> None:
+    """Count the attempt and record its outcome, in one statement after the send.
+
+    Called after the save's transaction committed, so it is a commit of its own; waiting for its
+    WAL flush was most of what publishing added to a save, and its p99 (bench/event_latency.py).
+    On PostgreSQL it does not wait for the flush (`synchronous_commit` off for this transaction
+    only): a crash may lose this bookkeeping, never the event, and then the sweep publishes the
+    event again, which the consumer's idempotency makes harmless. Inside a caller's transaction it
+    is left as it is, since that would change the caller's commit.
+    """
+    if attempted:
+        fields["publish_attempts"] = F("publish_attempts") + 1
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql" or connection.in_atomic_block:
+        OutboxEvent.objects.filter(id=event_id).update(**fields)
+        return
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL synchronous_commit TO OFF")
+        OutboxEvent.objects.filter(id=event_id).update(**fields)

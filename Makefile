@@ -24,6 +24,7 @@ lock: install
 # Formatting (`ruff format --check`) is configured but not enforced yet: the code was never reformatted.
 lint: install
 	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	DATABASE_URL=sqlite://:memory: .venv/bin/mypy
 	.venv/bin/lint-imports
 

@@ -43,12 +43,17 @@ DISPATCH_CONCURRENCY = 2
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--saves", type=int, default=200, help="saves per way in (a) (default 200)")
-    parser.add_argument("--n", type=int, default=1000, help="flow runs per way in (b), requests in the burst (c) "
-                                                             "(default 1000)")
+    parser.add_argument(
+        "--n", type=int, default=1000, help="flow runs per way in (b), requests in the burst (c) (default 1000)"
+    )
     parser.add_argument("--paced", type=int, default=200, help="requests saved below saturation (d) (default 200)")
     parser.add_argument("--pool", default=DISPATCH_POOL, help=f"the dispatch worker's pool (default {DISPATCH_POOL})")
-    parser.add_argument("--concurrency", type=int, default=DISPATCH_CONCURRENCY,
-                        help=f"the dispatch worker's processes or threads (default {DISPATCH_CONCURRENCY})")
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=DISPATCH_CONCURRENCY,
+        help=f"the dispatch worker's processes or threads (default {DISPATCH_CONCURRENCY})",
+    )
     parser.add_argument("--quick", action="store_true", help="--saves 40 --n 50 --paced 20 (for CI)")
     args = parser.parse_args()
     if args.quick:
@@ -69,17 +74,29 @@ def main() -> None:
         register_deployment()
         save_cost = measure_save_cost(args.saves)
         flush_broker()
-        raw = {f"raw_creates_per_s_{threads}_thread{'s' if threads > 1 else ''}": measure_raw_create_rate(args.n, threads)
-               for threads in (1, 2)}
+        raw = {
+            f"raw_creates_per_s_{threads}_thread{'s' if threads > 1 else ''}": measure_raw_create_rate(args.n, threads)
+            for threads in (1, 2)
+        }
         log(str(raw))
         start_consumer(services, args.pool, args.concurrency)
         burst = measure_burst(args.n)
         paced = measure_paced(args.paced, burst["events_per_s"] / 2)
     ceiling = max(raw.values())
-    ratios = {"burst_ratio_to_raw_1_thread": round(burst["events_per_s"] / raw["raw_creates_per_s_1_thread"], 3),
-              "burst_ratio_to_raw_best": round(burst["events_per_s"] / ceiling, 3)}
-    emit("event_latency", **save_cost, **raw, consumer_pool=args.pool, consumer_concurrency=args.concurrency,
-         **burst, **ratios, **paced)
+    ratios = {
+        "burst_ratio_to_raw_1_thread": round(burst["events_per_s"] / raw["raw_creates_per_s_1_thread"], 3),
+        "burst_ratio_to_raw_best": round(burst["events_per_s"] / ceiling, 3),
+    }
+    emit(
+        "event_latency",
+        **save_cost,
+        **raw,
+        consumer_pool=args.pool,
+        consumer_concurrency=args.concurrency,
+        **burst,
+        **ratios,
+        **paced,
+    )
 
 
 def register_deployment() -> None:
@@ -96,8 +113,9 @@ def seed_receiver(sender, instance, created: bool = False, raw: bool = False, **
     from flows.deployments import ANALYSIS_DEPLOYMENT
 
     if created and not raw:
-        run_deployment(ANALYSIS_DEPLOYMENT, parameters={"request_id": instance.id, "generation": instance.generation},
-                       timeout=0)
+        run_deployment(
+            ANALYSIS_DEPLOYMENT, parameters={"request_id": instance.id, "generation": instance.generation}, timeout=0
+        )
 
 
 def measure_save_cost(saves: int) -> dict:
@@ -181,8 +199,12 @@ def measure_raw_create_rate(n: int, threads: int) -> float:
 
         def create(number: int) -> None:
             client.create_flow_run_from_deployment(
-                deployment_id, parameters={"request_id": number, "generation": 1}, state=Scheduled(),
-                idempotency_key=f"bench:{run}:{number}", name=f"{run}-{number}", tags=["emg", f"request-{number}"],
+                deployment_id,
+                parameters={"request_id": number, "generation": 1},
+                state=Scheduled(),
+                idempotency_key=f"bench:{run}:{number}",
+                name=f"{run}-{number}",
+                tags=["emg", f"request-{number}"],
             )
 
         def create_all(numbers: range) -> None:
@@ -203,8 +225,9 @@ def start_consumer(services: BenchServices, pool: str, concurrency: int) -> None
     from devstack.stack import celery_worker, worker_answers
 
     node = f"bench-event-latency-{os.getpid()}"
-    worker = celery_worker("celery-worker", node, services.env(), services.log_dir, roles="dispatch",
-                           pool=pool, concurrency=concurrency).start()
+    worker = celery_worker(
+        "celery-worker", node, services.env(), services.log_dir, roles="dispatch", pool=pool, concurrency=concurrency
+    ).start()
     services.callback(worker.stop)
     wait_until(lambda: worker_answers(services.env(), node), timeout=60, message="the Celery worker answers pings")
 
@@ -222,8 +245,12 @@ def measure_burst(n: int) -> dict:
     requests = [AnalysisRequest.objects.create(study=study) for _ in range(n)]
     saving_s = time.perf_counter() - started
     ids = [request.id for request in requests]
-    wait_until(lambda: not AnalysisRequest.objects.filter(id__in=ids, flow_run_id__isnull=True).exists(),
-               timeout=max(120, n), interval=0.2, message=f"all {n} requests have a flow run")
+    wait_until(
+        lambda: not AnalysisRequest.objects.filter(id__in=ids, flow_run_id__isnull=True).exists(),
+        timeout=max(120, n),
+        interval=0.2,
+        message=f"all {n} requests have a flow run",
+    )
 
     events = list(OutboxEvent.objects.filter(request_id__in=ids).values_list("created_at", "dispatched_at"))
     assert len(events) == n
@@ -255,8 +282,12 @@ def measure_paced(n: int, rate: float) -> dict:
         if delay > 0:
             time.sleep(delay)
         ids.append(AnalysisRequest.objects.create(study=study).id)
-    wait_until(lambda: not AnalysisRequest.objects.filter(id__in=ids, flow_run_id__isnull=True).exists(),
-               timeout=max(120, n), interval=0.2, message=f"all {n} paced requests have a flow run")
+    wait_until(
+        lambda: not AnalysisRequest.objects.filter(id__in=ids, flow_run_id__isnull=True).exists(),
+        timeout=max(120, n),
+        interval=0.2,
+        message=f"all {n} paced requests have a flow run",
+    )
     events = list(OutboxEvent.objects.filter(request_id__in=ids).values_list("created_at", "dispatched_at"))
     latencies = [(dispatched - created).total_seconds() for created, dispatched in events]
     figures = {

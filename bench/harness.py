@@ -76,11 +76,17 @@ def cancel_jobs_under(work_dir: str) -> int:
     """Cancel every job of ours whose work dir lies under `work_dir`; how many there were."""
     listed = subprocess.run(
         ["squeue", "--noheader", "--me", "--all", "-t", "all", "-o", "%A|%Z"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     ).stdout
     prefix = work_dir.rstrip("/") + "/"
-    job_ids = [line.split("|", 1)[0] for line in listed.splitlines()
-               if "|" in line and (line.split("|", 1)[1].rstrip("/") + "/").startswith(prefix)]
+    job_ids = [
+        line.split("|", 1)[0]
+        for line in listed.splitlines()
+        if "|" in line and (line.split("|", 1)[1].rstrip("/") + "/").startswith(prefix)
+    ]
     for start in range(0, len(job_ids), 1000):
         subprocess.run(["scancel", *job_ids[start : start + 1000]], capture_output=True, timeout=120, check=False)
     return len(job_ids)

@@ -33,8 +33,9 @@ LOOP_SAMPLE = 500
 
 
 def max_job_count() -> int | None:
-    output = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30,
-                            check=False).stdout
+    output = subprocess.run(
+        ["scontrol", "show", "config"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout
     for line in output.splitlines():
         if line.startswith("MaxJobCount"):
             return int(line.split("=", 1)[1].strip())
@@ -73,8 +74,15 @@ def measure(sizes: list[int]) -> list[dict]:
         raise SystemExit(f"{max(sizes)} held jobs would fill half of Slurm's MaxJobCount={limit}")
 
     work_dir = Path(settings.EMG_WORK_DIR) / "held"
-    spec = JobSpec(name="bench-held", command=("true",), work_dir=str(work_dir), memory_mb=10, time_limit_minutes=1,
-                   partition=settings.EMG_SLURM_PARTITION, extra_options=("--hold",))
+    spec = JobSpec(
+        name="bench-held",
+        command=("true",),
+        work_dir=str(work_dir),
+        memory_mb=10,
+        time_limit_minutes=1,
+        partition=settings.EMG_SLURM_PARTITION,
+        extra_options=("--hold",),
+    )
     submitter = SlurmCluster()
     started = time.perf_counter()
     with ThreadPoolExecutor(SUBMIT_THREADS) as pool:
@@ -89,17 +97,36 @@ def measure(sizes: list[int]) -> list[dict]:
             raise SystemExit("the held jobs did not all reach Slurm accounting within 300s")
         time.sleep(1)
 
-    reconciler = Reconciler(cluster, None, max_active_jobs=100, max_submissions_per_minute=1000, resumes_per_tick=20,
-                            zombie_after=timedelta(hours=1), max_flow_reruns=3)
+    reconciler = Reconciler(
+        cluster,
+        None,
+        max_active_jobs=100,
+        max_submissions_per_minute=1000,
+        resumes_per_tick=20,
+        zombie_after=timedelta(hours=1),
+        max_flow_reruns=3,
+    )
     results = []
+
     def fresh_rows(awaited) -> None:
         ClusterJob.objects.all().delete()
-        ClusterJob.objects.bulk_create([
-            ClusterJob(name=spec.name, fingerprint=f"bench-{SESSION}-{index}", spec=spec.to_dict(),
-                       state=ClusterJobState.SUBMITTED, slurm_job_id=job.job_id, submit_time=job.submit_time,
-                       log_path=job.log_path, attempts=1, state_checked_at=timezone.now())
-            for index, job in enumerate(awaited)
-        ], batch_size=1000)
+        ClusterJob.objects.bulk_create(
+            [
+                ClusterJob(
+                    name=spec.name,
+                    fingerprint=f"bench-{SESSION}-{index}",
+                    spec=spec.to_dict(),
+                    state=ClusterJobState.SUBMITTED,
+                    slurm_job_id=job.job_id,
+                    submit_time=job.submit_time,
+                    log_path=job.log_path,
+                    attempts=1,
+                    state_checked_at=timezone.now(),
+                )
+                for index, job in enumerate(awaited)
+            ],
+            batch_size=1000,
+        )
 
     def time_recording(record, statuses) -> tuple[float, int]:
         """Seconds and SQL statements to record every row's new status, from rows as the tick reads them."""
@@ -144,7 +171,8 @@ def measure(sizes: list[int]) -> list[dict]:
         bulk_s, bulk_sql = time_recording(job_store.record_statuses, looped)
         fresh_rows(awaited)
         per_row_s, per_row_sql = time_recording(
-            lambda changes: [job_store.record_status(job, status) for job, status in changes], looped)
+            lambda changes: [job_store.record_status(job, status) for job, status in changes], looped
+        )
 
         result = {
             "n": n,

@@ -40,8 +40,13 @@ def main() -> None:
     if args.quick:
         args.n = 50
 
-    token = subprocess.run(["scontrol", "token", f"username={getpass.getuser()}", "lifespan=3600"],
-                           capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+    token = subprocess.run(
+        ["scontrol", "token", f"username={getpass.getuser()}", "lifespan=3600"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.strip()
     rest = RestCluster(url=SLURMRESTD_URL, user=getpass.getuser(), token=token)
     cli = SlurmCluster()
     tag = f"bench-{uuid.uuid4().hex[:8]}"

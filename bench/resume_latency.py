@@ -100,17 +100,31 @@ def measure(interval: float, n: int) -> dict:
     spread = max(10.0, 4 * interval)
     ended_files = [work_dir / f"ended-{index}" for index in range(n)]
     specs = [
-        JobSpec(name=f"bench-resume-{SESSION}-{index}", work_dir=str(work_dir), memory_mb=20, time_limit_minutes=10,
-                partition=settings.EMG_SLURM_PARTITION,
-                command=("bash", "-c", (f"while [ ! -e {go} ]; do sleep 0.1; done; sleep {index * spread / n:.3f}; "
-                                        f"date +%s.%N > {ended}")))
+        JobSpec(
+            name=f"bench-resume-{SESSION}-{index}",
+            work_dir=str(work_dir),
+            memory_mb=20,
+            time_limit_minutes=10,
+            partition=settings.EMG_SLURM_PARTITION,
+            command=(
+                "bash",
+                "-c",
+                (f"while [ ! -e {go} ]; do sleep 0.1; done; sleep {index * spread / n:.3f}; date +%s.%N > {ended}"),
+            ),
+        )
         for index, ended in enumerate(ended_files)
     ]
     cluster = SlurmCluster(accounting_grace_s=settings.EMG_SLURM_ACCOUNTING_GRACE_SECONDS)
     with get_client(sync_client=True) as prefect:
-        reconciler = Reconciler(cluster, prefect, max_active_jobs=1000, max_submissions_per_minute=1000,
-                                resumes_per_tick=settings.EMG_RESUMES_PER_TICK, zombie_after=timedelta(hours=1),
-                                max_flow_reruns=3)
+        reconciler = Reconciler(
+            cluster,
+            prefect,
+            max_active_jobs=1000,
+            max_submissions_per_minute=1000,
+            resumes_per_tick=settings.EMG_RESUMES_PER_TICK,
+            zombie_after=timedelta(hours=1),
+            max_flow_reruns=3,
+        )
         deployment_id = prefect.create_deployment(flow_id=prefect.create_flow(awaiting_flow), name="unserved")
         jobs = [declare_job(spec) for spec in specs]
         runs = [prefect.create_flow_run_from_deployment(deployment_id).id for _ in jobs]
@@ -126,15 +140,20 @@ def measure(interval: float, n: int) -> dict:
 
         wait_until(all_submitted, timeout=180, interval=0.5, message=f"all {n} jobs submitted and in accounting")
         for run, job in zip(runs, jobs, strict=True):
-            prefect.set_flow_run_state(run, Suspended(timeout_seconds=3600, pause_key=f"jobs-{job.id}-n1-wait-1"),
-                                       force=True)
+            prefect.set_flow_run_state(
+                run, Suspended(timeout_seconds=3600, pause_key=f"jobs-{job.id}-n1-wait-1"), force=True
+            )
 
         ticker = Ticker(reconciler.tick, interval)
         ticker.start()
         try:
             go.touch()
-            wait_until(lambda: not JobWait.objects.filter(released_at__isnull=True).exists(),
-                       timeout=spread + 20 * interval + 120, interval=0.5, message="every flow run resumed")
+            wait_until(
+                lambda: not JobWait.objects.filter(released_at__isnull=True).exists(),
+                timeout=spread + 20 * interval + 120,
+                interval=0.5,
+                message="every flow run resumed",
+            )
         finally:
             ticker.stop()
         assert not ticker.errors, ticker.errors

@@ -69,21 +69,31 @@ def measure(n: int, interval: float, baseline_ticks: int) -> dict:
         def suspended_run(_index: int):
             with get_client(sync_client=True) as client:
                 run_id = client.create_flow_run_from_deployment(deployment_id).id
-                client.set_flow_run_state(run_id, Suspended(timeout_seconds=86400, pause_key="jobs-wait-1"),
-                                          force=True)
+                client.set_flow_run_state(run_id, Suspended(timeout_seconds=86400, pause_key="jobs-wait-1"), force=True)
             return run_id
 
         started = time.perf_counter()
         with ThreadPoolExecutor(CREATE_THREADS) as pool:
             runs = list(pool.map(suspended_run, range(count)))
         connections.close_all()
-        jobs = ClusterJob.objects.bulk_create([
-            ClusterJob(name="storm", fingerprint=f"storm-{run}", spec={}, state=ClusterJobState.COMPLETED,
-                       slurm_job_id=str(700000 + index), attempts=1)
-            for index, run in enumerate(runs)
-        ], batch_size=1000)
-        JobWait.objects.bulk_create([JobWait(flow_run_id=run, step="storm", job=job)
-                                     for run, job in zip(runs, jobs, strict=True)], batch_size=1000)
+        jobs = ClusterJob.objects.bulk_create(
+            [
+                ClusterJob(
+                    name="storm",
+                    fingerprint=f"storm-{run}",
+                    spec={},
+                    state=ClusterJobState.COMPLETED,
+                    slurm_job_id=str(700000 + index),
+                    attempts=1,
+                )
+                for index, run in enumerate(runs)
+            ],
+            batch_size=1000,
+        )
+        JobWait.objects.bulk_create(
+            [JobWait(flow_run_id=run, step="storm", job=job) for run, job in zip(runs, jobs, strict=True)],
+            batch_size=1000,
+        )
         log(f"{count} suspended flow runs waiting on ended jobs in {time.perf_counter() - started:.0f}s")
         return runs
 
@@ -105,12 +115,17 @@ def measure(n: int, interval: float, baseline_ticks: int) -> dict:
     with get_client(sync_client=True) as prefect:
         deployment_id = prefect.create_deployment(flow_id=prefect.create_flow(storm_flow), name="unserved")
         cluster = SlurmCluster()  # asked nothing about these jobs (they have ended), only the tick's routine checks
-        limits = dict(max_active_jobs=1000, max_submissions_per_minute=1000, zombie_after=timedelta(hours=1),
-                      max_flow_reruns=3)
+        limits = dict(
+            max_active_jobs=1000, max_submissions_per_minute=1000, zombie_after=timedelta(hours=1), max_flow_reruns=3
+        )
 
         runs = storm(prefect, deployment_id, n)
-        pace = ResumePace(settings.EMG_RESUMES_PER_TICK, ceiling=settings.EMG_RESUMES_PER_TICK_MAX,
-                          concurrency=settings.EMG_RESUME_CONCURRENCY, target_seconds=interval)
+        pace = ResumePace(
+            settings.EMG_RESUMES_PER_TICK,
+            ceiling=settings.EMG_RESUMES_PER_TICK_MAX,
+            concurrency=settings.EMG_RESUME_CONCURRENCY,
+            target_seconds=interval,
+        )
         adaptive = Reconciler(cluster, prefect, resumes_per_tick=FIXED_CAP, resume_pace=pace, **limits)
         started = time.perf_counter()
         adaptive_durations, adaptive_resumed = tick_until_released(adaptive)

@@ -15,8 +15,17 @@ import time
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
-BENCHMARKS = ("fingerprint", "slurm_query", "rest_query", "reconcile_scale", "event_latency", "resume_latency",
-              "resume_storm", "waiting_cost", "db_health_check")
+BENCHMARKS = (
+    "fingerprint",
+    "slurm_query",
+    "rest_query",
+    "reconcile_scale",
+    "event_latency",
+    "resume_latency",
+    "resume_storm",
+    "waiting_cost",
+    "db_health_check",
+)
 
 
 def run(name: str, quick: bool) -> dict | None:

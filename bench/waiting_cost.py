@@ -63,22 +63,26 @@ def main() -> None:
         baseline_figures = measure_baseline(services, sizes, server, args.poll_seconds)
     by_k = []
     for k, mine, theirs in zip(sizes, our_figures, baseline_figures, strict=True):
-        by_k.append({
-            "k": k,
-            **{f"ours_{key}": value for key, value in mine.items()},
-            **{f"baseline_{key}": value for key, value in theirs.items()},
-            "pss_ratio": round(theirs["pss_mb"] / mine["pss_mb"], 2),
-            "rss_ratio": round(theirs["rss_mb"] / mine["rss_mb"], 2),
-        })
+        by_k.append(
+            {
+                "k": k,
+                **{f"ours_{key}": value for key, value in mine.items()},
+                **{f"baseline_{key}": value for key, value in theirs.items()},
+                "pss_ratio": round(theirs["pss_mb"] / mine["pss_mb"], 2),
+                "rss_ratio": round(theirs["rss_mb"] / mine["rss_mb"], 2),
+            }
+        )
     first, last = by_k[0], by_k[-1]
     per_pipeline = {}
     if last["k"] > first["k"]:
         span = last["k"] - first["k"]
         for way in ("ours", "baseline"):
             per_pipeline[f"{way}_pss_mb_per_pipeline"] = round(
-                (last[f"{way}_pss_mb"] - first[f"{way}_pss_mb"]) / span, 1)
+                (last[f"{way}_pss_mb"] - first[f"{way}_pss_mb"]) / span, 1
+            )
             per_pipeline[f"{way}_processes_per_pipeline"] = round(
-                (last[f"{way}_processes"] - first[f"{way}_processes"]) / span, 2)
+                (last[f"{way}_processes"] - first[f"{way}_processes"]) / span, 2
+            )
     emit("waiting_cost", sizes=sizes, poll_seconds=args.poll_seconds, by_k=by_k, **per_pipeline)
 
 
@@ -109,8 +113,12 @@ def measure_ours(k: int, processes: list) -> dict:
     if existing == 0:
         # The first flow stores the study's records; the others then only update them.
         first = AnalysisRequest.objects.create(study=study, pipeline_options={"min_contig_length": 1})
-        wait_until(lambda: AnalysisRequest.objects.get(id=first.id).status == AnalysisRequest.Status.WAITING,
-                   timeout=180, interval=0.5, message="the first pipeline waits")
+        wait_until(
+            lambda: AnalysisRequest.objects.get(id=first.id).status == AnalysisRequest.Status.WAITING,
+            timeout=180,
+            interval=0.5,
+            message="the first pipeline waits",
+        )
         existing = 1
     for index in range(existing, k):
         AnalysisRequest.objects.create(study=study, pipeline_options={"min_contig_length": 1 + index})
@@ -146,28 +154,41 @@ def measure_baseline(services: BenchServices, sizes: list[int], server, poll_sec
     from devstack.processes import wait_until
     from emg.models import ClusterJob
 
-    runner = services.process("seed-runner",
-                              [sys.executable, "bench/seed_poll_flow.py", "--limit", str(max(sizes) + 5)])
+    runner = services.process(
+        "seed-runner", [sys.executable, "bench/seed_poll_flow.py", "--limit", str(max(sizes) + 5)]
+    )
     jobs = list(ClusterJob.objects.exclude(slurm_job_id="").order_by("id"))
     figures = []
     run_ids = []
     tree: list[int] = []
     with get_client(sync_client=True) as client:
-        deployment = wait_until(lambda: client.read_deployment_by_name(DEPLOYMENT), timeout=120, interval=0.5,
-                                message="the seed runner serves its deployment")
+        deployment = wait_until(
+            lambda: client.read_deployment_by_name(DEPLOYMENT),
+            timeout=120,
+            interval=0.5,
+            message="the seed runner serves its deployment",
+        )
         try:
             for k in sizes:
                 for index in range(len(run_ids), k):
                     job = jobs[index % len(jobs)]
-                    run_ids.append(client.create_flow_run_from_deployment(
-                        deployment.id, parameters={"job_id": job.slurm_job_id,
-                                                   "submit_time": job.submit_time.isoformat(),
-                                                   "poll_seconds": poll_seconds}).id)
+                    run_ids.append(
+                        client.create_flow_run_from_deployment(
+                            deployment.id,
+                            parameters={
+                                "job_id": job.slurm_job_id,
+                                "submit_time": job.submit_time.isoformat(),
+                                "poll_seconds": poll_seconds,
+                            },
+                        ).id
+                    )
 
                 def all_polling(k: int = k) -> bool:
                     runs = client.read_flow_runs(
                         deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
-                        flow_run_filter=FlowRunFilter(), limit=k + 10)
+                        flow_run_filter=FlowRunFilter(),
+                        limit=k + 10,
+                    )
                     broken = [run.state.name for run in runs if run.state.is_final()]
                     assert not broken, broken
                     return len(runs) == k and all(run.state.type == StateType.RUNNING for run in runs)

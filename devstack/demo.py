@@ -60,7 +60,10 @@ class Demo:
         var_dir = Path(settings.VAR_DIR)
         log_dir = var_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
-        ports = {"web": int(os.environ.get("DEMO_WEB_PORT", 8000)), "flower": int(os.environ.get("DEMO_FLOWER_PORT", 5555))}
+        ports = {
+            "web": int(os.environ.get("DEMO_WEB_PORT", 8000)),
+            "flower": int(os.environ.get("DEMO_FLOWER_PORT", 5555)),
+        }
         busy = [f"{name} ({port})" for name, port in ports.items() if port_in_use(port)]
         if port_in_use(int(settings.PREFECT_API_URL.rsplit(":", 1)[1].split("/")[0])):
             busy.append(f"Prefect ({settings.PREFECT_API_URL})")

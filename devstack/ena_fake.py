@@ -58,10 +58,30 @@ PRIMARY_ACCESSION = {"read_run": "run_accession", "study": "study_accession"}
 # Real Portal API fields that the recordings do not carry: asking for one is fine and answers "".
 UNRECORDED_FIELDS = {
     "read_run": {
-        "fastq_md5", "fastq_bytes", "fastq_aspera", "submitted_ftp", "submitted_md5", "submitted_bytes",
-        "submitted_format", "sra_ftp", "sra_md5", "sra_bytes", "experiment_title", "run_alias", "sample_alias",
-        "nominal_length", "center_name", "study_title", "host_tax_id", "host_scientific_name", "collection_date",
-        "country", "location", "lat", "lon", "description",
+        "fastq_md5",
+        "fastq_bytes",
+        "fastq_aspera",
+        "submitted_ftp",
+        "submitted_md5",
+        "submitted_bytes",
+        "submitted_format",
+        "sra_ftp",
+        "sra_md5",
+        "sra_bytes",
+        "experiment_title",
+        "run_alias",
+        "sample_alias",
+        "nominal_length",
+        "center_name",
+        "study_title",
+        "host_tax_id",
+        "host_scientific_name",
+        "collection_date",
+        "country",
+        "location",
+        "lat",
+        "lon",
+        "description",
     },
     "study": {"study_name", "study_alias", "status", "parent_study_accession", "keywords", "description"},
 }
@@ -77,10 +97,11 @@ class BadRequest(Exception):
 
 # --- recordings -----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Recordings:
-    rows: dict[str, list[dict[str, str]]]      # result -> every recorded row of that result
-    fastq_paths: dict[str, tuple[str, int]]    # "/ftp.sra.ebi.ac.uk/..." -> (run accession, mate)
+    rows: dict[str, list[dict[str, str]]]  # result -> every recorded row of that result
+    fastq_paths: dict[str, tuple[str, int]]  # "/ftp.sra.ebi.ac.uk/..." -> (run accession, mate)
     read_specs: dict
     genome_specs: dict
 
@@ -105,6 +126,7 @@ class Recordings:
 
 
 # --- read simulation ------------------------------------------------------------------------------
+
 
 def reverse_complement(sequence: str) -> str:
     return sequence.translate(COMPLEMENT)[::-1]
@@ -132,7 +154,7 @@ def simulate_reads(spec: dict, genomes: Mapping[str, str], run: str) -> tuple[by
     for number in range(1, spec["read_pairs"] + 1):
         genome = genomes[rng.choices(names, weights)[0]]
         start = rng.randrange(len(genome) - fragment_length)
-        fragment = genome[start:start + fragment_length]
+        fragment = genome[start : start + fragment_length]
         if rng.random() < 0.5:
             fragment = reverse_complement(fragment)
         for mate, sequence in enumerate((fragment[:read_length], reverse_complement(fragment)[:read_length])):
@@ -204,7 +226,7 @@ def parse_query(query: str, searchable: set[str]) -> tuple[Predicate, set[str]]:
     while position < len(text.rstrip()):
         match = TOKEN.match(text, position)
         if not match:
-            raise BadRequest(f"Invalid query: cannot parse {text[position:position + 30]!r}")
+            raise BadRequest(f"Invalid query: cannot parse {text[position : position + 30]!r}")
         tokens.append(match.groups())
         position = match.end()
     parser = _QueryParser(tokens, searchable)
@@ -273,6 +295,7 @@ class _QueryParser:
 
 # --- answering a search ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Search:
     result: str
@@ -289,8 +312,9 @@ def parse_search(params: dict[str, list[str]], recordings: Recordings) -> Search
     if result not in PRIMARY_ACCESSION:
         raise BadRequest(f"Invalid result: {result!r}" if result else "Required parameter 'result' is missing")
     known = recordings.fields(result)
-    predicate, accessions = (parse_query(first["query"], known - UNSEARCHABLE_FIELDS) if first.get("query")
-                             else (lambda row: True, set()))
+    predicate, accessions = (
+        parse_query(first["query"], known - UNSEARCHABLE_FIELDS) if first.get("query") else (lambda row: True, set())
+    )
     fields = _requested_fields(result, first.get("fields", ""), known)
     response_format = first.get("format", "tsv").lower()
     if response_format not in ("json", "tsv"):
@@ -315,7 +339,7 @@ def answer(search: Search, recordings: Recordings, fastq: FastqStore) -> tuple[s
     """(content type, body) of a successful search, in the requested format."""
     matches = [row for row in recordings.rows[search.result] if search.predicate(row)]
     if search.limit > 0:
-        matches = matches[:search.limit]
+        matches = matches[: search.limit]
     records = [_project(row, search, fastq) for row in matches]
     if search.response_format == "json":
         return "application/json", json.dumps(records)
@@ -331,6 +355,7 @@ def _project(row: dict[str, str], search: Search, fastq: FastqStore) -> dict[str
 
 
 # --- the server -----------------------------------------------------------------------------------
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
@@ -357,8 +382,11 @@ class _Handler(BaseHTTPRequestHandler):
         if delay and fake.stopping.wait(delay):
             return  # the server is stopping: give up on the answer
         if fault:
-            self._send_error(HTTPStatus(fault), f"Recorded fault for {', '.join(sorted(search.accessions))}",
-                             headers={"Retry-After": "1"} if fault == HTTPStatus.TOO_MANY_REQUESTS else None)
+            self._send_error(
+                HTTPStatus(fault),
+                f"Recorded fault for {', '.join(sorted(search.accessions))}",
+                headers={"Retry-After": "1"} if fault == HTTPStatus.TOO_MANY_REQUESTS else None,
+            )
             return
         content_type, body = answer(search, fake.recordings, fake.fastq)
         self._send(HTTPStatus.OK, content_type, body.encode())
@@ -367,12 +395,16 @@ class _Handler(BaseHTTPRequestHandler):
         # Shaped like the Spring Boot error body the Portal API's errors come in; clients should rely on `message`.
         body = {
             "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "status": status.value, "error": status.phrase, "message": message, "path": urlsplit(self.path).path,
+            "status": status.value,
+            "error": status.phrase,
+            "message": message,
+            "path": urlsplit(self.path).path,
         }
         self._send(status, "application/json", json.dumps(body).encode(), headers)
 
-    def _send(self, status: HTTPStatus, content_type: str, body: bytes,
-              headers: Mapping[str, str] | None = None) -> None:
+    def _send(
+        self, status: HTTPStatus, content_type: str, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         for name, value in (headers or {}).items():
             self.send_header(name, value)
@@ -400,9 +432,13 @@ class FakeEnaServer:
     result; a fault applies to an accession's first N requests since the last `reset_counts()`.
     """
 
-    def __init__(self, delays: Mapping[str, float] | None = None,
-                 failures: Mapping[str, tuple[int, int | None]] | None = None,
-                 recordings_dir: Path = RECORDINGS_DIR, verbose: bool = False):
+    def __init__(
+        self,
+        delays: Mapping[str, float] | None = None,
+        failures: Mapping[str, tuple[int, int | None]] | None = None,
+        recordings_dir: Path = RECORDINGS_DIR,
+        verbose: bool = False,
+    ):
         self.delays = {**DEFAULT_DELAYS, **(delays or {})}
         self.failures = {**DEFAULT_FAILURES, **(failures or {})}
         self.recordings = Recordings.load(recordings_dir)
@@ -458,8 +494,11 @@ class FakeEnaServer:
         with self._lock:
             earlier = {accession: self._count(accession, None) for accession in search.accessions}
             self._requests.append((search.result, search.accessions))
-            queued = [self._queued_faults[accession].pop(0) for accession in sorted(search.accessions)
-                      if self._queued_faults.get(accession)]
+            queued = [
+                self._queued_faults[accession].pop(0)
+                for accession in sorted(search.accessions)
+                if self._queued_faults.get(accession)
+            ]
         if queued:
             return queued[0], 0.0
         fault = None
@@ -476,8 +515,11 @@ class FakeEnaServer:
             return self._count(accession, result)
 
     def _count(self, accession: str | None, result: str | None) -> int:
-        return sum(1 for seen_result, accessions in self._requests
-                   if (accession is None or accession in accessions) and (result is None or result == seen_result))
+        return sum(
+            1
+            for seen_result, accessions in self._requests
+            if (accession is None or accession in accessions) and (result is None or result == seen_result)
+        )
 
     def reset_counts(self) -> None:
         with self._lock:

@@ -25,7 +25,12 @@ class ManagedProcess:
     def start(self) -> "ManagedProcess":
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            self.argv, env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            self.argv,
+            env=self.env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         log.close()

@@ -26,8 +26,10 @@ def start_redis(port: int, log_dir: Path, env: dict[str, str], name: str = "redi
     import redis
 
     server = ManagedProcess(
-        name, ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        env=env, log_dir=log_dir,
+        name,
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        env=env,
+        log_dir=log_dir,
     ).start()
 
     def answers() -> bool:
@@ -54,12 +56,16 @@ def prefect_database_url(name: str) -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 
 
-def start_prefect_server(env: dict[str, str], log_dir: Path, api_url: str, name: str = "prefect-server") -> ManagedProcess:
+def start_prefect_server(
+    env: dict[str, str], log_dir: Path, api_url: str, name: str = "prefect-server"
+) -> ManagedProcess:
     """`prefect server start` on the port of `api_url`; returns once /health answers."""
     port = api_url.rsplit(":", 1)[1].split("/")[0]
     server = ManagedProcess(
-        name, [venv_script("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env, log_dir=log_dir,
+        name,
+        [venv_script("prefect"), "server", "start", "--host", "127.0.0.1", "--port", port],
+        env=env,
+        log_dir=log_dir,
     ).start()
 
     def healthy() -> bool:

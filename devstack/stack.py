@@ -21,32 +21,60 @@ from devstack.processes import ManagedProcess, python_module, venv_script, wait_
 from flows.deployments import ANALYSIS_DEPLOYMENT
 
 
-def celery_worker(name: str, node: str, env: dict[str, str], log_dir: Path, *, roles: str | None,
-                  concurrency: int = 2, pool: str = "prefork") -> ManagedProcess:
+def celery_worker(
+    name: str,
+    node: str,
+    env: dict[str, str],
+    log_dir: Path,
+    *,
+    roles: str | None,
+    concurrency: int = 2,
+    pool: str = "prefork",
+) -> ManagedProcess:
     """A Celery worker consuming the queues of `roles` (workers.celery: dispatch, reconcile; None: both),
     with `concurrency` processes (pool prefork) or threads (pool threads)."""
-    worker_env = {**env, "EMG_WORKER_ROLES": roles} if roles else {k: v for k, v in env.items()
-                                                                    if k != "EMG_WORKER_ROLES"}
+    worker_env = (
+        {**env, "EMG_WORKER_ROLES": roles} if roles else {k: v for k, v in env.items() if k != "EMG_WORKER_ROLES"}
+    )
     return ManagedProcess(
         name,
-        [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO", "--concurrency", str(concurrency),
-         "--pool", pool, "--without-gossip", "--without-mingle", "-n", f"{node}@%h"],
-        env=worker_env, log_dir=log_dir,
+        [
+            venv_script("celery"),
+            "-A",
+            "workers",
+            "worker",
+            "-l",
+            "INFO",
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            pool,
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            f"{node}@%h",
+        ],
+        env=worker_env,
+        log_dir=log_dir,
     )
 
 
 def celery_beat(name: str, env: dict[str, str], log_dir: Path, schedule: Path) -> ManagedProcess:
     return ManagedProcess(
-        name, [venv_script("celery"), "-A", "workers", "beat", "-l", "INFO", "--schedule", str(schedule)],
-        env=env, log_dir=log_dir,
+        name,
+        [venv_script("celery"), "-A", "workers", "beat", "-l", "INFO", "--schedule", str(schedule)],
+        env=env,
+        log_dir=log_dir,
     )
 
 
 def flower(name: str, env: dict[str, str], log_dir: Path, port: int, basic_auth: str | None) -> ManagedProcess:
     """Flower on 127.0.0.1:`port`, on `env`'s broker; `basic_auth` (user:password) is what it asks for."""
     return ManagedProcess(
-        name, [venv_script("celery"), "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1"],
-        env={**env, **({"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else {})}, log_dir=log_dir,
+        name,
+        [venv_script("celery"), "-A", "workers", "flower", f"--port={port}", "--address=127.0.0.1"],
+        env={**env, **({"FLOWER_BASIC_AUTH": basic_auth} if basic_auth else {})},
+        log_dir=log_dir,
     )
 
 
@@ -87,18 +115,31 @@ class Stack:
     `env` must name REDIS_URL (or CELERY_BROKER_URL) and PREFECT_API_URL: the stack waits on them.
     """
 
-    def __init__(self, env: dict[str, str], log_dir: Path, *, label: str = "", runner: bool = True,
-                 flower_port: int | None = None, flower_auth: str | None = None, web_port: int | None = None):
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        label: str = "",
+        runner: bool = True,
+        flower_port: int | None = None,
+        flower_auth: str | None = None,
+        web_port: int | None = None,
+    ):
         self.label = label
         self.env = env
         self.log_dir = log_dir
         self.held_down: set[str] = set()
         self.worker_name = f"{label or 'stack'}-{os.getpid()}"
-        self.runner = ManagedProcess(self._name("prefect-runner"), python_module("flows.serve"), env=env,
-                                     log_dir=log_dir) if runner else None
+        self.runner = (
+            ManagedProcess(self._name("prefect-runner"), python_module("flows.serve"), env=env, log_dir=log_dir)
+            if runner
+            else None
+        )
         self.worker = celery_worker(self._name("celery-worker"), self.worker_name, env, log_dir, roles="dispatch")
-        self.tick_worker = celery_worker(self._name("celery-tick-worker"), f"{self.worker_name}-tick", env, log_dir,
-                                         roles="reconcile", concurrency=1)
+        self.tick_worker = celery_worker(
+            self._name("celery-tick-worker"), f"{self.worker_name}-tick", env, log_dir, roles="reconcile", concurrency=1
+        )
         # More workers, as a deployment may run (start_another_worker).
         self.more_workers: list[ManagedProcess] = []
         self.beat = celery_beat(self._name("celery-beat"), env, log_dir, log_dir / f"{self._name('beat')}.schedule")
@@ -108,10 +149,14 @@ class Stack:
         if flower_port is not None:
             self.extras.append(flower(self._name("flower"), env, log_dir, flower_port, flower_auth))
         if web_port is not None:
-            self.extras.append(ManagedProcess(
-                self._name("web"), python_module("django", "runserver", "--noreload", f"127.0.0.1:{web_port}"),
-                env=env, log_dir=log_dir,
-            ))
+            self.extras.append(
+                ManagedProcess(
+                    self._name("web"),
+                    python_module("django", "runserver", "--noreload", f"127.0.0.1:{web_port}"),
+                    env=env,
+                    log_dir=log_dir,
+                )
+            )
 
     def _name(self, process: str) -> str:
         return f"{self.label}-{process}" if self.label else process
@@ -139,8 +184,9 @@ class Stack:
 
     def wait_until_ready(self) -> None:
         if self.runner is not None:
-            wait_until(self.deployment_served, timeout=120, interval=0.5,
-                       message="the Prefect runner serves its deployment")
+            wait_until(
+                self.deployment_served, timeout=120, interval=0.5, message="the Prefect runner serves its deployment"
+            )
         self.wait_for_worker()
         self.wait_for_worker(f"{self.worker_name}-tick")
         if self.flower_port is not None:
@@ -152,8 +198,11 @@ class Stack:
 
     def exited(self) -> list[ManagedProcess]:
         """Those started that have exited since, but for those held down on purpose (kill_for)."""
-        return [process for process in self.processes if process.name not in self.held_down
-                and process.process is not None and not process.running]
+        return [
+            process
+            for process in self.processes
+            if process.name not in self.held_down and process.process is not None and not process.running
+        ]
 
     def deployment_served(self) -> bool:
         url = f"{self.env['PREFECT_API_URL']}/deployments/name/{ANALYSIS_DEPLOYMENT}"
@@ -161,16 +210,20 @@ class Stack:
 
     def wait_for_worker(self, worker_name: str | None = None) -> None:
         node = worker_name or self.worker_name
-        wait_until(lambda: worker_answers(self.env, node, self.label or "emg-stack"),
-                   timeout=60, message=f"Celery worker {node} answers pings")
+        wait_until(
+            lambda: worker_answers(self.env, node, self.label or "emg-stack"),
+            timeout=60,
+            message=f"Celery worker {node} answers pings",
+        )
 
     def start_another_worker(self, roles: str = "dispatch") -> ManagedProcess:
         """One more Celery worker, consuming the queues of `roles` as the stack's own worker of them does."""
         number = len(self.more_workers) + 2
         node = f"{self.worker_name}-{number}"
         concurrency = 1 if roles == "reconcile" else 2
-        worker = celery_worker(self._name(f"celery-worker-{number}"), node, self.env, self.log_dir, roles=roles,
-                               concurrency=concurrency).start()
+        worker = celery_worker(
+            self._name(f"celery-worker-{number}"), node, self.env, self.log_dir, roles=roles, concurrency=concurrency
+        ).start()
         self.more_workers.append(worker)
         self.wait_for_worker(node)
         return worker
@@ -195,8 +248,9 @@ class Stack:
     def paused(self, *, keep_runner: bool = False) -> Iterator[None]:
         """Workers and beat (and the runner unless kept) stopped for the duration, so nothing of this
         stack consumes, ticks or runs flows meanwhile; started again after, and waited for."""
-        stopped = [process for process in self.processes
-                   if process.running and not (keep_runner and process is self.runner)]
+        stopped = [
+            process for process in self.processes if process.running and not (keep_runner and process is self.runner)
+        ]
         for process in reversed(stopped):
             process.stop()
         try:

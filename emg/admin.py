@@ -74,12 +74,30 @@ def efficiency_rows(job: ClusterJob) -> list[tuple]:
         return rows
     usage, flags = found.usage, found.flags
     return [
-        ("CPU", flagged(f"{percent(found.cpu)}: {duration(usage.get('cpu_s'))} CPU time of {usage.get('cpus')} CPU(s) "
-                        f"x {duration(usage.get('elapsed_s'))}", "CPU" in flags)),
-        ("memory", flagged(f"{percent(found.memory)}: peak {usage.get('max_rss_mb') or 0:.0f} MB of "
-                           f"{usage.get('requested_memory_mb') or 0:.0f} MB requested", "memory" in flags)),
-        ("time", flagged(f"{percent(found.time)}: {duration(usage.get('elapsed_s'))} of a "
-                         f"{duration(usage.get('time_limit_s'))} limit", "time" in flags)),
+        (
+            "CPU",
+            flagged(
+                f"{percent(found.cpu)}: {duration(usage.get('cpu_s'))} CPU time of {usage.get('cpus')} CPU(s) "
+                f"x {duration(usage.get('elapsed_s'))}",
+                "CPU" in flags,
+            ),
+        ),
+        (
+            "memory",
+            flagged(
+                f"{percent(found.memory)}: peak {usage.get('max_rss_mb') or 0:.0f} MB of "
+                f"{usage.get('requested_memory_mb') or 0:.0f} MB requested",
+                "memory" in flags,
+            ),
+        ),
+        (
+            "time",
+            flagged(
+                f"{percent(found.time)}: {duration(usage.get('elapsed_s'))} of a "
+                f"{duration(usage.get('time_limit_s'))} limit",
+                "time" in flags,
+            ),
+        ),
         *rows,
     ]
 
@@ -92,13 +110,23 @@ def trace_efficiency_rows(job: ClusterJob) -> list[tuple]:
     rows = []
     threshold = settings.EMG_EFFICIENCY_THRESHOLD
     if largest is not None:
-        rows.append(("largest task's memory (trace)", flagged(
-            f"{percent(largest.memory)} of the request: {largest.name}", (largest.memory or 0) < threshold)))
+        rows.append(
+            (
+                "largest task's memory (trace)",
+                flagged(f"{percent(largest.memory)} of the request: {largest.name}", (largest.memory or 0) < threshold),
+            )
+        )
     if busy:
         busiest = max(busy, key=lambda share: share.cpu or 0.0)
-        rows.append(("busiest task's CPU (trace)", flagged(
-            f"{percent(busiest.cpu)} of {job.spec.get('cpus') or 1} CPU(s): {busiest.name}",
-            (busiest.cpu or 0) < threshold)))
+        rows.append(
+            (
+                "busiest task's CPU (trace)",
+                flagged(
+                    f"{percent(busiest.cpu)} of {job.spec.get('cpus') or 1} CPU(s): {busiest.name}",
+                    (busiest.cpu or 0) < threshold,
+                ),
+            )
+        )
     return rows
 
 
@@ -146,11 +174,17 @@ def sortable_tasks(tasks: list[dict]) -> str:
         query = urlencode({"trace_sort": name, "trace_order": order})
         headers.append(format_html('<a href="?{}#trace">{}{}</a>', query, name, arrow))
     head = format_html_join("", "<th>{}</th>", ((header,) for header in headers))
-    body = format_html_join("", "<tr>{}</tr>", (
-        (format_html_join("", "<td>{}</td>", ((trace_value(name, row.get(name)),) for name in columns)),)
-        for row in tasks))
-    return format_html('<table id="trace" class="trace-tasks"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>',
-                       head, body)
+    body = format_html_join(
+        "",
+        "<tr>{}</tr>",
+        (
+            (format_html_join("", "<td>{}</td>", ((trace_value(name, row.get(name)),) for name in columns)),)
+            for row in tasks
+        ),
+    )
+    return format_html(
+        '<table id="trace" class="trace-tasks"><thead><tr>{}</tr></thead><tbody>{}</tbody></table>', head, body
+    )
 
 
 def apply_to_each(modeladmin: admin.ModelAdmin, request, queryset, operation, describe, verb: str) -> None:
@@ -205,8 +239,7 @@ class PipelineOptionsField(forms.JSONField):
 
     def to_python(self, value):
         if isinstance(value, str) and len(value) > self.MAX_LENGTH:
-            raise ValidationError(f"Pipeline options are at most {self.MAX_LENGTH} characters of JSON.",
-                                  code="invalid")
+            raise ValidationError(f"Pipeline options are at most {self.MAX_LENGTH} characters of JSON.", code="invalid")
         try:
             return super().to_python(value)
         except RecursionError:
@@ -253,14 +286,34 @@ class JobWaitInline(admin.TabularInline):
 
 @admin.register(AnalysisRequest)
 class AnalysisRequestAdmin(GuardedActionsAdmin):
-    list_display = ["id", "study", "status", "current_step", "short_reason", "generation", "flow_run_link",
-                    "jobs_link", "created_at"]
+    list_display = [
+        "id",
+        "study",
+        "status",
+        "current_step",
+        "short_reason",
+        "generation",
+        "flow_run_link",
+        "jobs_link",
+        "created_at",
+    ]
     list_filter = ["status"]
     list_select_related = ["study"]
     search_fields = ["study__accession", "waits__job__slurm_job_id"]
-    readonly_fields = ["status", "current_step", "status_reason", "generation", "flow_run_link", "jobs_link",
-                       "cancel_requested_at", "created_at", "updated_at", "finished_at", "timeline",
-                       "efficiency_report"]
+    readonly_fields = [
+        "status",
+        "current_step",
+        "status_reason",
+        "generation",
+        "flow_run_link",
+        "jobs_link",
+        "cancel_requested_at",
+        "created_at",
+        "updated_at",
+        "finished_at",
+        "timeline",
+        "efficiency_report",
+    ]
     fields = ["study", "pipeline_options", *readonly_fields]
     inlines = [JobWaitInline]
     actions = ["cancel", "rerun"]
@@ -293,7 +346,8 @@ class AnalysisRequestAdmin(GuardedActionsAdmin):
             field.help_text = "A JSON object ({} for the defaults). Options: " + "; ".join(
                 f"{option.name} ({option.pipeline}, {option.type.__name__}"
                 + (f" {option.minimum}..{option.maximum}" if option.minimum is not None else "")
-                + (", odd" if option.odd else "") + f", default {option.default})"
+                + (", odd" if option.odd else "")
+                + f", default {option.default})"
                 for option in OPTIONS.values()
             )
         return field
@@ -312,14 +366,25 @@ class AnalysisRequestAdmin(GuardedActionsAdmin):
             if found is None:
                 rows.append((wait.step, change_link(wait.job), "-", "-", "-", task, "no usage recorded yet"))
                 continue
-            rows.append((wait.step, change_link(wait.job), percent(found.cpu), percent(found.memory),
-                         percent(found.time), task, flagged(", ".join(found.flags), True) if found.flags else "ok"))
+            rows.append(
+                (
+                    wait.step,
+                    change_link(wait.job),
+                    percent(found.cpu),
+                    percent(found.memory),
+                    percent(found.time),
+                    task,
+                    flagged(", ".join(found.flags), True) if found.flags else "ok",
+                )
+            )
         if not rows:
             return "-"
         summary_url = reverse("admin:emg_clusterjob_efficiency")
-        return format_html("{}<p><a href=\"{}\">Efficiency of every pipeline step</a></p>",
-                           html_table(rows, ["step", "job", "CPU", "memory", "time", "largest task's memory (trace)",
-                                             "flags"]), summary_url)
+        return format_html(
+            '{}<p><a href="{}">Efficiency of every pipeline step</a></p>',
+            html_table(rows, ["step", "job", "CPU", "memory", "time", "largest task's memory (trace)", "flags"]),
+            summary_url,
+        )
 
     @admin.display(description="reason")
     def short_reason(self, obj: AnalysisRequest):
@@ -338,17 +403,31 @@ class AnalysisRequestAdmin(GuardedActionsAdmin):
         url = f"{reverse('admin:emg_clusterjob_changelist')}?{urlencode({JOBS_OF_REQUEST: obj.id})}"
         return format_html('<a href="{}">{} job(s)</a>', url, obj.job_count)  # type: ignore[attr-defined]
 
-    @admin.action(description="Cancel the selected requests (their flow runs and the jobs only they need)",
-                  permissions=["cancel"])
+    @admin.action(
+        description="Cancel the selected requests (their flow runs and the jobs only they need)", permissions=["cancel"]
+    )
     def cancel(self, request, queryset):
-        apply_to_each(self, request, queryset, request_cancel_or_refuse,
-                      lambda analysis, _: f"#{analysis.id}", "Cancellation requested")
+        apply_to_each(
+            self,
+            request,
+            queryset,
+            request_cancel_or_refuse,
+            lambda analysis, _: f"#{analysis.id}",
+            "Cancellation requested",
+        )
 
-    @admin.action(description="Re-run the selected ended requests (new generation, new flow run)",
-                  permissions=["rerun"])
+    @admin.action(
+        description="Re-run the selected ended requests (new generation, new flow run)", permissions=["rerun"]
+    )
     def rerun(self, request, queryset):
-        apply_to_each(self, request, queryset, AnalysisRequest.rerun,
-                      lambda analysis, _: f"#{analysis.id} (generation {analysis.generation})", "Re-run")
+        apply_to_each(
+            self,
+            request,
+            queryset,
+            AnalysisRequest.rerun,
+            lambda analysis, _: f"#{analysis.id} (generation {analysis.generation})",
+            "Re-run",
+        )
 
 
 def request_cancel_or_refuse(analysis: AnalysisRequest) -> None:
@@ -375,15 +454,47 @@ class UnreadableFilter(admin.SimpleListFilter):
 
 @admin.register(ClusterJob)
 class ClusterJobAdmin(GuardedActionsAdmin):
-    list_display = ["id", "name", "slurm_job_id", "state", "unreadable_state", "exit_code", "attempts", "submit_time",
-                    "state_checked_at"]
+    list_display = [
+        "id",
+        "name",
+        "slurm_job_id",
+        "state",
+        "unreadable_state",
+        "exit_code",
+        "attempts",
+        "submit_time",
+        "state_checked_at",
+    ]
     list_filter = ["state", UnreadableFilter]
     search_fields = ["slurm_job_id", "name", "waits__request__study__accession"]
     actions = ["resubmit"]
     fieldsets = [
-        (None, {"fields": ["name", "state", "raw_state", "unreadable_state", "unreadable_since", "submit_error",
-                           "next_submit_at", "slurm_job_id", "exit_code", "signal", "attempts", "retries", "tag",
-                           "requests", "submit_time", "ended_at", "state_checked_at", "created_at", "updated_at"]}),
+        (
+            None,
+            {
+                "fields": [
+                    "name",
+                    "state",
+                    "raw_state",
+                    "unreadable_state",
+                    "unreadable_since",
+                    "submit_error",
+                    "next_submit_at",
+                    "slurm_job_id",
+                    "exit_code",
+                    "signal",
+                    "attempts",
+                    "retries",
+                    "tag",
+                    "requests",
+                    "submit_time",
+                    "ended_at",
+                    "state_checked_at",
+                    "created_at",
+                    "updated_at",
+                ]
+            },
+        ),
         ("State history", {"fields": ["history_table"]}),
         ("Job log", {"fields": ["log_path", "log_tail"]}),
         ("Script and resources", {"fields": ["resources", "command_line", "job_script", "policy_table"]}),
@@ -404,7 +515,9 @@ class ClusterJobAdmin(GuardedActionsAdmin):
         return has_model_permission(request, "resubmit_clusterjob")
 
     def get_urls(self):
-        summary = path("efficiency/", self.admin_site.admin_view(self.efficiency_view), name="emg_clusterjob_efficiency")
+        summary = path(
+            "efficiency/", self.admin_site.admin_view(self.efficiency_view), name="emg_clusterjob_efficiency"
+        )
         return [summary, *super().get_urls()]
 
     def efficiency_view(self, request):
@@ -422,14 +535,38 @@ class ClusterJobAdmin(GuardedActionsAdmin):
             if found is not None:
                 by_step.setdefault(wait.step, []).append(found)
         summaries = [summarise(step, found) for step, found in sorted(by_step.items())]
-        rows = [(s.step, s.jobs, s.flagged, percent(s.cpu_median), percent(s.memory_median),
-                 f"{s.memory_peak_mb or 0:.0f} MB of {s.memory_requested_mb or 0:.0f} MB",
-                 percent(s.time_median), duration(s.elapsed_max_s)) for s in summaries]
-        context = {**self.admin_site.each_context(request), "opts": self.opts, "title": "Efficiency per pipeline step",
-                   "table": html_table(rows, ["step", "jobs", "flagged", "CPU (median)", "memory (median)",
-                                              "peak memory (largest) of requested", "time (median)",
-                                              "longest wall time"]),
-                   "threshold": percent(settings.EMG_EFFICIENCY_THRESHOLD)}
+        rows = [
+            (
+                s.step,
+                s.jobs,
+                s.flagged,
+                percent(s.cpu_median),
+                percent(s.memory_median),
+                f"{s.memory_peak_mb or 0:.0f} MB of {s.memory_requested_mb or 0:.0f} MB",
+                percent(s.time_median),
+                duration(s.elapsed_max_s),
+            )
+            for s in summaries
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Efficiency per pipeline step",
+            "table": html_table(
+                rows,
+                [
+                    "step",
+                    "jobs",
+                    "flagged",
+                    "CPU (median)",
+                    "memory (median)",
+                    "peak memory (largest) of requested",
+                    "time (median)",
+                    "longest wall time",
+                ],
+            ),
+            "threshold": percent(settings.EMG_EFFICIENCY_THRESHOLD),
+        }
         return TemplateResponse(request, "admin/emg/efficiency.html", context)
 
     @admin.display(description="used of requested")
@@ -446,8 +583,10 @@ class ClusterJobAdmin(GuardedActionsAdmin):
     @admin.display(description="state history")
     def history_table(self, job: ClusterJob):
         # ISO times to the second, in UTC like the rest of the record.
-        rows = [(entry.get("at", "")[:19].replace("T", " "), entry.get("state", ""), entry.get("detail", ""))
-                for entry in job.history]
+        rows = [
+            (entry.get("at", "")[:19].replace("T", " "), entry.get("state", ""), entry.get("detail", ""))
+            for entry in job.history
+        ]
         return html_table(rows, ["at", "state", "detail"])
 
     @admin.display(description=f"last {LOG_TAIL_LINES} lines")
@@ -528,8 +667,9 @@ class ClusterJobAdmin(GuardedActionsAdmin):
 
     @admin.action(description="Resubmit the selected ended jobs now (as new jobs)", permissions=["resubmit"])
     def resubmit(self, request, queryset):
-        apply_to_each(self, request, queryset, ClusterJob.resubmit,
-                      lambda job, twin: f"#{job.id} as #{twin.id}", "Resubmitted")
+        apply_to_each(
+            self, request, queryset, ClusterJob.resubmit, lambda job, twin: f"#{job.id} as #{twin.id}", "Resubmitted"
+        )
 
 
 @admin.register(JobWait)
@@ -546,13 +686,30 @@ class JobWaitAdmin(admin.ModelAdmin):
 
 @admin.register(OutboxEvent)
 class OutboxEventAdmin(admin.ModelAdmin):
-    list_display = ["id", "topic", "request", "generation", "created_at", "published_at", "publish_attempts",
-                    "dispatched_at"]
+    list_display = [
+        "id",
+        "topic",
+        "request",
+        "generation",
+        "created_at",
+        "published_at",
+        "publish_attempts",
+        "dispatched_at",
+    ]
     list_select_related = ["request__study"]
     list_filter = ["topic", ("dispatched_at", admin.EmptyFieldListFilter)]
     search_fields = ["request__study__accession"]
-    readonly_fields = ["id", "topic", "request", "generation", "created_at", "published_at", "publish_attempts",
-                       "dispatched_at", "last_error"]
+    readonly_fields = [
+        "id",
+        "topic",
+        "request",
+        "generation",
+        "created_at",
+        "published_at",
+        "publish_attempts",
+        "dispatched_at",
+        "last_error",
+    ]
 
     def has_add_permission(self, request):
         return False

@@ -22,8 +22,11 @@ class Efficiency:
     @property
     def flags(self) -> list[str]:
         threshold = settings.EMG_EFFICIENCY_THRESHOLD
-        return [name for name, ratio in (("CPU", self.cpu), ("memory", self.memory), ("time", self.time))
-                if ratio is not None and ratio < threshold]
+        return [
+            name
+            for name, ratio in (("CPU", self.cpu), ("memory", self.memory), ("time", self.time))
+            if ratio is not None and ratio < threshold
+        ]
 
 
 def ratio(used: float | None, of: float | None) -> float | None:
@@ -69,14 +72,20 @@ def median(values: list[float | None]) -> float | None:
 
 def summarise(step: str, efficiencies: list[Efficiency]) -> StepSummary:
     peaks: list[float] = [e.usage["max_rss_mb"] for e in efficiencies if e.usage.get("max_rss_mb") is not None]
-    requested: list[float] = [e.usage["requested_memory_mb"] for e in efficiencies
-                              if e.usage.get("requested_memory_mb")]
+    requested: list[float] = [
+        e.usage["requested_memory_mb"] for e in efficiencies if e.usage.get("requested_memory_mb")
+    ]
     elapsed: list[float] = [e.usage["elapsed_s"] for e in efficiencies if e.usage.get("elapsed_s") is not None]
     return StepSummary(
-        step=step, jobs=len(efficiencies), flagged=sum(1 for e in efficiencies if e.flags),
-        cpu_median=median([e.cpu for e in efficiencies]), memory_median=median([e.memory for e in efficiencies]),
-        memory_peak_mb=max(peaks) if peaks else None, memory_requested_mb=max(requested) if requested else None,
-        time_median=median([e.time for e in efficiencies]), elapsed_max_s=max(elapsed) if elapsed else None,
+        step=step,
+        jobs=len(efficiencies),
+        flagged=sum(1 for e in efficiencies if e.flags),
+        cpu_median=median([e.cpu for e in efficiencies]),
+        memory_median=median([e.memory for e in efficiencies]),
+        memory_peak_mb=max(peaks) if peaks else None,
+        memory_requested_mb=max(requested) if requested else None,
+        time_median=median([e.time for e in efficiencies]),
+        elapsed_max_s=max(elapsed) if elapsed else None,
     )
 
 
@@ -104,11 +113,13 @@ def task_shares(trace: dict | list | None, spec: dict) -> list[TaskShare]:
         if not isinstance(task, dict):
             continue
         cpu_percent, peak = task.get("cpu_percent"), task.get("peak_rss_bytes")
-        shares.append(TaskShare(
-            name=str(task.get("name") or task.get("task_id") or "?"),
-            cpu=None if cpu_percent is None else cpu_percent / 100 / cpus,
-            memory=ratio(peak, memory_bytes),
-        ))
+        shares.append(
+            TaskShare(
+                name=str(task.get("name") or task.get("task_id") or "?"),
+                cpu=None if cpu_percent is None else cpu_percent / 100 / cpus,
+                memory=ratio(peak, memory_bytes),
+            )
+        )
     return shares
 
 

@@ -35,13 +35,27 @@ class AppendToHistory(Func):
 
     def __init__(self, *entries: HistoryEntry, column: str = "history") -> None:
         self.count = len(entries)
-        super().__init__(F(column), Cast(Value(json.dumps([entry.to_json() for entry in entries])),
-                                         output_field=models.JSONField()))
+        super().__init__(
+            F(column), Cast(Value(json.dumps([entry.to_json() for entry in entries])), output_field=models.JSONField())
+        )
 
-    def as_sql(self, compiler: Any, connection: Any, function: str | None = None, template: str | None = None,
-               arg_joiner: str | None = None, **extra_context: Any) -> Any:
-        return super().as_sql(compiler, connection, function=function, template=template or "(%(expressions)s)",
-                              arg_joiner=arg_joiner or " || ", **extra_context)
+    def as_sql(
+        self,
+        compiler: Any,
+        connection: Any,
+        function: str | None = None,
+        template: str | None = None,
+        arg_joiner: str | None = None,
+        **extra_context: Any,
+    ) -> Any:
+        return super().as_sql(
+            compiler,
+            connection,
+            function=function,
+            template=template or "(%(expressions)s)",
+            arg_joiner=arg_joiner or " || ",
+            **extra_context,
+        )
 
     def as_sqlite(self, compiler: Any, connection: Any, **extra_context: Any) -> Any:
         column, entries = self.source_expressions
@@ -52,8 +66,14 @@ class AppendToHistory(Func):
         return f"json_insert({column_sql}, {pairs})", (*column_params, *(entries_params * self.count))
 
 
-def apply_transition(rows: QuerySet[Any], what: str, step: str, entries: HistoryEntry | list[HistoryEntry] | None,
-                     logger: logging.Logger, **changes: Any) -> bool:
+def apply_transition(
+    rows: QuerySet[Any],
+    what: str,
+    step: str,
+    entries: HistoryEntry | list[HistoryEntry] | None,
+    logger: logging.Logger,
+    **changes: Any,
+) -> bool:
     """One guarded UPDATE of one row (`rows` holds the guard) with its history entries; whether it
     applied. A change that no longer applies is logged and skipped, never forced."""
     entries = [entries] if isinstance(entries, HistoryEntry) else entries or []

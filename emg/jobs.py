@@ -63,23 +63,32 @@ def _claimed_row(claim: Claim) -> QuerySet[ClusterJob]:
 
 def _as_read(job: ClusterJob) -> QuerySet[ClusterJob]:
     """The row, only if it is still in the state, attempt and claim it was read in."""
-    claim = (Q(submission_started_at__isnull=True) if job.submission_started_at is None
-             else Q(submission_started_at=job.submission_started_at))
-    return ClusterJob.objects.filter(claim, id=job.id, state=job.state, attempts=job.attempts,
-                                     slurm_job_id=job.slurm_job_id)
+    claim = (
+        Q(submission_started_at__isnull=True)
+        if job.submission_started_at is None
+        else Q(submission_started_at=job.submission_started_at)
+    )
+    return ClusterJob.objects.filter(
+        claim, id=job.id, state=job.state, attempts=job.attempts, slurm_job_id=job.slurm_job_id
+    )
 
 
-def _apply(rows: QuerySet[ClusterJob], job_id: int, step: str, entries: HistoryEntry | list[HistoryEntry] | None,
-           **changes: Any) -> bool:
+def _apply(
+    rows: QuerySet[ClusterJob],
+    job_id: int,
+    step: str,
+    entries: HistoryEntry | list[HistoryEntry] | None,
+    **changes: Any,
+) -> bool:
     return apply_transition(rows, f"cluster job #{job_id}", step, entries, logger, **changes)
 
 
 def _claim_from(job: ClusterJob, attempt: int, at: datetime) -> Claim:
-    return Claim(job_id=job.id, attempt=attempt, at=at, tag=job_tag(job.fingerprint, job.id, attempt),
-                 spec=job.spec)
+    return Claim(job_id=job.id, attempt=attempt, at=at, tag=job_tag(job.fingerprint, job.id, attempt), spec=job.spec)
 
 
 # --- submission ----------------------------------------------------------------------------------
+
 
 def claim(job: ClusterJob, now: datetime | None = None) -> Claim | None:
     """Claim the next attempt of a declared, unclaimed job: only the winner may run sbatch."""
@@ -87,11 +96,15 @@ def claim(job: ClusterJob, now: datetime | None = None) -> Claim | None:
     if job.state != ClusterJobState.DECLARED or job.submission_started_at is not None or job.cancel_requested_at:
         return None
     attempt = job.attempts + 1
-    rows = ClusterJob.objects.filter(id=job.id, state=ClusterJobState.DECLARED, attempts=job.attempts,
-                                     submission_started_at__isnull=True, cancel_requested_at__isnull=True)
+    rows = ClusterJob.objects.filter(
+        id=job.id,
+        state=ClusterJobState.DECLARED,
+        attempts=job.attempts,
+        submission_started_at__isnull=True,
+        cancel_requested_at__isnull=True,
+    )
     entry = HistoryEntry(CLAIMED, f"attempt {attempt}: submitting", now)
-    if not _apply(rows, job.id, "claim", entry, attempts=attempt, submission_started_at=now,
-                  next_submit_at=None):
+    if not _apply(rows, job.id, "claim", entry, attempts=attempt, submission_started_at=now, next_submit_at=None):
         return None
     return _claim_from(job, attempt, now)
 
@@ -115,9 +128,17 @@ def record_submission(claim: Claim, submitted: SubmittedJob, now: datetime | Non
     now = now or timezone.now()
     entry = HistoryEntry(ClusterJobState.SUBMITTED, f"sbatch -> {submitted.job_id}", now)
     return _apply(
-        _claimed_row(claim), claim.job_id, "record_submission", entry,
-        state=ClusterJobState.SUBMITTED, slurm_job_id=submitted.job_id, submit_time=submitted.submit_time,
-        log_path=submitted.log_path, state_checked_at=now, submit_error="", next_submit_at=None,
+        _claimed_row(claim),
+        claim.job_id,
+        "record_submission",
+        entry,
+        state=ClusterJobState.SUBMITTED,
+        slurm_job_id=submitted.job_id,
+        submit_time=submitted.submit_time,
+        log_path=submitted.log_path,
+        state_checked_at=now,
+        submit_error="",
+        next_submit_at=None,
     )
 
 
@@ -126,27 +147,53 @@ def note_submit_error(claim: Claim, error: str, retry_at: datetime, now: datetim
     the job may have been queued all the same, so the retry first looks the tag up."""
     now = now or timezone.now()
     entry = HistoryEntry(SUBMIT_ERROR, f"{error} (retry after {retry_at.isoformat()})"[:2000], now)
-    return _apply(_claimed_row(claim), claim.job_id, "note_submit_error", entry,
-                  submit_error=error[:2000], next_submit_at=retry_at)
+    return _apply(
+        _claimed_row(claim),
+        claim.job_id,
+        "note_submit_error",
+        entry,
+        submit_error=error[:2000],
+        next_submit_at=retry_at,
+    )
 
 
 def reject(claim: Claim, message: str, now: datetime | None = None) -> bool:
     """Slurm refused the job for good (invalid partition, limits, account, QOS): it ends here."""
     now = now or timezone.now()
     entry = HistoryEntry(ClusterJobState.REJECTED, message[:2000], now)
-    return _apply(_claimed_row(claim), claim.job_id, "reject", entry, state=ClusterJobState.REJECTED,
-                  submit_error=message[:2000], next_submit_at=None, ended_at=now, state_checked_at=now)
+    return _apply(
+        _claimed_row(claim),
+        claim.job_id,
+        "reject",
+        entry,
+        state=ClusterJobState.REJECTED,
+        submit_error=message[:2000],
+        next_submit_at=None,
+        ended_at=now,
+        state_checked_at=now,
+    )
 
 
 def adopt(job: ClusterJob, status: JobStatus, log_path: str, now: datetime | None = None) -> bool:
     """A claimed job's sbatch queued it although its answer was lost: take that Slurm job as the attempt's."""
     now = now or timezone.now()
     entry = HistoryEntry(status.state.value, f"adopted Slurm job {status.job_id} by tag", now)
-    return _apply(_as_read(job), job.id, "adopt", entry, **status_fields(status, now), slurm_job_id=status.job_id,
-                  log_path=log_path, submit_time=status.submit_time or now, submit_error="", next_submit_at=None)
+    return _apply(
+        _as_read(job),
+        job.id,
+        "adopt",
+        entry,
+        **status_fields(status, now),
+        slurm_job_id=status.job_id,
+        log_path=log_path,
+        submit_time=status.submit_time or now,
+        submit_error="",
+        next_submit_at=None,
+    )
 
 
 # --- the cluster's answers ---------------------------------------------------------------------------
+
 
 def status_fields(status: JobStatus, now: datetime) -> dict[str, Any]:
     """What a status read from the cluster sets on the job's row."""
@@ -176,17 +223,33 @@ def record_status(job: ClusterJob, status: JobStatus, now: datetime | None = Non
     return _apply(_as_read(job), job.id, "record_status", entry, **status_fields(status, now))
 
 
-def declare_again(job: ClusterJob, status: JobStatus, spec: JobSpec, reason: str,
-                  now: datetime | None = None) -> bool:
+def declare_again(job: ClusterJob, status: JobStatus, spec: JobSpec, reason: str, now: datetime | None = None) -> bool:
     """Same row, same fingerprint, next attempt (with more resources): flows waiting on it keep
     waiting. The ended attempt's Slurm id stays in the history, not on the row: a declared job has none."""
     now = now or timezone.now()
-    entries = [HistoryEntry(status.state.value, f"{status_detail(status)} (Slurm job {job.slurm_job_id})", now),
-               HistoryEntry(ClusterJobState.DECLARED, reason, now)]
-    if not _apply(_as_read(job), job.id, "declare_again", entries, state=ClusterJobState.DECLARED,
-                  raw_state=status.raw_state, exit_code=status.exit_code, signal=status.signal, spec=spec.to_dict(),
-                  retries=job.retries + 1, slurm_job_id="", submission_started_at=None, next_submit_at=None,
-                  submit_error="", state_checked_at=now, unreadable_state="", unreadable_since=None):
+    entries = [
+        HistoryEntry(status.state.value, f"{status_detail(status)} (Slurm job {job.slurm_job_id})", now),
+        HistoryEntry(ClusterJobState.DECLARED, reason, now),
+    ]
+    if not _apply(
+        _as_read(job),
+        job.id,
+        "declare_again",
+        entries,
+        state=ClusterJobState.DECLARED,
+        raw_state=status.raw_state,
+        exit_code=status.exit_code,
+        signal=status.signal,
+        spec=spec.to_dict(),
+        retries=job.retries + 1,
+        slurm_job_id="",
+        submission_started_at=None,
+        next_submit_at=None,
+        submit_error="",
+        state_checked_at=now,
+        unreadable_state="",
+        unreadable_since=None,
+    ):
         return False
     logger.warning("job %s (Slurm %s) %s", job.name, job.slurm_job_id, reason)
     return True
@@ -201,8 +264,15 @@ def note_unreadable(job: ClusterJob, raw: str, now: datetime | None = None) -> b
     if job.unreadable_state == raw[:64]:
         return _apply(_as_read(job), job.id, "note_unreadable", None, state_checked_at=now)
     entry = HistoryEntry(UNREADABLE, f"Slurm reports {raw!r}, which we cannot read; polling on", now)
-    return _apply(_as_read(job), job.id, "note_unreadable", entry, unreadable_state=raw[:64],
-                  unreadable_since=job.unreadable_since or now, state_checked_at=now)
+    return _apply(
+        _as_read(job),
+        job.id,
+        "note_unreadable",
+        entry,
+        unreadable_state=raw[:64],
+        unreadable_since=job.unreadable_since or now,
+        state_checked_at=now,
+    )
 
 
 def cancel_unsubmitted(job: ClusterJob, detail: str, now: datetime | None = None) -> bool:
@@ -214,8 +284,16 @@ def cancel_unsubmitted(job: ClusterJob, detail: str, now: datetime | None = None
     if job.state != ClusterJobState.DECLARED:
         return False
     entry = HistoryEntry(ClusterJobState.CANCELLED, detail, now)
-    return _apply(_as_read(job), job.id, "cancel_unsubmitted", entry, state=ClusterJobState.CANCELLED,
-                  ended_at=now, state_checked_at=now, next_submit_at=None)
+    return _apply(
+        _as_read(job),
+        job.id,
+        "cancel_unsubmitted",
+        entry,
+        state=ClusterJobState.CANCELLED,
+        ended_at=now,
+        state_checked_at=now,
+        next_submit_at=None,
+    )
 
 
 def give_up(job: ClusterJob, why: str, now: datetime | None = None) -> bool:
@@ -235,8 +313,13 @@ def give_up(job: ClusterJob, why: str, now: datetime | None = None) -> bool:
             return False
         if current.state == ClusterJobState.DECLARED and current.submission_started_at is None:
             return cancel_unsubmitted(current, why, now)
-        return _apply(_as_read(current).filter(cancel_requested_at__isnull=True), current.id, "give_up",
-                      HistoryEntry(GIVEN_UP, why, now), cancel_requested_at=now)
+        return _apply(
+            _as_read(current).filter(cancel_requested_at__isnull=True),
+            current.id,
+            "give_up",
+            HistoryEntry(GIVEN_UP, why, now),
+            cancel_requested_at=now,
+        )
 
 
 def record_manifest(job: ClusterJob, manifest: dict[str, str], now: datetime | None = None) -> bool:
@@ -248,8 +331,9 @@ def record_manifest(job: ClusterJob, manifest: dict[str, str], now: datetime | N
 
 def record_usage(job: ClusterJob, usage: dict[str, Any]) -> bool:
     """What an ended attempt used, from accounting, recorded once for the Slurm job it names."""
-    rows = ClusterJob.objects.filter(id=job.id, state=job.state, slurm_job_id=job.slurm_job_id, usage__isnull=True,
-                                     state__in=FINAL_JOB_STATES)
+    rows = ClusterJob.objects.filter(
+        id=job.id, state=job.state, slurm_job_id=job.slurm_job_id, usage__isnull=True, state__in=FINAL_JOB_STATES
+    )
     return _apply(rows, job.id, "record_usage", None, usage=usage)
 
 
@@ -283,21 +367,26 @@ def record_statuses(changes: list[tuple[ClusterJob, JobStatus]], now: datetime |
         return {job.id for job, status in changes if record_status(job, status, now)}
     fields = [(job, status, status_fields(status, now)) for job, status in changes]
     with connection.cursor() as cursor:
-        cursor.execute(RECORD_STATUSES_SQL, {
-            "now": now,
-            "ids": [job.id for job, _, _ in fields],
-            "read_states": [job.state for job, _, _ in fields],
-            "read_attempts": [job.attempts for job, _, _ in fields],
-            "read_slurm_job_ids": [job.slurm_job_id for job, _, _ in fields],
-            "read_claims": [job.submission_started_at for job, _, _ in fields],
-            "states": [new["state"] for _, _, new in fields],
-            "raw_states": [new["raw_state"] for _, _, new in fields],
-            "exit_codes": [new["exit_code"] for _, _, new in fields],
-            "signals": [new["signal"] for _, _, new in fields],
-            "ended_ats": [new["ended_at"] for _, _, new in fields],
-            "entries": [json.dumps([HistoryEntry(status.state.value, status_detail(status), now).to_json()])
-                        for _, status, _ in fields],
-        })
+        cursor.execute(
+            RECORD_STATUSES_SQL,
+            {
+                "now": now,
+                "ids": [job.id for job, _, _ in fields],
+                "read_states": [job.state for job, _, _ in fields],
+                "read_attempts": [job.attempts for job, _, _ in fields],
+                "read_slurm_job_ids": [job.slurm_job_id for job, _, _ in fields],
+                "read_claims": [job.submission_started_at for job, _, _ in fields],
+                "states": [new["state"] for _, _, new in fields],
+                "raw_states": [new["raw_state"] for _, _, new in fields],
+                "exit_codes": [new["exit_code"] for _, _, new in fields],
+                "signals": [new["signal"] for _, _, new in fields],
+                "ended_ats": [new["ended_at"] for _, _, new in fields],
+                "entries": [
+                    json.dumps([HistoryEntry(status.state.value, status_detail(status), now).to_json()])
+                    for _, status, _ in fields
+                ],
+            },
+        )
         applied = {row[0] for row in cursor.fetchall()}
     for job, _, _ in fields:
         if job.id not in applied:

@@ -24,9 +24,13 @@ def renew(host: str, processes: dict[UUID, int]) -> None:
         return
     now = timezone.now()
     FlowRunLease.objects.bulk_create(
-        [FlowRunLease(flow_run_id=flow_run_id, host=host, pid=pid, renewed_at=now)
-         for flow_run_id, pid in processes.items()],
-        update_conflicts=True, unique_fields=["flow_run_id"], update_fields=["host", "pid", "renewed_at"],
+        [
+            FlowRunLease(flow_run_id=flow_run_id, host=host, pid=pid, renewed_at=now)
+            for flow_run_id, pid in processes.items()
+        ],
+        update_conflicts=True,
+        unique_fields=["flow_run_id"],
+        update_fields=["host", "pid", "renewed_at"],
     )
 
 
@@ -43,8 +47,11 @@ def release(host: str, processes: dict[UUID, int]) -> int:
 
 def fresh(flow_run_ids: list[UUID], since: datetime) -> set[UUID]:
     """Runs among these whose lease was renewed since `since`: they have a live process."""
-    return set(FlowRunLease.objects.filter(flow_run_id__in=flow_run_ids, renewed_at__gte=since)
-               .values_list("flow_run_id", flat=True))
+    return set(
+        FlowRunLease.objects.filter(flow_run_id__in=flow_run_ids, renewed_at__gte=since).values_list(
+            "flow_run_id", flat=True
+        )
+    )
 
 
 def revoke_stale(flow_run_id: UUID, since: datetime) -> bool:

@@ -29,8 +29,9 @@ _NAMED_SECRET = re.compile(
     r"(?P<secret>\"[^\"]*\"|'[^']*'|[^\s\"',;&)}\]]+)",
     re.IGNORECASE,
 )
-_AUTH_HEADER = re.compile(r"(?P<head>\bAuthorization[\"']?\s*[:=]\s*[\"']?(?:Basic|Bearer|Token)\s+)(?P<secret>[^\s\"',;]+)",
-                          re.IGNORECASE)
+_AUTH_HEADER = re.compile(
+    r"(?P<head>\bAuthorization[\"']?\s*[:=]\s*[\"']?(?:Basic|Bearer|Token)\s+)(?P<secret>[^\s\"',;]+)", re.IGNORECASE
+)
 
 
 def _masked(match: re.Match) -> str:

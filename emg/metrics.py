@@ -82,15 +82,18 @@ class DatabaseCollector(Collector):
         for status in AnalysisRequest.Status.values:
             by_status.add_metric([status], counts.get(status, 0))
         yield by_status
-        cancelling = GaugeMetricFamily("emg_requests_cancel_requested",
-                                       "Unfinished requests whose cancellation an operator asked for.")
-        cancelling.add_metric([], AnalysisRequest.objects.unfinished().filter(cancel_requested_at__isnull=False)
-                              .count())
+        cancelling = GaugeMetricFamily(
+            "emg_requests_cancel_requested", "Unfinished requests whose cancellation an operator asked for."
+        )
+        cancelling.add_metric(
+            [], AnalysisRequest.objects.unfinished().filter(cancel_requested_at__isnull=False).count()
+        )
         yield cancelling
 
     def jobs(self, now: datetime) -> Iterator[Metric]:
-        by_state = GaugeMetricFamily("emg_cluster_jobs", "Cluster jobs by state and partition.",
-                                     labels=["state", "partition"])
+        by_state = GaugeMetricFamily(
+            "emg_cluster_jobs", "Cluster jobs by state and partition.", labels=["state", "partition"]
+        )
         rows = ClusterJob.objects.values_list("state", "spec__partition").annotate(n=Count("id")).order_by()
         counts: dict[tuple[str, str], int] = {}
         for state, partition, n in rows:
@@ -102,30 +105,41 @@ class DatabaseCollector(Collector):
 
         live = ClusterJob.objects.live()
         unreadable = live.exclude(unreadable_state="")
-        gauge = GaugeMetricFamily("emg_cluster_jobs_unreadable",
-                                  "Live jobs whose Slurm state we cannot read (polled on, never cancelled for it).")
+        gauge = GaugeMetricFamily(
+            "emg_cluster_jobs_unreadable",
+            "Live jobs whose Slurm state we cannot read (polled on, never cancelled for it).",
+        )
         gauge.add_metric([], unreadable.count())
         yield gauge
         oldest = unreadable.order_by("unreadable_since").values_list("unreadable_since", flat=True).first()
-        gauge = GaugeMetricFamily("emg_cluster_jobs_unreadable_oldest_age_seconds",
-                                  "How long the longest-unreadable live job has been so (0: none).")
+        gauge = GaugeMetricFamily(
+            "emg_cluster_jobs_unreadable_oldest_age_seconds",
+            "How long the longest-unreadable live job has been so (0: none).",
+        )
         gauge.add_metric([], age_seconds(oldest, now))
         yield gauge
 
         pending = live.filter(state=ClusterJobState.PENDING).order_by("submit_time")
         oldest = pending.values_list("submit_time", flat=True).first()
-        gauge = GaugeMetricFamily("emg_cluster_jobs_oldest_pending_age_seconds",
-                                  "Time since submission of the oldest job still pending in Slurm (0: none).")
+        gauge = GaugeMetricFamily(
+            "emg_cluster_jobs_oldest_pending_age_seconds",
+            "Time since submission of the oldest job still pending in Slurm (0: none).",
+        )
         gauge.add_metric([], age_seconds(oldest, now))
         yield gauge
 
-        waiting = GaugeMetricFamily("emg_cluster_jobs_waiting_out_sbatch_errors",
-                                    "Declared jobs whose last sbatch failed in a way that may pass (retried).")
+        waiting = GaugeMetricFamily(
+            "emg_cluster_jobs_waiting_out_sbatch_errors",
+            "Declared jobs whose last sbatch failed in a way that may pass (retried).",
+        )
         waiting.add_metric([], ClusterJob.objects.declared().exclude(submit_error="").count())
         yield waiting
 
-        totals = ClusterJob.objects.aggregate(retries=Sum("retries"), attempts=Sum("attempts"),
-                                              rejected=Count("id", filter=Q(state=ClusterJobState.REJECTED)))
+        totals = ClusterJob.objects.aggregate(
+            retries=Sum("retries"),
+            attempts=Sum("attempts"),
+            rejected=Count("id", filter=Q(state=ClusterJobState.REJECTED)),
+        )
         for name, column, text in (
             ("emg_cluster_job_submissions", "attempts", "Submission attempts (sbatch claims) of all jobs."),
             ("emg_cluster_job_retries", "retries", "Jobs declared again with more memory or time."),
@@ -152,8 +166,9 @@ class DatabaseCollector(Collector):
         gauge.add_metric([], backlog.count())
         yield gauge
         oldest = backlog.order_by("created_at").values_list("created_at", flat=True).first()
-        gauge = GaugeMetricFamily("emg_outbox_oldest_age_seconds",
-                                  "Age of the oldest undispatched outbox event (0: none).")
+        gauge = GaugeMetricFamily(
+            "emg_outbox_oldest_age_seconds", "Age of the oldest undispatched outbox event (0: none)."
+        )
         gauge.add_metric([], age_seconds(oldest, now))
         yield gauge
 
@@ -161,23 +176,27 @@ class DatabaseCollector(Collector):
         dispatched = OutboxEvent.objects.filter(dispatched_at__isnull=False).annotate(latency=latency)
         values = [delta.total_seconds() for delta in dispatched.values_list("latency", flat=True).iterator()]
         buckets, total = cumulative_buckets(values, DISPATCH_BUCKETS)
-        histogram = HistogramMetricFamily("emg_outbox_dispatch_latency_seconds",
-                                          "From an event's commit to its flow run being made.")
+        histogram = HistogramMetricFamily(
+            "emg_outbox_dispatch_latency_seconds", "From an event's commit to its flow run being made."
+        )
         histogram.add_metric([], buckets, total)
         yield histogram
 
     def ticks(self, now: datetime) -> Iterator[Metric]:
         last = ReconcileTick.objects.filter(finished_at__isnull=False).order_by("-id").first()
         report = last.report if last is not None and isinstance(last.report, dict) else {}
-        gauge = GaugeMetricFamily("emg_reconcile_last_tick_age_seconds",
-                                  "Time since the last reconcile tick finished (since the epoch if none has).")
+        gauge = GaugeMetricFamily(
+            "emg_reconcile_last_tick_age_seconds",
+            "Time since the last reconcile tick finished (since the epoch if none has).",
+        )
         gauge.add_metric([], age_seconds(last.finished_at, now) if last else now.timestamp())
         yield gauge
         gauge = GaugeMetricFamily("emg_reconcile_last_tick_duration_seconds", "How long the last tick took.")
         gauge.add_metric([], float(report.get("duration_seconds") or 0))
         yield gauge
-        gauge = GaugeMetricFamily("emg_reconcile_last_tick_slurm_calls", "Slurm commands the last tick ran.",
-                                  labels=["command"])
+        gauge = GaugeMetricFamily(
+            "emg_reconcile_last_tick_slurm_calls", "Slurm commands the last tick ran.", labels=["command"]
+        )
         for command, n in sorted((report.get("slurm_calls") or {}).items()):
             gauge.add_metric([command], n)
         yield gauge

@@ -94,15 +94,49 @@ class Run(models.Model):
 
 
 # Columns only the transition modules (emg.requests, emg.jobs) write: a save() never rewrites them.
-TRANSITION_OWNED_REQUEST_FIELDS = frozenset({
-    "status", "status_reason", "current_step", "generation", "flow_run_id", "finished_at", "cancel_requested_at",
-    "flow_reruns", "history", "ena_fetched_generation", "ena_fetched_at", "ena_runs", "deferred_until", "deferrals",
-})
-TRANSITION_OWNED_JOB_FIELDS = frozenset({
-    "state", "raw_state", "attempts", "retries", "submission_started_at", "slurm_job_id", "submit_time", "log_path",
-    "exit_code", "signal", "ended_at", "submit_error", "next_submit_at", "unreadable_state", "unreadable_since",
-    "history", "spec", "output_manifest", "manifest_recorded_at", "cancel_requested_at", "usage",
-})
+TRANSITION_OWNED_REQUEST_FIELDS = frozenset(
+    {
+        "status",
+        "status_reason",
+        "current_step",
+        "generation",
+        "flow_run_id",
+        "finished_at",
+        "cancel_requested_at",
+        "flow_reruns",
+        "history",
+        "ena_fetched_generation",
+        "ena_fetched_at",
+        "ena_runs",
+        "deferred_until",
+        "deferrals",
+    }
+)
+TRANSITION_OWNED_JOB_FIELDS = frozenset(
+    {
+        "state",
+        "raw_state",
+        "attempts",
+        "retries",
+        "submission_started_at",
+        "slurm_job_id",
+        "submit_time",
+        "log_path",
+        "exit_code",
+        "signal",
+        "ended_at",
+        "submit_error",
+        "next_submit_at",
+        "unreadable_state",
+        "unreadable_since",
+        "history",
+        "spec",
+        "output_manifest",
+        "manifest_recorded_at",
+        "cancel_requested_at",
+        "usage",
+    }
+)
 
 
 def editable_columns(instance: models.Model, owned: frozenset[str]) -> list[str]:
@@ -160,24 +194,34 @@ class AnalysisRequest(models.Model):
         ordering = ["-created_at"]
         # The admin's actions each need their own permission: viewing (or editing) a request is not
         # the right to cancel a multi-day pipeline, or to run it again.
-        permissions = [("cancel_analysisrequest", "Can cancel analysis requests"),
-                       ("rerun_analysisrequest", "Can re-run ended analysis requests")]
+        permissions = [
+            ("cancel_analysisrequest", "Can cancel analysis requests"),
+            ("rerun_analysisrequest", "Can re-run ended analysis requests"),
+        ]
         # Partial indexes for what every reconciler tick reads: they stay the size of the live work
         # however many requests have ended. (The statuses are FINAL_STATUSES: a class's Meta cannot
         # name its attributes; tests/test_models.py checks they agree.)
         indexes = [
-            models.Index(fields=["created_at"], condition=~Q(status__in=["COMPLETED", "FAILED", "CANCELLED"]),
-                         name="request_unfinished"),
-            models.Index(fields=["cancel_requested_at"], condition=Q(cancel_requested_at__isnull=False),
-                         name="request_cancel_requested"),
+            models.Index(
+                fields=["created_at"],
+                condition=~Q(status__in=["COMPLETED", "FAILED", "CANCELLED"]),
+                name="request_unfinished",
+            ),
+            models.Index(
+                fields=["cancel_requested_at"],
+                condition=Q(cancel_requested_at__isnull=False),
+                name="request_cancel_requested",
+            ),
         ]
         constraints = [
             # Where the ORM's validation is bypassed (bulk_create, update, SQL): options stay a JSON
             # object, and never name what the orchestrator sets itself (the flow checks the rest).
-            models.CheckConstraint(condition=Q(Exact(JsonType("pipeline_options"), "object")),
-                                   name="pipeline_options_is_an_object"),
-            models.CheckConstraint(condition=~Q(pipeline_options__has_any_keys=list(RESERVED_KEYS)),
-                                   name="pipeline_options_not_reserved"),
+            models.CheckConstraint(
+                condition=Q(Exact(JsonType("pipeline_options"), "object")), name="pipeline_options_is_an_object"
+            ),
+            models.CheckConstraint(
+                condition=~Q(pipeline_options__has_any_keys=list(RESERVED_KEYS)), name="pipeline_options_not_reserved"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -203,9 +247,14 @@ class AnalysisRequest(models.Model):
         # A blank field skips its validators, and null is "blank" to Django: check it here, so a
         # `null` in the admin form is a form error rather than a NOT NULL violation.
         if self.pipeline_options is None:
-            raise ValidationError({"pipeline_options": ValidationError(
-                "Pipeline options must be a JSON object of option name to value ({} for none), not null.",
-                code="invalid_options")})
+            raise ValidationError(
+                {
+                    "pipeline_options": ValidationError(
+                        "Pipeline options must be a JSON object of option name to value ({} for none), not null.",
+                        code="invalid_options",
+                    )
+                }
+            )
 
     def save(self, *args, **kwargs):
         self.full_clean()
@@ -244,8 +293,9 @@ class OutboxEvent(models.Model):
             models.UniqueConstraint(fields=["topic", "request", "generation"], name="one_event_per_request_generation"),
         ]
         # The outbox sweep reads the undispatched events at every beat.
-        indexes = [models.Index(fields=["created_at"], condition=Q(dispatched_at__isnull=True),
-                                name="outbox_undispatched")]
+        indexes = [
+            models.Index(fields=["created_at"], condition=Q(dispatched_at__isnull=True), name="outbox_undispatched")
+        ]
 
     def __str__(self) -> str:
         return f"{self.topic} #{self.request_id} gen {self.generation}"
@@ -266,8 +316,17 @@ class ClusterJobQuerySet(models.QuerySet):
         """Submitted jobs whose outcome Slurm has not yet told us."""
         return self.live().exclude(state=ClusterJobState.DECLARED)
 
-    def declare(self, *, name: str, fingerprint: str, spec: dict, input_hashes: dict, policy: dict,
-                output_dir: str = "", outputs: list | tuple = ()) -> "ClusterJob":
+    def declare(
+        self,
+        *,
+        name: str,
+        fingerprint: str,
+        spec: dict,
+        input_hashes: dict,
+        policy: dict,
+        output_dir: str = "",
+        outputs: list | tuple = (),
+    ) -> "ClusterJob":
         """A new declared job, or the live one with this fingerprint.
 
         Race-free across processes: the partial unique index on live fingerprints lets
@@ -276,8 +335,13 @@ class ClusterJobQuerySet(models.QuerySet):
         try:
             with transaction.atomic():
                 return self.create(  # type: ignore[return-value]
-                    name=name, fingerprint=fingerprint, spec=spec, input_hashes=input_hashes, policy=policy,
-                    output_dir=output_dir, outputs=list(outputs),
+                    name=name,
+                    fingerprint=fingerprint,
+                    spec=spec,
+                    input_hashes=input_hashes,
+                    policy=policy,
+                    output_dir=output_dir,
+                    outputs=list(outputs),
                 )
         except IntegrityError:
             return self.wanted().get(fingerprint=fingerprint)
@@ -326,8 +390,11 @@ class ClusterJob(models.Model):
     # (a row rewritten every tick is a row version per job per tick); it records instead, once, that
     # it read every awaited job: ReconcileTick.job_states_read_at.
     state_checked_at = models.DateTimeField(
-        null=True, blank=True, help_text="When Slurm's answer last changed this row; unchanged jobs are read at "
-                                         "every tick (see the ticks' 'job states read at').")
+        null=True,
+        blank=True,
+        help_text="When Slurm's answer last changed this row; unchanged jobs are read at "
+        "every tick (see the ticks' 'job states read at').",
+    )
     # Given up: no live request waits for it (emg.jobs.give_up). The reconciler stops it; no flow
     # attaches to it any more, and an identical job declared meanwhile is submitted once it has ended.
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
@@ -348,7 +415,8 @@ class ClusterJob(models.Model):
             # insert race reads the winner's row instead of submitting a twin. A row given up
             # (being cancelled) does not count: its successor waits to be submitted until it ends.
             models.UniqueConstraint(
-                fields=["fingerprint"], condition=~Q(state__in=FINAL_JOB_STATES) & Q(cancel_requested_at__isnull=True),
+                fields=["fingerprint"],
+                condition=~Q(state__in=FINAL_JOB_STATES) & Q(cancel_requested_at__isnull=True),
                 name="one_wanted_job_per_fingerprint",
             ),
         ]
@@ -356,12 +424,17 @@ class ClusterJob(models.Model):
         # minute; the usage step reads the recently ended jobs it has no usage for.
         indexes = [
             models.Index(fields=["state"], condition=~Q(state__in=FINAL_JOB_STATES), name="cluster_job_live"),
-            models.Index(fields=["cancel_requested_at"],
-                         condition=Q(cancel_requested_at__isnull=False) & ~Q(state__in=FINAL_JOB_STATES),
-                         name="cluster_job_given_up_live"),
+            models.Index(
+                fields=["cancel_requested_at"],
+                condition=Q(cancel_requested_at__isnull=False) & ~Q(state__in=FINAL_JOB_STATES),
+                name="cluster_job_given_up_live",
+            ),
             models.Index(fields=["submission_started_at"], name="cluster_job_claimed_at"),
-            models.Index(fields=["ended_at"], condition=Q(usage__isnull=True) & Q(ended_at__isnull=False),
-                         name="cluster_job_usage_unread"),
+            models.Index(
+                fields=["ended_at"],
+                condition=Q(usage__isnull=True) & Q(ended_at__isnull=False),
+                name="cluster_job_usage_unread",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -387,8 +460,13 @@ class ClusterJob(models.Model):
         if not self.is_final:
             raise ValidationError(f"cluster job #{self.id} is still {self.state}")
         return ClusterJob.objects.declare(
-            name=self.name, fingerprint=self.fingerprint, spec=self.spec, input_hashes=self.input_hashes,
-            policy=self.policy, output_dir=self.output_dir, outputs=self.outputs,
+            name=self.name,
+            fingerprint=self.fingerprint,
+            spec=self.spec,
+            input_hashes=self.input_hashes,
+            policy=self.policy,
+            output_dir=self.output_dir,
+            outputs=self.outputs,
         )
 
     @property
@@ -455,8 +533,12 @@ class ReconcileTick(models.Model):
     @classmethod
     def job_states_last_read_at(cls) -> datetime | None:
         """When a tick last read the state of every awaited job."""
-        return (cls.objects.filter(job_states_read_at__isnull=False).order_by("-started_at")
-                .values_list("job_states_read_at", flat=True).first())
+        return (
+            cls.objects.filter(job_states_read_at__isnull=False)
+            .order_by("-started_at")
+            .values_list("job_states_read_at", flat=True)
+            .first()
+        )
 
 
 def last_checked(job: "ClusterJob", job_states_read_at: datetime | None) -> datetime | None:

@@ -64,8 +64,9 @@ def record_run_event(request: AnalysisRequest, *, new_request: bool = False) -> 
     trips inside the save).
     """
     if new_request:
-        return OutboxEvent.objects.create(id=uuid.uuid4(), topic=OutboxEvent.Topic.RUN_ANALYSIS, request=request,
-                                          generation=request.generation)
+        return OutboxEvent.objects.create(
+            id=uuid.uuid4(), topic=OutboxEvent.Topic.RUN_ANALYSIS, request=request, generation=request.generation
+        )
     event, created = OutboxEvent.objects.get_or_create(
         topic=OutboxEvent.Topic.RUN_ANALYSIS,
         request=request,
@@ -97,8 +98,7 @@ def publish(event_id: uuid.UUID | str, *, unless_in_flight: bool = False) -> boo
     if unless_in_flight and not claimed:
         return False
     try:
-        _producer().send_task(DISPATCH_TASK_NAME, args=[str(event_id)], queue=settings.EMG_DISPATCH_QUEUE,
-                              retry=False)
+        _producer().send_task(DISPATCH_TASK_NAME, args=[str(event_id)], queue=settings.EMG_DISPATCH_QUEUE, retry=False)
     except Exception as error:  # any broker failure: the sweep will publish it again
         try:
             settle(event_id)

@@ -27,12 +27,14 @@ UNFINISHED = (Status.PENDING, Status.RUNNING, Status.WAITING)
 
 
 def _as_read(request: AnalysisRequest) -> QuerySet[AnalysisRequest]:
-    return AnalysisRequest.objects.filter(id=request.id, status=request.status, generation=request.generation,
-                                          flow_reruns=request.flow_reruns)
+    return AnalysisRequest.objects.filter(
+        id=request.id, status=request.status, generation=request.generation, flow_reruns=request.flow_reruns
+    )
 
 
-def _apply(rows: QuerySet[AnalysisRequest], request_id: int, step: str, entry: HistoryEntry | None,
-           **changes: Any) -> bool:
+def _apply(
+    rows: QuerySet[AnalysisRequest], request_id: int, step: str, entry: HistoryEntry | None, **changes: Any
+) -> bool:
     return apply_transition(rows, f"request #{request_id}", step, entry, logger, **changes)
 
 
@@ -53,8 +55,9 @@ def step_shown(current: str, reported: str) -> str:
     return reported
 
 
-def advance(request_id: int, generation: int, status: str, *, step: str = "", reason: str = "",
-            flow_reruns: int | None = None) -> bool:
+def advance(
+    request_id: int, generation: int, status: str, *, step: str = "", reason: str = "", flow_reruns: int | None = None
+) -> bool:
     """The flow run of `generation` reports progress (or its end). Applies only while that
     generation is the request's and the request is unfinished: a request cancelled, failed or
     re-run meanwhile stays as it is. Given `flow_reruns` (the count the flow process read when it
@@ -73,8 +76,16 @@ def advance(request_id: int, generation: int, status: str, *, step: str = "", re
     shown = step_shown(current[1], step)
     entry = None if current[0] == status else _entry(status, f"{shown or reason}".strip(), now)
     finished_at = now if status in AnalysisRequest.FINAL_STATUSES else None
-    return _apply(rows.filter(status=current[0], current_step=current[1]), request_id, f"advance to {status}", entry,
-                  status=status, current_step=shown, status_reason=reason[:10000], finished_at=finished_at)
+    return _apply(
+        rows.filter(status=current[0], current_step=current[1]),
+        request_id,
+        f"advance to {status}",
+        entry,
+        status=status,
+        current_step=shown,
+        status_reason=reason[:10000],
+        finished_at=finished_at,
+    )
 
 
 def cancel(request: AnalysisRequest, reason: str) -> bool:
@@ -82,16 +93,30 @@ def cancel(request: AnalysisRequest, reason: str) -> bool:
     now = timezone.now()
     if request.status not in UNFINISHED:
         return False
-    return _apply(_as_read(request), request.id, "cancel", _entry(Status.CANCELLED, reason, now),
-                  status=Status.CANCELLED, status_reason=reason, finished_at=now)
+    return _apply(
+        _as_read(request),
+        request.id,
+        "cancel",
+        _entry(Status.CANCELLED, reason, now),
+        status=Status.CANCELLED,
+        status_reason=reason,
+        finished_at=now,
+    )
 
 
 def fail(request: AnalysisRequest, reason: str) -> bool:
     now = timezone.now()
     if request.status not in UNFINISHED:
         return False
-    return _apply(_as_read(request), request.id, "fail", _entry(Status.FAILED, reason, now),
-                  status=Status.FAILED, status_reason=reason[:10000], finished_at=now)
+    return _apply(
+        _as_read(request),
+        request.id,
+        "fail",
+        _entry(Status.FAILED, reason, now),
+        status=Status.FAILED,
+        status_reason=reason[:10000],
+        finished_at=now,
+    )
 
 
 def count_rerun(request: AnalysisRequest, why: str) -> bool:
@@ -103,14 +128,18 @@ def count_rerun(request: AnalysisRequest, why: str) -> bool:
 
 def attach_flow_run(request_id: int, generation: int, flow_run_id: uuid.UUID) -> bool:
     """Record the generation's flow run, once."""
-    return _apply(AnalysisRequest.objects.filter(id=request_id, generation=generation, flow_run_id__isnull=True),
-                  request_id, "attach_flow_run", None, flow_run_id=flow_run_id)
+    return _apply(
+        AnalysisRequest.objects.filter(id=request_id, generation=generation, flow_run_id__isnull=True),
+        request_id,
+        "attach_flow_run",
+        None,
+        flow_run_id=flow_run_id,
+    )
 
 
 def replace_flow_run(request_id: int, generation: int, old: uuid.UUID, new: uuid.UUID, why: str) -> bool:
     """The generation's flow run is gone (deleted from Prefect): record its replacement, once."""
-    rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, flow_run_id=old,
-                                          status__in=UNFINISHED)
+    rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, flow_run_id=old, status__in=UNFINISHED)
     current = rows.values_list("status", flat=True).first()
     if current is None:
         return False
@@ -120,47 +149,69 @@ def replace_flow_run(request_id: int, generation: int, old: uuid.UUID, new: uuid
 
 def record_ena_fetch(request_id: int, generation: int, run_accessions: list[str]) -> bool:
     """What this generation fetched from ENA is stored: its resumes read it instead of asking again."""
-    return _apply(AnalysisRequest.objects.filter(id=request_id, generation=generation), request_id,
-                  "record_ena_fetch", None, ena_fetched_generation=generation, ena_fetched_at=timezone.now(),
-                  ena_runs=run_accessions)
+    return _apply(
+        AnalysisRequest.objects.filter(id=request_id, generation=generation),
+        request_id,
+        "record_ena_fetch",
+        None,
+        ena_fetched_generation=generation,
+        ena_fetched_at=timezone.now(),
+        ena_runs=run_accessions,
+    )
 
 
 def defer(request_id: int, generation: int, until: datetime, why: str) -> bool:
     """The generation's flow run asks to be run again at `until` (it is about to end): the request
     WAITS meanwhile, and the reconciler schedules the run (`take_deferral`) without counting a re-run."""
     now = timezone.now()
-    rows = AnalysisRequest.objects.filter(id=request_id, generation=generation, status__in=UNFINISHED,
-                                          deferred_until__isnull=True)
+    rows = AnalysisRequest.objects.filter(
+        id=request_id, generation=generation, status__in=UNFINISHED, deferred_until__isnull=True
+    )
     current = rows.values_list("deferrals", flat=True).first()
     if current is None:
         logger.info("request #%s: deferral skipped, it has ended, moved on or is deferred already", request_id)
         return False
     detail = f"deferral {current + 1}, until {until.isoformat(timespec='seconds')}: {why}"
-    return _apply(rows.filter(deferrals=current), request_id, "defer", _entry(Status.WAITING, detail, now),
-                  status=Status.WAITING, status_reason=why[:10000], deferred_until=until, deferrals=current + 1)
+    return _apply(
+        rows.filter(deferrals=current),
+        request_id,
+        "defer",
+        _entry(Status.WAITING, detail, now),
+        status=Status.WAITING,
+        status_reason=why[:10000],
+        deferred_until=until,
+        deferrals=current + 1,
+    )
 
 
 def take_deferral(request: AnalysisRequest) -> bool:
     """The reconciler takes the deferral it read; only the tick whose update applied schedules the run."""
     if request.deferred_until is None:
         return False
-    return _apply(_as_read(request).filter(deferred_until=request.deferred_until), request.id, "take_deferral", None,
-                  deferred_until=None)
+    return _apply(
+        _as_read(request).filter(deferred_until=request.deferred_until),
+        request.id,
+        "take_deferral",
+        None,
+        deferred_until=None,
+    )
 
 
 def superseded(request: AnalysisRequest) -> bool:
     """Whether a re-run of this generation was counted after `request` was read: the flow process
     that read it has been replaced (it was taken for a zombie) and must stop without a word."""
-    return AnalysisRequest.objects.filter(id=request.id, generation=request.generation,
-                                          flow_reruns__gt=request.flow_reruns).exists()
+    return AnalysisRequest.objects.filter(
+        id=request.id, generation=request.generation, flow_reruns__gt=request.flow_reruns
+    ).exists()
 
 
 def request_cancel(request: AnalysisRequest) -> bool:
     """Ask the reconciler to cancel this request; False if it has already ended or was asked before."""
     rows = AnalysisRequest.objects.filter(id=request.id, cancel_requested_at__isnull=True, status__in=UNFINISHED)
     now = timezone.now()
-    return _apply(rows, request.id, "request_cancel", _entry(request.status, "cancel requested", now),
-                  cancel_requested_at=now)
+    return _apply(
+        rows, request.id, "request_cancel", _entry(request.status, "cancel requested", now), cancel_requested_at=now
+    )
 
 
 def rerun(request: AnalysisRequest) -> None:
@@ -173,9 +224,18 @@ def rerun(request: AnalysisRequest) -> None:
     with transaction.atomic():
         applied = _apply(
             AnalysisRequest.objects.filter(id=request.id, status=request.status, generation=request.generation),
-            request.id, "rerun", _entry(Status.PENDING, f"re-run as generation {request.generation + 1}", now),
-            generation=request.generation + 1, status=Status.PENDING, status_reason="", current_step="",
-            flow_run_id=None, finished_at=None, cancel_requested_at=None, flow_reruns=0, deferred_until=None,
+            request.id,
+            "rerun",
+            _entry(Status.PENDING, f"re-run as generation {request.generation + 1}", now),
+            generation=request.generation + 1,
+            status=Status.PENDING,
+            status_reason="",
+            current_step="",
+            flow_run_id=None,
+            finished_at=None,
+            cancel_requested_at=None,
+            flow_reruns=0,
+            deferred_until=None,
             deferrals=0,
         )
         if not applied:

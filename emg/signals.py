@@ -6,8 +6,9 @@ from emg.outbox import publish_after_commit, record_run_event
 
 
 @receiver(post_save, sender=AnalysisRequest, dispatch_uid="emg.analysis_request_run_event")
-def on_analysis_request_saved(sender, instance: AnalysisRequest, created: bool = False, raw: bool = False,
-                              **kwargs) -> None:
+def on_analysis_request_saved(
+    sender, instance: AnalysisRequest, created: bool = False, raw: bool = False, **kwargs
+) -> None:
     """A new request, or a new generation of one, gets one run event in the same transaction."""
     if raw:  # loading fixtures must not start pipelines
         return

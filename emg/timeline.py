@@ -16,14 +16,26 @@ from slurm_adapter import JobState
 
 # Phase -> fill colour. Ended phases are drawn as a mark at the end, in the outcome's colour.
 COLOURS = {
-    "PENDING": "#b0b0b0", "RUNNING": "#3b7dd8", "WAITING": "#e0a030", "COMPLETED": "#2e9e4f",
-    "FAILED": "#d0342c", "CANCELLED": "#777777",
-    "declared": "#d9d9d9", "pending": "#e0a030", "running": "#3b7dd8", "ended ok": "#2e9e4f", "ended badly": "#d0342c",
+    "PENDING": "#b0b0b0",
+    "RUNNING": "#3b7dd8",
+    "WAITING": "#e0a030",
+    "COMPLETED": "#2e9e4f",
+    "FAILED": "#d0342c",
+    "CANCELLED": "#777777",
+    "declared": "#d9d9d9",
+    "pending": "#e0a030",
+    "running": "#3b7dd8",
+    "ended ok": "#2e9e4f",
+    "ended badly": "#d0342c",
 }
 JOB_PHASES = {
-    ClusterJobState.DECLARED: "declared", "CLAIMED": "declared", "SUBMIT_ERROR": "declared",
-    JobState.SUBMITTED: "pending", JobState.PENDING: "pending",
-    JobState.RUNNING: "running", JobState.SUSPENDED: "running",
+    ClusterJobState.DECLARED: "declared",
+    "CLAIMED": "declared",
+    "SUBMIT_ERROR": "declared",
+    JobState.SUBMITTED: "pending",
+    JobState.PENDING: "pending",
+    JobState.RUNNING: "running",
+    JobState.SUSPENDED: "running",
 }
 ENDED = {state.value for state in JobState if state.is_final} | {ClusterJobState.REJECTED}
 
@@ -135,13 +147,16 @@ def svg(rows: list[Row], now: datetime) -> SafeString:
 
     height = AXIS_HEIGHT + ROW_HEIGHT * len(rows) + 30
     # Scaled to the page's width (the admin's field column is narrower than WIDTH), never past it.
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" class="emg-timeline" viewBox="0 0 {WIDTH} {height}" '
-             f'width="100%" style="max-width: {WIDTH}px" role="img" aria-label="timeline" font-family="sans-serif" '
-             f'font-size="11">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="emg-timeline" viewBox="0 0 {WIDTH} {height}" '
+        f'width="100%" style="max-width: {WIDTH}px" role="img" aria-label="timeline" font-family="sans-serif" '
+        f'font-size="11">'
+    ]
     for tick in range(5):
         moment = first + timedelta(seconds=span * tick / 4)
-        parts.append(f'<line x1="{x(moment)}" y1="{AXIS_HEIGHT - 4}" x2="{x(moment)}" '
-                     f'y2="{height - 30}" stroke="#eee"/>')
+        parts.append(
+            f'<line x1="{x(moment)}" y1="{AXIS_HEIGHT - 4}" x2="{x(moment)}" y2="{height - 30}" stroke="#eee"/>'
+        )
         anchor = {0: "start", 4: "end"}.get(tick, "middle")
         parts.append(f'<text x="{x(moment)}" y="12" text-anchor="{anchor}">{escape(f"{moment:%m-%d %H:%M:%S}")}</text>')
     for index, row in enumerate(rows):
@@ -150,19 +165,26 @@ def svg(rows: list[Row], now: datetime) -> SafeString:
         for segment in row.segments:
             width = max(x(segment.end) - x(segment.start), 1)
             label = f"{segment.phase} {human(segment.duration)}"
-            parts.append(f'<rect x="{x(segment.start)}" y="{y}" width="{width}" height="{BAR_HEIGHT}" '
-                         f'fill="{COLOURS.get(segment.phase, "#999")}" class="phase-{escape(segment.phase.replace(" ", "-"))}">'
-                         f'<title>{escape(label)}: {escape(segment.detail[:200])}</title></rect>')
+            parts.append(
+                f'<rect x="{x(segment.start)}" y="{y}" width="{width}" height="{BAR_HEIGHT}" '
+                f'fill="{COLOURS.get(segment.phase, "#999")}" class="phase-{escape(segment.phase.replace(" ", "-"))}">'
+                f"<title>{escape(label)}: {escape(segment.detail[:200])}</title></rect>"
+            )
             if width > 7 * len(label):
-                parts.append(f'<text x="{x(segment.start) + 3}" y="{y + BAR_HEIGHT - 4}" fill="#fff">'
-                             f'{escape(label)}</text>')
+                parts.append(
+                    f'<text x="{x(segment.start) + 3}" y="{y + BAR_HEIGHT - 4}" fill="#fff">{escape(label)}</text>'
+                )
         for moment, colour, what in row.marks:
-            parts.append(f'<rect x="{x(moment) - 2}" y="{y - 2}" width="4" height="{BAR_HEIGHT + 4}" fill="{colour}">'
-                         f'<title>{escape(what[:300])}</title></rect>')
+            parts.append(
+                f'<rect x="{x(moment) - 2}" y="{y - 2}" width="4" height="{BAR_HEIGHT + 4}" fill="{colour}">'
+                f"<title>{escape(what[:300])}</title></rect>"
+            )
     legend_y = height - 12
     for n, phase in enumerate(("declared", "pending", "running", "WAITING", "ended ok", "ended badly")):
-        parts.append(f'<rect x="{LABEL_WIDTH + n * 110}" y="{legend_y - 9}" width="10" height="10" '
-                     f'fill="{COLOURS[phase]}"/><text x="{LABEL_WIDTH + n * 110 + 14}" y="{legend_y}">{phase}</text>')
+        parts.append(
+            f'<rect x="{LABEL_WIDTH + n * 110}" y="{legend_y - 9}" width="10" height="10" '
+            f'fill="{COLOURS[phase]}"/><text x="{LABEL_WIDTH + n * 110 + 14}" y="{legend_y}">{phase}</text>'
+        )
     parts.append("</svg>")
     return mark_safe("".join(parts))  # every text in it went through escape()
 

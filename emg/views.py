@@ -40,6 +40,7 @@ HEALTH_DEADLINE_SECONDS = SLURM_TIMEOUT_SECONDS + 1
 
 # --- who may see the details ---------------------------------------------------------------------
 
+
 def is_operator(request) -> bool:
     """Staff logged in to the admin, or a caller with the monitoring token (Prometheus)."""
     user = getattr(request, "user", None)
@@ -47,18 +48,23 @@ def is_operator(request) -> bool:
         return True
     token = settings.EMG_MONITORING_TOKEN
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    return bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(),
-                                                                              token.encode())
+    return (
+        bool(token) and scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
+    )
 
 
 def refuse() -> HttpResponse:
-    response = HttpResponse("Staff login or the monitoring token (Authorization: Bearer ...) required.\n",
-                            status=401, content_type="text/plain")
+    response = HttpResponse(
+        "Staff login or the monitoring token (Authorization: Bearer ...) required.\n",
+        status=401,
+        content_type="text/plain",
+    )
     response["WWW-Authenticate"] = 'Bearer realm="emg"'
     return response
 
 
 # --- the checks ----------------------------------------------------------------------------------
+
 
 def check_database() -> None:
     try:
@@ -109,7 +115,9 @@ class Check:
 
 
 CHECKS = {
-    "database": Check(check_database, lambda: f"{connection.settings_dict.get('HOST')}/{connection.settings_dict.get('NAME')}"),
+    "database": Check(
+        check_database, lambda: f"{connection.settings_dict.get('HOST')}/{connection.settings_dict.get('NAME')}"
+    ),
     "redis": Check(check_redis, lambda: settings.REDIS_URL),
     "prefect": Check(check_prefect, lambda: settings.PREFECT_API_URL),
     "slurm": Check(check_slurm, lambda: "scontrol"),
@@ -120,8 +128,9 @@ CHECKS = {
 def checks() -> dict[str, Check]:
     backend = resolve_backend(settings.EMG_CLUSTER_BACKEND)
     cluster_check = {"slurm": "slurm", "slurmrestd": "slurmrestd"}.get(backend)
-    return {name: check for name, check in CHECKS.items()
-            if name not in ("slurm", "slurmrestd") or name == cluster_check}
+    return {
+        name: check for name, check in CHECKS.items() if name not in ("slurm", "slurmrestd") or name == cluster_check
+    }
 
 
 def timed(check: Callable[[], None]) -> dict:
@@ -129,7 +138,10 @@ def timed(check: Callable[[], None]) -> dict:
     try:
         check()
     except Exception as error:  # any failure of a dependency is the answer, not a crash
-        outcome: dict[str, object] = {"status": "error", "error": mask_secrets(f"{type(error).__name__}: {error}")[:500]}
+        outcome: dict[str, object] = {
+            "status": "error",
+            "error": mask_secrets(f"{type(error).__name__}: {error}")[:500],
+        }
     else:
         outcome = {"status": "ok"}
     outcome["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
@@ -167,8 +179,11 @@ class CheckCache:
                 pending[name] = (future, started + HEALTH_DEADLINE_SECONDS)
         for name, (future, deadline) in pending.items():
             wait([future], timeout=max(deadline - time.monotonic(), 0))
-            answers[name] = ({**future.result(), "age_s": 0.0} if future.done() else
-                             {"status": "error", "error": "no answer within the deadline (the check is still running)"})
+            answers[name] = (
+                {**future.result(), "age_s": 0.0}
+                if future.done()
+                else {"status": "error", "error": "no answer within the deadline (the check is still running)"}
+            )
         return answers
 
     def run_and_keep(self, key: tuple[str, str], check: Check) -> dict:
@@ -186,8 +201,9 @@ def selected_checks(request) -> dict[str, Check] | JsonResponse:
     wanted = request.GET.getlist("check")
     unknown = sorted(set(wanted) - selected.keys())
     if unknown:
-        return JsonResponse({"status": "error", "error": f"unknown checks {unknown}; known: {sorted(selected)}"},
-                            status=400)
+        return JsonResponse(
+            {"status": "error", "error": f"unknown checks {unknown}; known: {sorted(selected)}"}, status=400
+        )
     return {name: check for name, check in selected.items() if name in wanted} if wanted else selected
 
 
@@ -225,9 +241,15 @@ def alerts() -> dict:
     """What an operator must look at although every service answers: never a reason for a 503."""
     unreadable = ClusterJob.objects.live().exclude(unreadable_state="")
     return {
-        "unreadable_jobs": [{"job": job.id, "slurm_job_id": job.slurm_job_id, "state": job.unreadable_state,
-                             "since": job.unreadable_since.isoformat() if job.unreadable_since else None}
-                            for job in unreadable[:20]],
+        "unreadable_jobs": [
+            {
+                "job": job.id,
+                "slurm_job_id": job.slurm_job_id,
+                "state": job.unreadable_state,
+                "since": job.unreadable_since.isoformat() if job.unreadable_since else None,
+            }
+            for job in unreadable[:20]
+        ],
         "jobs_waiting_out_sbatch_errors": ClusterJob.objects.declared().exclude(submit_error="").count(),
     }
 

@@ -28,8 +28,9 @@ def attach(flow_run_id: UUID, step: str, job_id: int, request_id: int | None) ->
         job = ClusterJob.objects.select_for_update().filter(id=job_id).first()
         if job is None or job.cancel_requested_at is not None:
             return None
-        wait, _ = JobWait.objects.get_or_create(flow_run_id=flow_run_id, step=step,
-                                                defaults={"job_id": job_id, "request_id": request_id})
+        wait, _ = JobWait.objects.get_or_create(
+            flow_run_id=flow_run_id, step=step, defaults={"job_id": job_id, "request_id": request_id}
+        )
         return wait
 
 

@@ -78,12 +78,18 @@ def set_status(request: AnalysisRequest, status: str, *, step: str = "", reason:
     belongs to its new process now, which this one must neither report for nor mark Failed or
     Crashed in Prefect. Exit status 0, so its runner reports nothing either.
     """
-    if requests.advance(request.id, request.generation, status, step=step, reason=reason,
-                        flow_reruns=request.flow_reruns):
+    if requests.advance(
+        request.id, request.generation, status, step=step, reason=reason, flow_reruns=request.flow_reruns
+    ):
         return
     if requests.superseded(request):
-        logger.warning("request #%s was re-run (re-run %s counted) while this flow process (pid %s) was silent; "
-                       "it leaves the run to its new process", request.id, request.flow_reruns + 1, os.getpid())
+        logger.warning(
+            "request #%s was re-run (re-run %s counted) while this flow process (pid %s) was silent; "
+            "it leaves the run to its new process",
+            request.id,
+            request.flow_reruns + 1,
+            os.getpid(),
+        )
         logging.shutdown()
         os._exit(0)
 
@@ -110,12 +116,14 @@ def invalid_request_reason(request: AnalysisRequest) -> str:
     return ""
 
 
-def cluster_step(request: AnalysisRequest, step: str, spec: JobSpec, *, inputs=(), policy: ResubmitPolicy,
-                 outputs=()) -> ClusterJob:
+def cluster_step(
+    request: AnalysisRequest, step: str, spec: JobSpec, *, inputs=(), policy: ResubmitPolicy, outputs=()
+) -> ClusterJob:
     """Declare the step's job (once per flow run), wait for it suspended, and return it ended, its outputs verified."""
     set_status(request, Status.RUNNING, step=step)
-    job_id = require_job(step, spec, inputs=list(map(str, inputs)), policy=policy, request_id=request.id,
-                         outputs=list(outputs))
+    job_id = require_job(
+        step, spec, inputs=list(map(str, inputs)), policy=policy, request_id=request.id, outputs=list(outputs)
+    )
     declared = ClusterJob.objects.get(id=job_id)
     if not declared.is_final:  # a re-run past an ended job neither waits nor describes it again
         publish_job_artifact(declared, step)
@@ -142,18 +150,20 @@ def publish_job_artifact(job: ClusterJob, step: str) -> None:
     create_markdown_artifact(
         key=f"cluster-job-{job.id}",
         description=f"{step}: {job.name}",
-        markdown="\n".join([
-            f"### {step}: `{job.name}`",
-            f"- cluster job #{job.id}, fingerprint `{job.fingerprint[:16]}`, state **{job.state}**",
-            f"- resources: {spec['cpus']} CPUs, {spec['memory_mb']} MB, {spec['time_limit_minutes']} min, "
-            f"partition `{spec.get('partition') or 'default'}`",
-            f"- work dir: `{spec['work_dir']}`",
-            f"- admin: /admin/emg/clusterjob/{job.id}/change/",
-            "",
-            "```sh",
-            shlex.join(spec["command"]),
-            "```",
-        ]),
+        markdown="\n".join(
+            [
+                f"### {step}: `{job.name}`",
+                f"- cluster job #{job.id}, fingerprint `{job.fingerprint[:16]}`, state **{job.state}**",
+                f"- resources: {spec['cpus']} CPUs, {spec['memory_mb']} MB, {spec['time_limit_minutes']} min, "
+                f"partition `{spec.get('partition') or 'default'}`",
+                f"- work dir: `{spec['work_dir']}`",
+                f"- admin: /admin/emg/clusterjob/{job.id}/change/",
+                "",
+                "```sh",
+                shlex.join(spec["command"]),
+                "```",
+            ]
+        ),
     )
 
 
@@ -212,9 +222,11 @@ def defer_for_ena(request: AnalysisRequest, generation: int, error: EnaUnavailab
     """End this flow run and have the reconciler run it again later, holding no process meanwhile;
     after `EMG_ENA_MAX_DEFERRALS` deferrals the outage fails the request."""
     if request.deferrals >= settings.EMG_ENA_MAX_DEFERRALS:
-        raise StepFailed(f"ENA has been unavailable for {request.deferrals + 1} attempts over this request's "
-                         f"first fetch (last: {error}); re-run it once ENA answers") from error
-    delay = min(settings.EMG_ENA_DEFER_SECONDS * 2 ** request.deferrals, settings.EMG_ENA_DEFER_MAX_SECONDS)
+        raise StepFailed(
+            f"ENA has been unavailable for {request.deferrals + 1} attempts over this request's "
+            f"first fetch (last: {error}); re-run it once ENA answers"
+        ) from error
+    delay = min(settings.EMG_ENA_DEFER_SECONDS * 2**request.deferrals, settings.EMG_ENA_DEFER_MAX_SECONDS)
     until = timezone.now() + timedelta(seconds=delay)
     requests.defer(request.id, generation, until, f"waiting for ENA, unavailable: {error}")
     raise Deferred(f"ENA unavailable ({error}); request #{request.id} runs again at {until.isoformat()}") from error
@@ -228,23 +240,36 @@ def assemble(request: AnalysisRequest, runs) -> Assembly:
     spec = JobSpec(
         name=f"emg-assembly-{request.study.accession}",
         # Our own arguments last: a pipeline taking the last of repeated options still gets ours.
-        command=command(settings.EMG_ASSEMBLY_COMMAND, *option_arguments(options),
-                        "--samplesheet", str(samplesheet), "--outdir", OUTDIR),
+        command=command(
+            settings.EMG_ASSEMBLY_COMMAND,
+            *option_arguments(options),
+            "--samplesheet",
+            str(samplesheet),
+            "--outdir",
+            OUTDIR,
+        ),
         work_dir=JOB_DIR,
         time_limit_minutes=settings.EMG_PIPELINE_TIME_LIMIT_MINUTES,
         memory_mb=settings.EMG_PIPELINE_MEMORY_MB,
         partition=settings.EMG_SLURM_PARTITION,
     )
-    job = cluster_step(request, "assembly", spec, inputs=[samplesheet], policy=ASSEMBLY_POLICY,
-                       outputs=ASSEMBLY_OUTPUTS)
+    job = cluster_step(
+        request, "assembly", spec, inputs=[samplesheet], policy=ASSEMBLY_POLICY, outputs=ASSEMBLY_OUTPUTS
+    )
     outdir = Path(job.output_dir)
     stats = read_json(outdir / "assembly_stats.json")
     store_trace(job, outdir)
     assembly, _ = Assembly.objects.update_or_create(
         request=request,
         defaults={
-            "study": request.study, "job": job, "contigs": stats["contigs"], "total_length": stats["total_length"],
-            "n50": stats["n50"], "stats": stats, "results_path": str(outdir), "analysis_skipped_reason": "",
+            "study": request.study,
+            "job": job,
+            "contigs": stats["contigs"],
+            "total_length": stats["total_length"],
+            "n50": stats["n50"],
+            "stats": stats,
+            "results_path": str(outdir),
+            "analysis_skipped_reason": "",
         },
     )
     return assembly
@@ -260,22 +285,28 @@ def analyse(request: AnalysisRequest, assembly: Assembly) -> Analysis:
         memory_mb=settings.EMG_PIPELINE_MEMORY_MB,
         partition=settings.EMG_SLURM_PARTITION,
     )
-    job = cluster_step(request, "analysis", spec, inputs=[contigs], policy=ANALYSIS_POLICY,
-                       outputs=ANALYSIS_OUTPUTS)
+    job = cluster_step(request, "analysis", spec, inputs=[contigs], policy=ANALYSIS_POLICY, outputs=ANALYSIS_OUTPUTS)
     outdir = Path(job.output_dir)
     store_trace(job, outdir)
     analysis, _ = Analysis.objects.update_or_create(
         request=request,
-        defaults={"assembly": assembly, "job": job, "summary": read_json(outdir / "analysis_summary.json"),
-                  "results_path": str(outdir)},
+        defaults={
+            "assembly": assembly,
+            "job": job,
+            "summary": read_json(outdir / "analysis_summary.json"),
+            "results_path": str(outdir),
+        },
     )
     return analysis
 
 
 def declared_outputs(jobs: dict[str, ClusterJob]) -> list[str]:
     """`<step>/<name>:<sha256>:<source>` for each declared output of these jobs (this request's own)."""
-    return [f"{step}/{name}:{sha256}:{Path(job.output_dir) / name}"
-            for step, job in jobs.items() for name, sha256 in sorted((job.output_manifest or {}).items())]
+    return [
+        f"{step}/{name}:{sha256}:{Path(job.output_dir) / name}"
+        for step, job in jobs.items()
+        for name, sha256 in sorted((job.output_manifest or {}).items())
+    ]
 
 
 def move_results(request: AnalysisRequest, jobs: dict[str, ClusterJob]) -> Path:
@@ -299,8 +330,12 @@ def analyse_study(request_id: int, generation: int = 1) -> str:
     logger = get_run_logger()
     request = AnalysisRequest.objects.select_related("study").get(id=request_id)
     if request.generation != generation:
-        logger.info("request #%s is at generation %s; this run (generation %s) stops", request_id,
-                    request.generation, generation)
+        logger.info(
+            "request #%s is at generation %s; this run (generation %s) stops",
+            request_id,
+            request.generation,
+            generation,
+        )
         return "superseded"
     if request.is_final:
         return request.status
@@ -318,15 +353,18 @@ def analyse_study(request_id: int, generation: int = 1) -> str:
         if assembly.total_length >= settings.EMG_MIN_ASSEMBLY_LENGTH:
             jobs["analysis"] = analyse(request, assembly).job
         else:
-            reason = (f"assembly too small to analyse: {assembly.total_length} bp in {assembly.contigs} contigs "
-                      f"(minimum {settings.EMG_MIN_ASSEMBLY_LENGTH} bp)")
+            reason = (
+                f"assembly too small to analyse: {assembly.total_length} bp in {assembly.contigs} contigs "
+                f"(minimum {settings.EMG_MIN_ASSEMBLY_LENGTH} bp)"
+            )
             Assembly.objects.filter(id=assembly.id).update(analysis_skipped_reason=reason)
             logger.info("request #%s: %s", request_id, reason)
         destination = move_results(request, jobs)
     except StepFailed as failure:
         logger.warning("request #%s failed: %s", request_id, failure)
-        set_status(request, Status.FAILED, step=AnalysisRequest.objects.get(id=request_id).current_step,
-                   reason=str(failure))
+        set_status(
+            request, Status.FAILED, step=AnalysisRequest.objects.get(id=request_id).current_step, reason=str(failure)
+        )
         return Status.FAILED
     set_status(request, Status.COMPLETED, reason=f"results in {destination}")
     return Status.COMPLETED

@@ -43,7 +43,8 @@ def job_dir(job_fingerprint: str) -> Path:
 def in_job_dir(spec: JobSpec, directory: Path) -> JobSpec:
     """The spec with every mention of JOB_DIR (in its work dir and its arguments) made `directory`."""
     return dataclasses.replace(
-        spec, work_dir=spec.work_dir.replace(JOB_DIR, str(directory)),
+        spec,
+        work_dir=spec.work_dir.replace(JOB_DIR, str(directory)),
         command=tuple(argument.replace(JOB_DIR, str(directory)) for argument in spec.command),
     )
 
@@ -55,8 +56,9 @@ def current_flow_run_id():
     return context.flow_run.id
 
 
-def declare_job(spec: JobSpec, inputs: Iterable[str] = (), policy: ResubmitPolicy = ResubmitPolicy(),
-                outputs: Sequence[str] = ()) -> ClusterJob:
+def declare_job(
+    spec: JobSpec, inputs: Iterable[str] = (), policy: ResubmitPolicy = ResubmitPolicy(), outputs: Sequence[str] = ()
+) -> ClusterJob:
     """The job to wait for: the live identical one, an ended one the policy reuses, or a new declaration.
 
     `outputs` are the files (relative to the job's output dir, `<job dir>/results`) the job must
@@ -75,8 +77,12 @@ def declare_job(spec: JobSpec, inputs: Iterable[str] = (), policy: ResubmitPolic
     if previous is not None and policy.prepare_on_resubmit:
         spec = with_preparation(spec, policy.prepare_on_resubmit)
     return ClusterJob.objects.declare(
-        name=spec.name, fingerprint=job_fingerprint, spec=in_job_dir(spec, directory).to_dict(),
-        input_hashes=input_hashes, policy=policy.to_dict(), output_dir=str(directory / RESULTS),
+        name=spec.name,
+        fingerprint=job_fingerprint,
+        spec=in_job_dir(spec, directory).to_dict(),
+        input_hashes=input_hashes,
+        policy=policy.to_dict(),
+        output_dir=str(directory / RESULTS),
         outputs=sorted(set(outputs)),
     )
 
@@ -140,8 +146,9 @@ def outputs_intact(job: ClusterJob) -> bool:
         return False
     problems = manifest_problems(job)
     if problems:
-        logger.warning("not reusing cluster job #%s (fingerprint %s): %s", job.id, job.fingerprint[:16],
-                       "; ".join(problems))
+        logger.warning(
+            "not reusing cluster job #%s (fingerprint %s): %s", job.id, job.fingerprint[:16], "; ".join(problems)
+        )
     return not problems
 
 

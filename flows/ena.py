@@ -17,9 +17,22 @@ from emg.accessions import STUDY_ACCESSION_PATTERN
 
 STUDY_FIELDS = ("study_accession", "secondary_study_accession", "study_title", "center_name", "first_public")
 READ_RUN_FIELDS = (
-    "run_accession", "sample_accession", "study_accession", "secondary_study_accession", "scientific_name",
-    "tax_id", "library_layout", "library_strategy", "library_source", "instrument_platform", "instrument_model",
-    "read_count", "base_count", "fastq_ftp", "fastq_md5", "fastq_bytes",
+    "run_accession",
+    "sample_accession",
+    "study_accession",
+    "secondary_study_accession",
+    "scientific_name",
+    "tax_id",
+    "library_layout",
+    "library_strategy",
+    "library_source",
+    "instrument_platform",
+    "instrument_model",
+    "read_count",
+    "base_count",
+    "fastq_ftp",
+    "fastq_md5",
+    "fastq_bytes",
 )
 CACHE_FOR = timedelta(days=1)
 
@@ -57,8 +70,9 @@ def search(result: str, accession: str, fields: tuple[str, ...]) -> list[dict]:
     if response.status_code == 404:
         raise UnknownStudy(f"ENA does not know study {accession}")
     if response.status_code >= 400:
-        raise EnaError(f"ENA rejected the {result} query for {accession}: HTTP {response.status_code} "
-                       f"{response.text[:300]}")
+        raise EnaError(
+            f"ENA rejected the {result} query for {accession}: HTTP {response.status_code} {response.text[:300]}"
+        )
     if response.status_code == 204 or not response.content.strip():
         return []
     try:

@@ -54,6 +54,7 @@ class TraceTask:
 
 # --- reading ------------------------------------------------------------------------------------
 
+
 def parse_duration(text: str) -> float:
     """Seconds in a Nextflow duration such as `1h 2m 3s`, `4.8s` or `500ms`."""
     remainder = text.strip()
@@ -65,7 +66,7 @@ def parse_duration(text: str) -> float:
         if not match:
             raise ValueError(f"not a Nextflow duration: {text!r}")
         total_ms += float(match.group(1)) * DURATION_UNITS_MS[match.group(2)]
-        remainder = remainder[match.end():].strip()
+        remainder = remainder[match.end() :].strip()
     return total_ms / 1000
 
 

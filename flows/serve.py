@@ -85,7 +85,8 @@ def main() -> None:
     if not 0 < settings.EMG_FLOW_LEASE_RENEW_SECONDS < settings.EMG_ZOMBIE_AFTER_SECONDS / 2:
         raise ImproperlyConfigured(
             f"EMG_FLOW_LEASE_RENEW_SECONDS ({settings.EMG_FLOW_LEASE_RENEW_SECONDS}) must be positive and less than "
-            f"half of EMG_ZOMBIE_AFTER_SECONDS ({settings.EMG_ZOMBIE_AFTER_SECONDS}), or live runs lose their lease")
+            f"half of EMG_ZOMBIE_AFTER_SECONDS ({settings.EMG_ZOMBIE_AFTER_SECONDS}), or live runs lose their lease"
+        )
     # Flow-run subprocesses inherit this: their heartbeats tell a live run from a zombie.
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(settings.EMG_FLOW_HEARTBEAT_SECONDS))
     runner = Runner(limit=settings.EMG_RUNNER_LIMIT)

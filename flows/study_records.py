@@ -26,8 +26,10 @@ def store_study_and_runs(study: Study, study_record: dict, run_records: list[dic
     runs = []
     for record in run_records:
         sample = Sample(
-            accession=record.get("sample_accession", ""), study=study,
-            scientific_name=(record.get("scientific_name") or "")[:255], tax_id=str(record.get("tax_id") or ""),
+            accession=record.get("sample_accession", ""),
+            study=study,
+            scientific_name=(record.get("scientific_name") or "")[:255],
+            tax_id=str(record.get("tax_id") or ""),
         )
         sample.full_clean(exclude=["study"], validate_unique=False)
         sample, _ = Sample.objects.update_or_create(
@@ -35,7 +37,9 @@ def store_study_and_runs(study: Study, study_record: dict, run_records: list[dic
             defaults={"study": study, "scientific_name": sample.scientific_name, "tax_id": sample.tax_id},
         )
         run = Run(
-            accession=record.get("run_accession", ""), study=study, sample=sample,
+            accession=record.get("run_accession", ""),
+            study=study,
+            sample=sample,
             library_layout=record.get("library_layout", "")[:16],
             library_strategy=record.get("library_strategy", "")[:64],
             instrument_model=record.get("instrument_model", "")[:128],
@@ -46,10 +50,19 @@ def store_study_and_runs(study: Study, study_record: dict, run_records: list[dic
         run.full_clean(exclude=["study", "sample"], validate_unique=False)
         run, _ = Run.objects.update_or_create(
             accession=run.accession,
-            defaults={field: getattr(run, field) for field in (
-                "study", "sample", "library_layout", "library_strategy", "instrument_model", "read_count",
-                "fastq_ftp", "fastq_md5",
-            )},
+            defaults={
+                field: getattr(run, field)
+                for field in (
+                    "study",
+                    "sample",
+                    "library_layout",
+                    "library_strategy",
+                    "instrument_model",
+                    "read_count",
+                    "fastq_ftp",
+                    "fastq_md5",
+                )
+            },
         )
         runs.append(run)
     return runs

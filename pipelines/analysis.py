@@ -30,8 +30,12 @@ NUCLEOTIDES = set("ACGTN")
 COMPLEMENT = str.maketrans("ACGTN", "TGCAN")
 # The standard genetic code, codons in TCAG order: TTT TTC TTA TTG TCT ... GGG.
 AMINO_ACIDS = "FFLLSSSSYY**CC*WLLLLPPPPHHQQRRRRIIIMTTTTNNKKSSRRVVVVAAAADDEEGGGG"
-CODON_TABLE = {a + b + c: AMINO_ACIDS[16 * i + 4 * j + k]
-               for i, a in enumerate("TCAG") for j, b in enumerate("TCAG") for k, c in enumerate("TCAG")}
+CODON_TABLE = {
+    a + b + c: AMINO_ACIDS[16 * i + 4 * j + k]
+    for i, a in enumerate("TCAG")
+    for j, b in enumerate("TCAG")
+    for k, c in enumerate("TCAG")
+}
 # Upper bounds (exclusive) of the length bins; the last bin is open-ended.
 LENGTH_BINS = (500, 1000, 2500, 5000, 10000)
 
@@ -103,12 +107,12 @@ def orfs_in_frame(contig: str, strand: str, sequence: str, frame: int) -> list[O
     """ORFs from the first ATG after each stop to the next in-frame stop, of at least MIN_ORF_CODONS."""
     found, start = [], None
     for position in range(frame, len(sequence) - 2, 3):
-        codon = sequence[position:position + 3]
+        codon = sequence[position : position + 3]
         if start is None and codon == "ATG":
             start = position
         elif start is not None and CODON_TABLE.get(codon) == "*":
             if (position - start) // 3 >= MIN_ORF_CODONS:
-                protein = "".join(CODON_TABLE.get(sequence[i:i + 3], "X") for i in range(start, position, 3))
+                protein = "".join(CODON_TABLE.get(sequence[i : i + 3], "X") for i in range(start, position, 3))
                 found.append(Orf(contig, strand, frame, start, protein))
             start = None
     return found
@@ -127,10 +131,12 @@ def predict_orfs(contigs: dict[str, str]) -> list[Orf]:
 def write_proteins(path: Path, orfs: list[Orf]) -> None:
     with open(path, "w") as out:
         for number, orf in enumerate(orfs, start=1):
-            out.write(f">orf_{number} contig={orf.contig} strand={orf.strand} frame={orf.frame}"
-                      f" start={orf.start} length_aa={len(orf.protein)}\n")
+            out.write(
+                f">orf_{number} contig={orf.contig} strand={orf.strand} frame={orf.frame}"
+                f" start={orf.start} length_aa={len(orf.protein)}\n"
+            )
             for start in range(0, len(orf.protein), 60):
-                out.write(orf.protein[start:start + 60] + "\n")
+                out.write(orf.protein[start : start + 60] + "\n")
 
 
 def summarise(contigs: dict[str, str], orfs: list[Orf]) -> dict:
@@ -183,8 +189,10 @@ def main(argv: list[str]) -> int:
     except OSError as error:
         print(f"analysis.py: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return 1
-    print(f"analysed {summary['contigs']} contigs, {summary['total_length']} bases, GC {summary['gc_percent']}%,"
-          f" {summary['orfs']['count']} ORFs: {args.outdir / 'analysis_summary.json'}")
+    print(
+        f"analysed {summary['contigs']} contigs, {summary['total_length']} bases, GC {summary['gc_percent']}%,"
+        f" {summary['orfs']['count']} ORFs: {args.outdir / 'analysis_summary.json'}"
+    )
     return 0
 
 

@@ -56,6 +56,7 @@ class SampleRow:
 
 # --- samplesheet and reads ----------------------------------------------------------------------
 
+
 def read_samplesheet(path: Path) -> list[SampleRow]:
     try:
         with open(path, newline="") as handle:
@@ -82,8 +83,10 @@ def fetch(source: str, destination: Path) -> None:
     """Copy a read file from an http(s) URL or a local path."""
     try:
         if source.startswith(("http://", "https://")):
-            with (urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response,
-                  open(destination, "wb") as out):
+            with (
+                urllib.request.urlopen(source, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response,
+                open(destination, "wb") as out,
+            ):
                 shutil.copyfileobj(response, out)
         else:
             shutil.copyfile(source, destination)
@@ -122,12 +125,15 @@ def _checked_record(label: str, number: int, header: str, sequence: str, plus: s
     if not plus.startswith("+"):
         raise PipelineError(f"{where}: the third line of a FASTQ record starts with '+', found {plus[:40]!r}")
     if not sequence or len(sequence) != len(quality):
-        raise PipelineError(f"{where}: sequence and quality differ in length ({len(sequence)} and {len(quality)}),"
-                            " or the file is truncated")
+        raise PipelineError(
+            f"{where}: sequence and quality differ in length ({len(sequence)} and {len(quality)}),"
+            " or the file is truncated"
+        )
     return sequence.upper()
 
 
 # --- de Bruijn graph assembly ---------------------------------------------------------------------
+
 
 def reverse_complement(sequence: str) -> str:
     return sequence.translate(COMPLEMENT)[::-1]
@@ -142,7 +148,7 @@ def count_kmers(reads: list[str], k: int) -> dict[str, int]:
     counts: dict[str, int] = {}
     for read in reads:
         for start in range(len(read) - k + 1):
-            kmer = read[start:start + k]
+            kmer = read[start : start + k]
             if "N" not in kmer:
                 key = canonical(kmer)
                 counts[key] = counts.get(key, 0) + 1
@@ -183,7 +189,7 @@ def assemble(reads: list[str], k: int) -> list[tuple[str, float]]:
         forward = extend(seed, solid, used)
         backward = extend(reverse_complement(seed), solid, used)
         contig = reverse_complement(backward) + seed + forward
-        kmers = [canonical(contig[i:i + k]) for i in range(len(contig) - k + 1)]
+        kmers = [canonical(contig[i : i + k]) for i in range(len(contig) - k + 1)]
         contigs.append((contig, sum(solid[kmer] for kmer in kmers) / len(kmers)))
     return sorted(contigs, key=lambda item: (-len(item[0]), item[0]))
 
@@ -203,10 +209,11 @@ def write_fasta(path: Path, contigs: list[tuple[str, float]]) -> None:
         for number, (sequence, coverage) in enumerate(contigs, start=1):
             out.write(f">contig_{number} len={len(sequence)} cov={coverage:.1f}\n")
             for start in range(0, len(sequence), 80):
-                out.write(sequence[start:start + 80] + "\n")
+                out.write(sequence[start : start + 80] + "\n")
 
 
 # --- the pipeline ---------------------------------------------------------------------------------
+
 
 def fetch_and_check(row: SampleRow, work: Path, recorder: TaskRecorder) -> list[str]:
     """FETCH_READS and READ_QC for one run: its reads, after checking both mates agree."""
@@ -237,8 +244,13 @@ def run(samplesheet: Path, outdir: Path, k: int, min_contig_length: int) -> dict
     with recorder.task("CONTIG_STATS"):
         lengths = [len(sequence) for sequence, _ in contigs]
         stats = {
-            "reads": len(reads), "bases": sum(map(len, reads)), "contigs": len(contigs),
-            "total_length": sum(lengths), "n50": n50(lengths), "longest": max(lengths, default=0), "k": k,
+            "reads": len(reads),
+            "bases": sum(map(len, reads)),
+            "contigs": len(contigs),
+            "total_length": sum(lengths),
+            "n50": n50(lengths),
+            "longest": max(lengths, default=0),
+            "k": k,
         }
         (outdir / "assembly_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
@@ -268,8 +280,10 @@ def main(argv: list[str]) -> int:
     except OSError as error:
         print(f"assembly.py: error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return 1
-    print(f"assembled {stats['reads']} reads into {stats['contigs']} contigs, {stats['total_length']} bases,"
-          f" N50 {stats['n50']}: {args.outdir / 'contigs.fasta'}")
+    print(
+        f"assembled {stats['reads']} reads into {stats['contigs']} contigs, {stats['total_length']} bases,"
+        f" N50 {stats['n50']}: {args.outdir / 'contigs.fasta'}"
+    )
     return 0
 
 

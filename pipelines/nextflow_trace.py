@@ -22,8 +22,20 @@ from typing import Any
 
 NOT_AVAILABLE = "-"
 DEFAULT_FIELDS = (
-    "task_id", "hash", "native_id", "name", "status", "exit", "submit", "duration", "realtime",
-    "%cpu", "peak_rss", "peak_vmem", "rchar", "wchar",
+    "task_id",
+    "hash",
+    "native_id",
+    "name",
+    "status",
+    "exit",
+    "submit",
+    "duration",
+    "realtime",
+    "%cpu",
+    "peak_rss",
+    "peak_vmem",
+    "rchar",
+    "wchar",
 )
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 SIZE_UNITS = ("B", "KB", "MB", "GB", "TB", "PB", "EB", "ZB")
@@ -73,9 +85,14 @@ def format_trace(rows: list[dict[str, object]]) -> str:
     `%cpu` is a percentage and the size columns are bytes.
     """
     formatters: dict[str, Callable[[Any], str]] = {
-        "submit": format_date, "duration": format_duration, "realtime": format_duration,
-        "%cpu": format_percent, "peak_rss": format_size, "peak_vmem": format_size,
-        "rchar": format_size, "wchar": format_size,
+        "submit": format_date,
+        "duration": format_duration,
+        "realtime": format_duration,
+        "%cpu": format_percent,
+        "peak_rss": format_size,
+        "peak_vmem": format_size,
+        "rchar": format_size,
+        "wchar": format_size,
     }
     lines = ["\t".join(DEFAULT_FIELDS)]
     for row in rows:
@@ -89,6 +106,7 @@ def format_trace(rows: list[dict[str, object]]) -> str:
 
 
 # --- recording in-process tasks -------------------------------------------------------------------
+
 
 def _proc_fields(path: str, names: tuple[str, ...]) -> dict[str, int]:
     """Integer fields of a /proc file such as /proc/self/status; empty where /proc is not readable."""

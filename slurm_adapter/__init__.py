@@ -45,7 +45,7 @@ __all__ = [
 
 
 def resolve_backend(backend: str) -> str:
-    """"auto" means the real cluster wherever Slurm's client is installed."""
+    """ "auto" means the real cluster wherever Slurm's client is installed."""
     if backend == "auto":
         return "slurm" if shutil.which("sbatch") else "local"
     return backend

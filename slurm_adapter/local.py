@@ -77,9 +77,7 @@ class LocalCluster:
     def query(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobStatus]:
         return {job.job_id: self._status(self._state_dir(job.job_id), job.job_id) for job in jobs}
 
-    def find_by_tag(
-        self, tag: str, *, spec_name: str | None = None, since: datetime | None = None
-    ) -> list[JobStatus]:
+    def find_by_tag(self, tag: str, *, spec_name: str | None = None, since: datetime | None = None) -> list[JobStatus]:
         """Every job is on this machine's disk, so neither the name nor the window is needed."""
         validate_tag(tag)
         return newest_first(self._status(d, d.name) for d, job in self._jobs() if job["tag"] == tag)

@@ -139,9 +139,14 @@ _NOTHING_FOUND = 9003
 
 
 # Slurm's own errors (errors[].error) that pass by themselves: a busy or restarting slurmctld/slurmdbd.
-_TRANSIENT_SLURM_ERRORS = ("Socket timed out", "Unable to contact slurm controller", "Connection refused",
-                           "Resource temporarily unavailable", "Slurm backup controller in standby mode",
-                           "Unable to connect to database")
+_TRANSIENT_SLURM_ERRORS = (
+    "Socket timed out",
+    "Unable to contact slurm controller",
+    "Connection refused",
+    "Resource temporarily unavailable",
+    "Slurm backup controller in standby mode",
+    "Unable to connect to database",
+)
 
 
 def _transient_slurm_error(body: Any) -> bool:
@@ -236,15 +241,27 @@ class RestCluster:
         paths = spec.get("paths") if isinstance(spec, dict) else None
         if not isinstance(paths, dict):
             raise ClusterError("slurmrestd's /openapi/v3 lists no paths")
-        served = [v for v in SUPPORTED_VERSIONS
-                  if any(p.startswith(f"/slurm/{v}/job/submit") for p in paths)
-                  and any(p.startswith(f"/slurmdb/{v}/jobs") for p in paths)]
+        served = [
+            v
+            for v in SUPPORTED_VERSIONS
+            if any(p.startswith(f"/slurm/{v}/job/submit") for p in paths)
+            and any(p.startswith(f"/slurmdb/{v}/jobs") for p in paths)
+        ]
         if not served:
-            raise ClusterError(f"slurmrestd serves none of the API versions supported ({', '.join(SUPPORTED_VERSIONS)})")
+            raise ClusterError(
+                f"slurmrestd serves none of the API versions supported ({', '.join(SUPPORTED_VERSIONS)})"
+            )
         return served[-1]
 
-    def _request(self, method: str, path: str, *, params: Mapping[str, str] | None = None,
-                 json: Any = None, idempotent: bool = True) -> Any:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        json: Any = None,
+        idempotent: bool = True,
+    ) -> Any:
         """One call, retried on transient failures only; the decoded body, or ClusterError."""
         kind = _kind(method, path)
         attempt = 0
@@ -262,8 +279,9 @@ class RestCluster:
                 retry = idempotent
             else:
                 body = self._decode(response)
-                if response.status_code in TRANSIENT_STATUS or (response.status_code >= 500 and (
-                        body is None or _transient_slurm_error(body))):
+                if response.status_code in TRANSIENT_STATUS or (
+                    response.status_code >= 500 and (body is None or _transient_slurm_error(body))
+                ):
                     failure = f"slurmrestd {method} {path} answered {response.status_code}"
                     retry = idempotent
                 else:
@@ -284,8 +302,9 @@ class RestCluster:
         errors = _slurm_errors(body)
         where = f"slurmrestd {method} {path}"
         if status == 401 or any(marker in e for e in errors for marker in _AUTH_ERRORS):
-            raise ClusterError(f"{where}: the token was refused (expired, or not for user {self.user}?): "
-                               f"{'; '.join(errors) or status}")
+            raise ClusterError(
+                f"{where}: the token was refused (expired, or not for user {self.user}?): {'; '.join(errors) or status}"
+            )
         if any(marker in e for e in errors for marker in _AUTH_OR_UNREACHABLE):
             raise ClusterError(f"{where}: the token was refused, or slurmctld is unreachable: {'; '.join(errors)}")
         # 22.05 lists "Job is in held state" as an error of a submission that succeeded.
@@ -304,8 +323,13 @@ class RestCluster:
         script_path = write_script(spec, tag, ".sbatch")
         # %-patterns are expanded in the output path as by sbatch; "%%" is a literal '%'.
         output = log_path(spec.work_dir.replace("%", "%%"), tag, "%j")
-        body = dialect.submission(spec, script_path.read_text(encoding="utf-8"),
-                                  name=job_name(tag, spec.name), comment=job_comment(tag), output=output)
+        body = dialect.submission(
+            spec,
+            script_path.read_text(encoding="utf-8"),
+            name=job_name(tag, spec.name),
+            comment=job_comment(tag),
+            output=output,
+        )
         submit_time = datetime.now(UTC)
         try:
             answer = self._request("POST", f"/slurm/{dialect.version}/job/submit", json=body, idempotent=False)
@@ -352,9 +376,7 @@ class RestCluster:
                     result[record.job_id] = replace(record, exit_code=known.exit_code, signal=known.signal)
         return result
 
-    def find_by_tag(
-        self, tag: str, *, spec_name: str | None = None, since: datetime | None = None
-    ) -> list[JobStatus]:
+    def find_by_tag(self, tag: str, *, spec_name: str | None = None, since: datetime | None = None) -> list[JobStatus]:
         """Our jobs carrying this tag, newest first; accounting selected by job name when the spec's
         name is given (unless it holds a comma, which the filter would split), the controller's list
         for what accounting has not recorded yet."""
@@ -377,13 +399,19 @@ class RestCluster:
                 raise
 
     def count_active(self) -> int:
-        return sum(1 for r in self._controller_jobs(mine=True) if r.tag is not None
-                   and r.state in (JobState.PENDING, JobState.RUNNING))
+        return sum(
+            1
+            for r in self._controller_jobs(mine=True)
+            if r.tag is not None and r.state in (JobState.PENDING, JobState.RUNNING)
+        )
 
     def active_jobs(self) -> list[JobStatus]:
         """Our tagged jobs Slurm holds pending, running or suspended; records it cannot read are left out."""
-        return [r for r in self._controller_jobs(mine=True, skip_unreadable=True)
-                if r.tag is not None and not r.state.is_final]
+        return [
+            r
+            for r in self._controller_jobs(mine=True, skip_unreadable=True)
+            if r.tag is not None and not r.state.is_final
+        ]
 
     def partition_limits(self) -> dict[str | None, PartitionLimits]:
         version = self.version
@@ -407,8 +435,9 @@ class RestCluster:
         body = self._request("GET", f"/slurmdb/{self.version}/jobs", params={**params, "skip_steps": "true"})
         return self._records(body.get("jobs", []), self.dialect.accounting_record, only_tag)
 
-    def _controller_jobs(self, *, only_tag: str | None = None, mine: bool = False,
-                         skip_unreadable: bool = False) -> list[JobStatus]:
+    def _controller_jobs(
+        self, *, only_tag: str | None = None, mine: bool = False, skip_unreadable: bool = False
+    ) -> list[JobStatus]:
         body = self._request("GET", f"/slurm/{self.version}/jobs")
         jobs = body.get("jobs")
         if mine and isinstance(jobs, list):
@@ -433,6 +462,14 @@ class RestCluster:
             raise ClusterError("slurmrestd's answer has no job list")
         if only_tag is not None:
             comment = job_comment(only_tag)
-            jobs = [j for j in jobs if isinstance(j, dict) and comment in (
-                j.get("comment"), (j.get("comment") or {}).get("job") if isinstance(j.get("comment"), dict) else None)]
+            jobs = [
+                j
+                for j in jobs
+                if isinstance(j, dict)
+                and comment
+                in (
+                    j.get("comment"),
+                    (j.get("comment") or {}).get("job") if isinstance(j.get("comment"), dict) else None,
+                )
+            ]
         return [read(job) for job in jobs]

@@ -33,12 +33,29 @@ SUPPORTED_VERSIONS = OLD_VERSIONS + NEW_VERSIONS
 # The controller reports a job's state as a base state and flags; squeue prints the flag that
 # matters most instead of the base state (src/common/slurm_protocol_defs.c, job_state_string).
 # The same precedence, so a state reads as it does through the CLI backend.
-_FLAG_PRECEDENCE = ("COMPLETING", "CONFIGURING", "RESIZING", "RESV_DEL_HOLD", "REQUEUED", "REQUEUE_FED",
-                    "REQUEUE_HOLD", "SPECIAL_EXIT", "STOPPED", "REVOKED", "SIGNALING", "STAGE_OUT")
+_FLAG_PRECEDENCE = (
+    "COMPLETING",
+    "CONFIGURING",
+    "RESIZING",
+    "RESV_DEL_HOLD",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "SPECIAL_EXIT",
+    "STOPPED",
+    "REVOKED",
+    "SIGNALING",
+    "STAGE_OUT",
+)
 
 # How an option JobSpec allows (spec.VALUE_OPTIONS, spec.FLAG_OPTIONS) is spelled in a job description.
-_VALUE_FIELDS = {"--qos": "qos", "--account": "account", "--constraint": "constraints",
-                 "--reservation": "reservation", "--nice": "nice"}
+_VALUE_FIELDS = {
+    "--qos": "qos",
+    "--account": "account",
+    "--constraint": "constraints",
+    "--reservation": "reservation",
+    "--nice": "nice",
+}
 
 
 def check_version(version: str) -> str:
@@ -192,8 +209,9 @@ class Dialect:
             tag=tag_from_comment(comment if isinstance(comment, str) else None),
         )
 
-    def partition_limits(self, partitions: Sequence[Mapping[str, Any]],
-                         nodes: Sequence[Mapping[str, Any]]) -> dict[str | None, PartitionLimits]:
+    def partition_limits(
+        self, partitions: Sequence[Mapping[str, Any]], nodes: Sequence[Mapping[str, Any]]
+    ) -> dict[str | None, PartitionLimits]:
         """As sinfo's %l and %m: the partition's time limit and its smallest node's memory."""
         memory: dict[str, int] = {}
         for node in nodes:
@@ -213,8 +231,10 @@ class Dialect:
             else:
                 minutes = number(partition.get("max_time_limit"))
                 default = "default" in (partition.get("flags") or [])
-            limit = PartitionLimits(max_memory_mb=memory.get(name),
-                                    max_time_minutes=minutes if minutes is not None and minutes >= 0 else None)
+            limit = PartitionLimits(
+                max_memory_mb=memory.get(name),
+                max_time_minutes=minutes if minutes is not None and minutes >= 0 else None,
+            )
             limits[name] = limit
             if default:
                 limits[None] = limit

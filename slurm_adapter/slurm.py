@@ -291,9 +291,7 @@ class SlurmCluster:
                 result[job.job_id] = record or placeholder(job, JobState.LOST)
         return result
 
-    def find_by_tag(
-        self, tag: str, *, spec_name: str | None = None, since: datetime | None = None
-    ) -> list[JobStatus]:
+    def find_by_tag(self, tag: str, *, spec_name: str | None = None, since: datetime | None = None) -> list[JobStatus]:
         """Our jobs carrying this tag, newest first.
 
         With the spec's name, both commands select by job name (which starts with the tag), so
@@ -303,8 +301,9 @@ class SlurmCluster:
         validate_tag(tag)
         start = (since - CLOCK_SKEW) if since is not None else datetime.now(UTC) - self.find_window
         selection = [f"--name={job_name(tag, spec_name)}"] if spec_name is not None else []
-        accounted = self._sacct(["-S", _slurm_time(min(start, datetime.now(UTC))), "-E", "now", *selection],
-                                only_tag=tag)
+        accounted = self._sacct(
+            ["-S", _slurm_time(min(start, datetime.now(UTC))), "-E", "now", *selection], only_tag=tag
+        )
         # squeue adds what slurmdbd has not recorded yet.
         found = {r.job_id: r for r in self._squeue(["--me", *selection], only_tag=tag) if r.tag == tag}
         found.update({r.job_id: r for r in accounted if r.tag == tag})
@@ -320,8 +319,21 @@ class SlurmCluster:
         since = min(min(job.submit_time for job in jobs) - CLOCK_SKEW, datetime.now(UTC))
         found: dict[str, JobUsage] = {}
         for chunk in chunks(ids, MAX_IDS_PER_CALL):
-            output = self._run(["sacct", "--parsable2", "--noheader", "-o", ",".join(USAGE_FIELDS),
-                                "-S", _slurm_time(since), "-E", "now", "-j", ",".join(chunk)])
+            output = self._run(
+                [
+                    "sacct",
+                    "--parsable2",
+                    "--noheader",
+                    "-o",
+                    ",".join(USAGE_FIELDS),
+                    "-S",
+                    _slurm_time(since),
+                    "-E",
+                    "now",
+                    "-j",
+                    ",".join(chunk),
+                ]
+            )
             found.update(parse_usage(output))
         return found
 
@@ -343,8 +355,18 @@ class SlurmCluster:
 
     def active_jobs(self) -> list[JobStatus]:
         """Our tagged jobs Slurm holds pending, running or suspended; lines it cannot read are left out."""
-        output = self._run(["squeue", "--noheader", "--all", "--me", "-t", "PENDING,RUNNING,SUSPENDED,CONFIGURING",
-                            "-o", SQUEUE_FORMAT])
+        output = self._run(
+            [
+                "squeue",
+                "--noheader",
+                "--all",
+                "--me",
+                "-t",
+                "PENDING,RUNNING,SUSPENDED,CONFIGURING",
+                "-o",
+                SQUEUE_FORMAT,
+            ]
+        )
         found = []
         for line in output.splitlines():
             try:
@@ -360,7 +382,9 @@ class SlurmCluster:
         for line in output.splitlines():
             name, _, rest = line.partition("|")
             time_limit, _, memory = rest.partition("|")
-            partition = PartitionLimits(max_memory_mb=_sinfo_memory(memory), max_time_minutes=_sinfo_minutes(time_limit))
+            partition = PartitionLimits(
+                max_memory_mb=_sinfo_memory(memory), max_time_minutes=_sinfo_minutes(time_limit)
+            )
             limits[name.rstrip("*")] = partition
             if name.endswith("*"):
                 limits[None] = partition

@@ -70,8 +70,12 @@ def cluster_backend_env(slurm_cluster, tmp_path_factory):
     directory = tmp_path_factory.mktemp("slurmrestd")
     token_file = write_token_file(directory)
     stand_ins, called = slurm_command_stand_ins(directory)
-    yield {"EMG_CLUSTER_BACKEND": "slurmrestd", "EMG_SLURMRESTD_URL": SLURMRESTD_URL,
-           "EMG_SLURMRESTD_TOKEN_FILE": str(token_file), "PATH": f"{stand_ins}:{os.environ['PATH']}"}
+    yield {
+        "EMG_CLUSTER_BACKEND": "slurmrestd",
+        "EMG_SLURMRESTD_URL": SLURMRESTD_URL,
+        "EMG_SLURMRESTD_TOKEN_FILE": str(token_file),
+        "PATH": f"{stand_ins}:{os.environ['PATH']}",
+    }
     if called.exists():
         pytest.fail(f"the stack ran Slurm commands on the slurmrestd backend:\n{called.read_text()}")
 

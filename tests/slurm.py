@@ -44,8 +44,10 @@ def slurm_command_stand_ins(directory: Path) -> tuple[Path, Path]:
     called = directory / "slurm-commands-called"
     for command in SLURM_COMMANDS:
         path = stand_ins / command
-        path.write_text(f'#!/bin/sh\necho "$0 $*" >> {called}\n'
-                        'echo "$0: the slurmrestd backend must not run Slurm commands" >&2\nexit 127\n')
+        path.write_text(
+            f'#!/bin/sh\necho "$0 $*" >> {called}\n'
+            'echo "$0: the slurmrestd backend must not run Slurm commands" >&2\nexit 127\n'
+        )
         path.chmod(0o755)
     return stand_ins, called
 
@@ -57,16 +59,31 @@ def own_slurmrestd(log_dir: Path):
     from devstack.services import free_port
 
     address = f"127.0.0.1:{free_port()}"
-    argv = ["setpriv", "--reuid=emg-slurmrestd", "--regid=emg-slurmrestd", "--clear-groups",
-            "slurmrestd", "-a", "rest_auth/jwt", address]
+    argv = [
+        "setpriv",
+        "--reuid=emg-slurmrestd",
+        "--regid=emg-slurmrestd",
+        "--clear-groups",
+        "slurmrestd",
+        "-a",
+        "rest_auth/jwt",
+        address,
+    ]
     env = {"PATH": os.environ["PATH"], "SLURM_JWT": "daemon", "SLURM_CONF": "/etc/slurm/slurm.conf"}
-    return ManagedProcess(f"slurmrestd-{address.rsplit(':', 1)[1]}", argv, env=env, log_dir=log_dir), f"http://{address}"
+    return ManagedProcess(
+        f"slurmrestd-{address.rsplit(':', 1)[1]}", argv, env=env, log_dir=log_dir
+    ), f"http://{address}"
 
 
 def mint_token(lifespan_s: int = 3600) -> str:
     """A JWT for the current user, as a site's token service would hand one out (`scontrol token`)."""
-    output = subprocess.run(["scontrol", "token", f"username={getpass.getuser()}", f"lifespan={lifespan_s}"],
-                            capture_output=True, text=True, check=True, timeout=30).stdout
+    output = subprocess.run(
+        ["scontrol", "token", f"username={getpass.getuser()}", f"lifespan={lifespan_s}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     return output.strip().removeprefix("SLURM_JWT=")
 
 
@@ -81,7 +98,10 @@ def accounted_comments(*, including: Iterable[str] = (), timeout: float = 30) ->
     def listed() -> dict[str, str]:
         output = subprocess.run(
             ["sacct", "-X", "--parsable2", "--noheader", "-o", "JobIDRaw,Comment", "-S", "now-1days", "-E", "now"],
-            capture_output=True, text=True, check=True, timeout=30,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
         ).stdout
         comments = dict(line.split("|", 1) for line in output.splitlines() if "|" in line)
         return comments if including <= comments.keys() else {}
@@ -100,11 +120,17 @@ def cancel_jobs_under(work_dir: str) -> list[str]:
     (what a test submitted through a stack of its own), so a failed test leaves nothing behind."""
     output = subprocess.run(
         ["squeue", "--noheader", "--all", "--me", "-t", ACTIVE_SQUEUE_STATES, "-o", "%A|%Z"],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     prefix = work_dir.rstrip("/") + "/"
-    ids = [job_id for job_id, _, directory in (line.partition("|") for line in output.splitlines())
-           if (directory.rstrip("/") + "/").startswith(prefix)]
+    ids = [
+        job_id
+        for job_id, _, directory in (line.partition("|") for line in output.splitlines())
+        if (directory.rstrip("/") + "/").startswith(prefix)
+    ]
     if ids:
         subprocess.run(["scancel", *ids], check=False, timeout=30)
     return ids
@@ -114,7 +140,10 @@ def active_jobs_of(fingerprints: set[str]) -> list[str]:
     """Ids of the jobs, any attempt, of these fingerprints that Slurm has PENDING or RUNNING right now."""
     output = subprocess.run(
         ["squeue", "--noheader", "--all", "--me", "-t", ACTIVE_SQUEUE_STATES, "-o", "%A|%k"],
-        capture_output=True, text=True, check=True, timeout=30,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     # A tag starts with the fingerprint's first 16 characters (emg.models.ClusterJob.tag).
     prefixes = tuple(job_comment(fingerprint[:16]) + "-" for fingerprint in fingerprints)
@@ -128,11 +157,25 @@ def cluster_blocked():
     A real way to keep a job from ending for exactly as long as a test needs: holding or
     suspending the job itself races with it starting and finishing in a second or two.
     """
-    blocker = subprocess.run(
-        ["sbatch", "--parsable", "--exclusive", "--job-name=emg-test-blocker", "--output=/dev/null",
-         "--wrap", "sleep 900"],
-        capture_output=True, text=True, check=True, timeout=30,
-    ).stdout.strip().split(";")[0]
+    blocker = (
+        subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--exclusive",
+                "--job-name=emg-test-blocker",
+                "--output=/dev/null",
+                "--wrap",
+                "sleep 900",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     try:
         # Exclusive: it starts once the jobs already running (other tests') have ended.
         wait_until(lambda: squeue_state(blocker) == "RUNNING", timeout=300, message="the blocking job runs")

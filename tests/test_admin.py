@@ -21,13 +21,25 @@ pytestmark = pytest.mark.django_db
 ROOT_ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "admin"
 
 
-def make_job(tmp_path, name: str = "emg-analysis-PRJEB1", state: str = "FAILED", slurm_job_id: str = "4242",
-             **fields) -> ClusterJob:
-    spec = JobSpec(name=name, command=("bash", "pipeline.sh", "--study", "PRJEB1"), work_dir=str(tmp_path),
-                   time_limit_minutes=90, memory_mb=2048, cpus=4, environment={"NXF_OPTS": "-Xms1g"})
-    job = ClusterJob.objects.declare(name=name, fingerprint=uuid.uuid4().hex, spec=spec.to_dict(),
-                                     input_hashes={"reads_1.fastq.gz": "sha256:abc123"},
-                                     policy={"max_attempts": 3})
+def make_job(
+    tmp_path, name: str = "emg-analysis-PRJEB1", state: str = "FAILED", slurm_job_id: str = "4242", **fields
+) -> ClusterJob:
+    spec = JobSpec(
+        name=name,
+        command=("bash", "pipeline.sh", "--study", "PRJEB1"),
+        work_dir=str(tmp_path),
+        time_limit_minutes=90,
+        memory_mb=2048,
+        cpus=4,
+        environment={"NXF_OPTS": "-Xms1g"},
+    )
+    job = ClusterJob.objects.declare(
+        name=name,
+        fingerprint=uuid.uuid4().hex,
+        spec=spec.to_dict(),
+        input_hashes={"reads_1.fastq.gz": "sha256:abc123"},
+        policy={"max_attempts": 3},
+    )
     ClusterJob.objects.filter(id=job.id).update(state=state, slurm_job_id=slurm_job_id, **fields)
     job.refresh_from_db()
     return job
@@ -42,8 +54,7 @@ def make_request(accession: str = "PRJEB11111", **fields) -> AnalysisRequest:
 
 
 def wait_for(request: AnalysisRequest, job: ClusterJob, step: str = "analysis") -> JobWait:
-    return JobWait.objects.create(flow_run_id=request.flow_run_id or uuid.uuid4(), step=step, job=job,
-                                  request=request)
+    return JobWait.objects.create(flow_run_id=request.flow_run_id or uuid.uuid4(), step=step, job=job, request=request)
 
 
 @pytest.fixture
@@ -51,17 +62,38 @@ def rows(tmp_path):
     log = tmp_path / "slurm-4242.out"
     log.write_text("".join(f"pipeline line {n}\n" for n in range(1, 101)) + "\x1b[31mERROR: out of memory\x1b[0m\n")
     now = timezone.now().isoformat()
-    job = make_job(tmp_path, exit_code=137, signal=9, attempts=1, log_path=str(log), raw_state="OUT_OF_MEMORY",
-                   trace=[{"name": "READ_QC (sample1)", "status": "COMPLETED", "exit": 0},
-                          {"name": "ASSEMBLY (sample1)", "status": "FAILED", "exit": 137}],
-                   history=[{"state": "SUBMITTED", "detail": "sbatch -> 4242", "at": now},
-                            {"state": "FAILED", "detail": "OUT_OF_MEMORY exit 0:9", "at": now}])
-    request = make_request(status=AnalysisRequest.Status.FAILED, current_step="analysis",
-                           status_reason="Slurm job 4242 ended OUT_OF_MEMORY", flow_run_id=uuid.uuid4())
+    job = make_job(
+        tmp_path,
+        exit_code=137,
+        signal=9,
+        attempts=1,
+        log_path=str(log),
+        raw_state="OUT_OF_MEMORY",
+        trace=[
+            {"name": "READ_QC (sample1)", "status": "COMPLETED", "exit": 0},
+            {"name": "ASSEMBLY (sample1)", "status": "FAILED", "exit": 137},
+        ],
+        history=[
+            {"state": "SUBMITTED", "detail": "sbatch -> 4242", "at": now},
+            {"state": "FAILED", "detail": "OUT_OF_MEMORY exit 0:9", "at": now},
+        ],
+    )
+    request = make_request(
+        status=AnalysisRequest.Status.FAILED,
+        current_step="analysis",
+        status_reason="Slurm job 4242 ended OUT_OF_MEMORY",
+        flow_run_id=uuid.uuid4(),
+    )
     wait = wait_for(request, job)
     tick = ReconcileTick.objects.create(started_at=timezone.now(), worker="host:1", report={"checked": 1})
-    return {"study": request.study, "request": request, "job": job, "wait": wait,
-            "event": OutboxEvent.objects.get(request=request), "tick": tick}
+    return {
+        "study": request.study,
+        "request": request,
+        "job": job,
+        "wait": wait,
+        "event": OutboxEvent.objects.get(request=request),
+        "tick": tick,
+    }
 
 
 def admin_urls(rows) -> list[str]:
@@ -97,7 +129,7 @@ def test_job_page_shows_history_log_tail_script_resources_and_input_hashes(admin
     assert "90 min" in page and "2048 MB" in page
     assert "<td>reads_1.fastq.gz</td><td>sha256:abc123</td>" in page
     # The trace's task rows, whatever column order PostgreSQL's jsonb keeps.
-    assert all(f'>{column}</a></th>' in page for column in ("name", "status", "exit"))
+    assert all(f">{column}</a></th>" in page for column in ("name", "status", "exit"))
     [row] = re.findall(r"<tr>(?:<td>[^<]*</td>)*<td>ASSEMBLY \(sample1\)</td>.*?</tr>", page)
     assert "<td>FAILED</td>" in row and "<td>137</td>" in row
     assert "137" in page and job.tag in page
@@ -155,8 +187,11 @@ def test_list_pages_make_the_same_number_of_queries_for_many_rows_as_for_one(adm
 
 
 def post_action(admin_client, model: str, action: str, objects) -> list[str]:
-    response = admin_client.post(reverse(f"admin:emg_{model}_changelist"),
-                                 {"action": action, "_selected_action": [obj.pk for obj in objects]}, follow=True)
+    response = admin_client.post(
+        reverse(f"admin:emg_{model}_changelist"),
+        {"action": action, "_selected_action": [obj.pk for obj in objects]},
+        follow=True,
+    )
     assert response.status_code == 200
     return [str(message) for message in response.context["messages"]]
 
@@ -204,6 +239,7 @@ def test_resubmit_action_declares_an_ended_job_again_and_refuses_a_live_one(admi
 
 # --- who may act --------------------------------------------------------------------------------
 
+
 def staff_user(username: str, *codenames: str) -> User:
     user = User.objects.create_user(username, password="pw-for-tests", is_staff=True)
     user.user_permissions.set(Permission.objects.filter(content_type__app_label="emg", codename__in=codenames))
@@ -211,13 +247,19 @@ def staff_user(username: str, *codenames: str) -> User:
 
 
 VIEW_ONLY = ("view_analysisrequest", "view_clusterjob")
-ACTIONS = [("analysisrequest", "cancel"), ("analysisrequest", "rerun"), ("clusterjob", "resubmit"),
-           ("analysisrequest", "delete_selected"), ("clusterjob", "delete_selected")]
+ACTIONS = [
+    ("analysisrequest", "cancel"),
+    ("analysisrequest", "rerun"),
+    ("clusterjob", "resubmit"),
+    ("analysisrequest", "delete_selected"),
+    ("clusterjob", "delete_selected"),
+]
 
 
 def post_raw_action(client, model: str, action: str, objects):
-    return client.post(reverse(f"admin:emg_{model}_changelist"),
-                       {"action": action, "_selected_action": [obj.pk for obj in objects]})
+    return client.post(
+        reverse(f"admin:emg_{model}_changelist"), {"action": action, "_selected_action": [obj.pk for obj in objects]}
+    )
 
 
 @pytest.mark.parametrize(("model", "action"), ACTIONS)
@@ -249,8 +291,9 @@ def test_the_change_permission_alone_does_not_allow_cancelling_or_rerunning(clie
 
 def test_each_action_runs_for_a_staff_user_granted_its_permission(client, rows):
     waiting = make_request(accession="PRJEB33336", status=AnalysisRequest.Status.WAITING)
-    client.force_login(staff_user("operator", *VIEW_ONLY, "cancel_analysisrequest", "rerun_analysisrequest",
-                                  "resubmit_clusterjob"))
+    client.force_login(
+        staff_user("operator", *VIEW_ONLY, "cancel_analysisrequest", "rerun_analysisrequest", "resubmit_clusterjob")
+    )
     listing = client.get(reverse("admin:emg_analysisrequest_changelist")).content.decode()
     assert 'value="cancel"' in listing and 'value="rerun"' in listing
 
@@ -267,6 +310,7 @@ def test_each_action_runs_for_a_staff_user_granted_its_permission(client, rows):
 
 # --- what may be edited --------------------------------------------------------------------------
 
+
 def form_fields(admin_client, request: AnalysisRequest) -> set[str]:
     response = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id]))
     return set(response.context["adminform"].form.fields)
@@ -280,9 +324,10 @@ def test_an_unfinished_requests_study_and_options_are_read_only(admin_client, st
     page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
     assert 'name="pipeline_options"' not in page and 'name="study"' not in page
 
-    response = admin_client.post(reverse("admin:emg_analysisrequest_change", args=[request.id]),
-                                 {"study": other.id, "pipeline_options": '{"k": 21}', "waits-TOTAL_FORMS": 0,
-                                  "waits-INITIAL_FORMS": 0})
+    response = admin_client.post(
+        reverse("admin:emg_analysisrequest_change", args=[request.id]),
+        {"study": other.id, "pipeline_options": '{"k": 21}', "waits-TOTAL_FORMS": 0, "waits-INITIAL_FORMS": 0},
+    )
     assert response.status_code == 302  # saved: the posted study and options were not form fields
 
     request.refresh_from_db()
@@ -294,8 +339,12 @@ def test_an_ended_request_can_be_edited_and_a_save_writes_only_what_its_form_cha
     other = Study.objects.create(accession="PRJEB66604")
     assert form_fields(admin_client, request) == {"study", "pipeline_options"}
     url = reverse("admin:emg_analysisrequest_change", args=[request.id])
-    shown = {"initial-study": request.study.id, "initial-pipeline_options": '{"k": 31}',
-             "waits-TOTAL_FORMS": 0, "waits-INITIAL_FORMS": 0}
+    shown = {
+        "initial-study": request.study.id,
+        "initial-pipeline_options": '{"k": 31}',
+        "waits-TOTAL_FORMS": 0,
+        "waits-INITIAL_FORMS": 0,
+    }
     # Two operators opened the form; the first changes the options, the second (shown the old
     # options) the study: the second save must not put the old options back.
     first = admin_client.post(url, {**shown, "study": request.study.id, "pipeline_options": '{"k": 21}'})
@@ -308,28 +357,41 @@ def test_an_ended_request_can_be_edited_and_a_save_writes_only_what_its_form_cha
 
 # --- a picture per request ---------------------------------------------------------------------
 
-def test_a_request_page_draws_its_life_and_its_jobs_phases_with_the_retry_and_the_waiting_times(admin_client,
-                                                                                               tmp_path):
+
+def test_a_request_page_draws_its_life_and_its_jobs_phases_with_the_retry_and_the_waiting_times(admin_client, tmp_path):
     start = timezone.now() - timezone.timedelta(days=7)
 
     def at(hours: float) -> str:
         return (start + timezone.timedelta(hours=hours)).isoformat()
 
-    request = make_request(accession="PRJEB88801", status="COMPLETED", finished_at=start + timezone.timedelta(days=6),
-                           created_at=start, history=[
-                               {"state": "RUNNING", "detail": "fetching from ENA", "at": at(0.1)},
-                               {"state": "WAITING", "detail": "assembly", "at": at(0.2)},
-                               {"state": "RUNNING", "detail": "assembly", "at": at(6 * 24 - 1)},
-                               {"state": "COMPLETED", "detail": "results in /r <b>", "at": at(6 * 24)}])
-    job = make_job(tmp_path, name="emg-assembly-PRJEB88801", state="COMPLETED", created_at=start, history=[
-        {"state": "CLAIMED", "detail": "attempt 1", "at": at(0.2)},
-        {"state": "SUBMITTED", "detail": "sbatch -> 1", "at": at(0.2)},
-        {"state": "RUNNING", "detail": "RUNNING", "at": at(48.2)},  # queued 2 days
-        {"state": "OUT_OF_MEMORY", "detail": "OUT_OF_MEMORY exit 0:9", "at": at(50)},
-        {"state": "DECLARED", "detail": "out of memory: 2048 MB -> 4096 MB", "at": at(50)},
-        {"state": "SUBMITTED", "detail": "sbatch -> 2", "at": at(50.1)},
-        {"state": "RUNNING", "detail": "RUNNING", "at": at(51)},
-        {"state": "COMPLETED", "detail": "COMPLETED exit 0:0", "at": at(6 * 24 - 1)}])
+    request = make_request(
+        accession="PRJEB88801",
+        status="COMPLETED",
+        finished_at=start + timezone.timedelta(days=6),
+        created_at=start,
+        history=[
+            {"state": "RUNNING", "detail": "fetching from ENA", "at": at(0.1)},
+            {"state": "WAITING", "detail": "assembly", "at": at(0.2)},
+            {"state": "RUNNING", "detail": "assembly", "at": at(6 * 24 - 1)},
+            {"state": "COMPLETED", "detail": "results in /r <b>", "at": at(6 * 24)},
+        ],
+    )
+    job = make_job(
+        tmp_path,
+        name="emg-assembly-PRJEB88801",
+        state="COMPLETED",
+        created_at=start,
+        history=[
+            {"state": "CLAIMED", "detail": "attempt 1", "at": at(0.2)},
+            {"state": "SUBMITTED", "detail": "sbatch -> 1", "at": at(0.2)},
+            {"state": "RUNNING", "detail": "RUNNING", "at": at(48.2)},  # queued 2 days
+            {"state": "OUT_OF_MEMORY", "detail": "OUT_OF_MEMORY exit 0:9", "at": at(50)},
+            {"state": "DECLARED", "detail": "out of memory: 2048 MB -> 4096 MB", "at": at(50)},
+            {"state": "SUBMITTED", "detail": "sbatch -> 2", "at": at(50.1)},
+            {"state": "RUNNING", "detail": "RUNNING", "at": at(51)},
+            {"state": "COMPLETED", "detail": "COMPLETED exit 0:0", "at": at(6 * 24 - 1)},
+        ],
+    )
     wait_for(request, job, step="assembly")
 
     page = admin_client.get(reverse("admin:emg_analysisrequest_change", args=[request.id])).content.decode()
@@ -352,9 +414,20 @@ def screenshot(html: str, name: str) -> None:
     page.write_text(f"<!doctype html><html><body>{html}</body></html>")
     picture = ROOT_ARTIFACTS / f"{name}.png"
     picture.unlink(missing_ok=True)
-    subprocess.run([shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu",
-                    "--window-size=1000,400", f"--screenshot={picture}", page.as_uri()],
-                   capture_output=True, timeout=60, check=True)
+    subprocess.run(
+        [
+            shutil.which("chromium") or "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--window-size=1000,400",
+            f"--screenshot={picture}",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     assert picture.stat().st_size > 1000
 
 
@@ -366,8 +439,14 @@ def test_a_request_with_no_history_yet_draws_its_pending_time(admin_client):
 
 # --- efficiency -------------------------------------------------------------------------------
 
-USAGE = {"elapsed_s": 7200, "cpu_s": 3600, "cpus": 4, "max_rss_mb": 1800, "requested_memory_mb": 2048,
-         "time_limit_s": 6 * 3600}
+USAGE = {
+    "elapsed_s": 7200,
+    "cpu_s": 3600,
+    "cpus": 4,
+    "max_rss_mb": 1800,
+    "requested_memory_mb": 2048,
+    "time_limit_s": 6 * 3600,
+}
 
 
 def test_a_jobs_page_shows_what_it_used_of_what_it_asked_and_flags_the_under_used(admin_client, rows):
@@ -382,12 +461,32 @@ def test_a_jobs_page_shows_what_it_used_of_what_it_asked_and_flags_the_under_use
     assert "33%: 2h of a 6h limit (under-used)" in page
 
 
-TRACE_TASKS = [{"task_id": "1", "name": "READ_QC (s1)", "status": "COMPLETED", "realtime_s": 90.0,
-                "peak_rss_bytes": 300 * 1024 * 1024, "cpu_percent": 95.5},
-               {"task_id": "2", "name": "ASSEMBLY (s1)", "status": "COMPLETED", "realtime_s": 7200.0,
-                "peak_rss_bytes": 1536 * 1024 * 1024, "cpu_percent": 380.0},
-               {"task_id": "3", "name": "ANNOTATE (s1)", "status": "ABORTED", "realtime_s": None,
-                "peak_rss_bytes": None, "cpu_percent": None}]
+TRACE_TASKS = [
+    {
+        "task_id": "1",
+        "name": "READ_QC (s1)",
+        "status": "COMPLETED",
+        "realtime_s": 90.0,
+        "peak_rss_bytes": 300 * 1024 * 1024,
+        "cpu_percent": 95.5,
+    },
+    {
+        "task_id": "2",
+        "name": "ASSEMBLY (s1)",
+        "status": "COMPLETED",
+        "realtime_s": 7200.0,
+        "peak_rss_bytes": 1536 * 1024 * 1024,
+        "cpu_percent": 380.0,
+    },
+    {
+        "task_id": "3",
+        "name": "ANNOTATE (s1)",
+        "status": "ABORTED",
+        "realtime_s": None,
+        "peak_rss_bytes": None,
+        "cpu_percent": None,
+    },
+]
 
 
 def test_the_nextflow_trace_says_which_task_the_memory_request_must_cover_and_how_busy_the_cpus_were(
@@ -408,8 +507,13 @@ def test_the_nextflow_trace_says_which_task_the_memory_request_must_cover_and_ho
 
 def test_a_request_page_reports_each_jobs_efficiency_and_the_summary_per_step(admin_client, rows, tmp_path):
     ClusterJob.objects.filter(id=rows["job"].id).update(usage=USAGE)
-    second = make_job(tmp_path, name="emg-assembly-PRJEB1", state="COMPLETED", slurm_job_id="4343",
-                      usage={**USAGE, "cpu_s": 4 * 7000, "max_rss_mb": 1000})
+    second = make_job(
+        tmp_path,
+        name="emg-assembly-PRJEB1",
+        state="COMPLETED",
+        slurm_job_id="4343",
+        usage={**USAGE, "cpu_s": 4 * 7000, "max_rss_mb": 1000},
+    )
     wait_for(rows["request"], second, step="assembly")
     unmeasured = make_job(tmp_path, name="emg-datamove", state="COMPLETED", slurm_job_id="4444")
     wait_for(rows["request"], unmeasured, step="data move")
@@ -426,7 +530,7 @@ def test_a_request_page_reports_each_jobs_efficiency_and_the_summary_per_step(ad
     assert "<td>analysis</td><td>1</td><td>1</td><td>12%</td><td>88%</td><td>1800 MB of 2048 MB</td>" in text
     assert "<td>assembly</td><td>1</td><td>1</td><td>97%</td><td>49%</td><td>1000 MB of 2048 MB</td>" in text
     assert "data move" not in text
-    screenshot(text[text.index("<table>"):text.index("</table>") + 8], "efficiency-summary")
+    screenshot(text[text.index("<table>") : text.index("</table>") + 8], "efficiency-summary")
 
 
 def test_the_efficiency_summary_is_for_staff_who_may_view_jobs(client, rows):
@@ -439,21 +543,50 @@ def test_the_efficiency_summary_is_for_staff_who_may_view_jobs(client, rows):
 
 
 def test_a_jobs_nextflow_trace_is_a_summary_and_a_task_table_sortable_by_any_column(admin_client, tmp_path):
-    tasks = [{"task_id": "1", "name": "READ_QC (s1)", "status": "COMPLETED", "realtime_s": 90.0,
-              "peak_rss_bytes": 300 * 1024 * 1024, "cpu_percent": 95.5},
-             {"task_id": "2", "name": "ASSEMBLY (s1)", "status": "FAILED", "realtime_s": 7200.0,
-              "peak_rss_bytes": 3 * 1024 ** 3, "cpu_percent": 380.0},
-             {"task_id": "3", "name": "ANNOTATE (s1)", "status": "ABORTED", "realtime_s": None,
-              "peak_rss_bytes": None, "cpu_percent": None}]
-    job = make_job(tmp_path, trace={"summary": {"tasks": 3, "by_status": {"COMPLETED": 1, "FAILED": 1},
-                                                "max_peak_rss_bytes": 3 * 1024 ** 3, "failed_tasks": ["ASSEMBLY (s1)"]},
-                                    "tasks": tasks})
+    tasks = [
+        {
+            "task_id": "1",
+            "name": "READ_QC (s1)",
+            "status": "COMPLETED",
+            "realtime_s": 90.0,
+            "peak_rss_bytes": 300 * 1024 * 1024,
+            "cpu_percent": 95.5,
+        },
+        {
+            "task_id": "2",
+            "name": "ASSEMBLY (s1)",
+            "status": "FAILED",
+            "realtime_s": 7200.0,
+            "peak_rss_bytes": 3 * 1024**3,
+            "cpu_percent": 380.0,
+        },
+        {
+            "task_id": "3",
+            "name": "ANNOTATE (s1)",
+            "status": "ABORTED",
+            "realtime_s": None,
+            "peak_rss_bytes": None,
+            "cpu_percent": None,
+        },
+    ]
+    job = make_job(
+        tmp_path,
+        trace={
+            "summary": {
+                "tasks": 3,
+                "by_status": {"COMPLETED": 1, "FAILED": 1},
+                "max_peak_rss_bytes": 3 * 1024**3,
+                "failed_tasks": ["ASSEMBLY (s1)"],
+            },
+            "tasks": tasks,
+        },
+    )
     url = reverse("admin:emg_clusterjob_change", args=[job.id])
 
     def names_in_order(**query) -> list[str]:
         page = admin_client.get(url, query).content.decode()
-        table = page[page.index('<table id="trace"'):]
-        table = table[:table.index("</table>")]
+        table = page[page.index('<table id="trace"') :]
+        table = table[: table.index("</table>")]
         return re.findall(r"<td>(\w+ \(s1\))</td>", table)
 
     page = admin_client.get(url).content.decode()
@@ -463,11 +596,14 @@ def test_a_jobs_nextflow_trace_is_a_summary_and_a_task_table_sortable_by_any_col
     assert "<td>2h</td>" in page and "<td>380.0%</td>" in page
     assert names_in_order() == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
     assert names_in_order(trace_sort="peak_rss_bytes", trace_order="desc") == [
-        "ASSEMBLY (s1)", "READ_QC (s1)", "ANNOTATE (s1)"]  # missing values last either way
+        "ASSEMBLY (s1)",
+        "READ_QC (s1)",
+        "ANNOTATE (s1)",
+    ]  # missing values last either way
     assert names_in_order(trace_sort="realtime_s") == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
     assert names_in_order(trace_sort="name") == ["ANNOTATE (s1)", "ASSEMBLY (s1)", "READ_QC (s1)"]
     assert names_in_order(trace_sort="not-a-column") == ["READ_QC (s1)", "ASSEMBLY (s1)", "ANNOTATE (s1)"]
     sorted_page = admin_client.get(url, {"trace_sort": "name"}).content.decode()
     assert 'href="?trace_sort=name&amp;trace_order=desc#trace">name▲</a>' in sorted_page
-    table = sorted_page[sorted_page.index('<table id="trace"'):]
-    screenshot(table[:table.index("</table>") + 8], "trace-table")
+    table = sorted_page[sorted_page.index('<table id="trace"') :]
+    screenshot(table[: table.index("</table>") + 8], "trace-table")

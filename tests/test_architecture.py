@@ -25,14 +25,18 @@ def contract_names() -> dict[str, str]:
     config = configparser.ConfigParser()
     config.read(ROOT / ".importlinter")
     prefix = "importlinter:contract:"
-    return {section.removeprefix(prefix): config[section]["name"] for section in config.sections()
-            if section.startswith(prefix)}
+    return {
+        section.removeprefix(prefix): config[section]["name"]
+        for section in config.sections()
+        if section.startswith(prefix)
+    }
 
 
 def lint_imports(cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(cwd)}
-    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache"], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def copy_tree(destination: Path) -> None:
@@ -80,8 +84,12 @@ CONFIG_NAMES = {"SECRET_KEY", "DEBUG"}
 
 
 def _is_environ(node: ast.AST) -> bool:
-    return isinstance(node, ast.Attribute) and node.attr == "environ" and isinstance(node.value, ast.Name) \
+    return (
+        isinstance(node, ast.Attribute)
+        and node.attr == "environ"
+        and isinstance(node.value, ast.Name)
         and node.value.id == "os"
+    )
 
 
 def _constant_str(node: ast.AST) -> str | None:
@@ -99,16 +107,27 @@ def environment_reads(source: str) -> set[str]:
         elif isinstance(node, ast.Call) and node.args:
             func = node.func
             reads = (
-                (isinstance(func, ast.Attribute) and _is_environ(func.value)
-                 and func.attr in {"get", "setdefault", "pop"})
-                or (isinstance(func, ast.Attribute) and func.attr == "getenv"
-                    and isinstance(func.value, ast.Name) and func.value.id == "os")
+                (
+                    isinstance(func, ast.Attribute)
+                    and _is_environ(func.value)
+                    and func.attr in {"get", "setdefault", "pop"}
+                )
+                or (
+                    isinstance(func, ast.Attribute)
+                    and func.attr == "getenv"
+                    and isinstance(func.value, ast.Name)
+                    and func.value.id == "os"
+                )
                 or (isinstance(func, ast.Name) and func.id.startswith("_env_"))
             )
             if reads:
                 name = _constant_str(node.args[0])
-        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.In) \
-                and _is_environ(node.comparators[0]):
+        elif (
+            isinstance(node, ast.Compare)
+            and len(node.ops) == 1
+            and isinstance(node.ops[0], ast.In)
+            and _is_environ(node.comparators[0])
+        ):
             name = _constant_str(node.left)
         if name:
             names.add(name)
@@ -150,12 +169,20 @@ def test_the_scanner_finds_every_kind_of_read():
 def test_settings_reads_are_found():
     found = configuration_variables()
     # A sample of what emg/settings.py reads, so a scanner that finds nothing cannot pass.
-    for name in ("DATABASE_URL", "REDIS_URL", "DJANGO_SECRET_KEY", "EMG_WORK_DIR", "EMG_INSTANCE_NAMESPACE",
-                 "EMG_WORKER_ROLES", "DEMO_ONCE"):
+    for name in (
+        "DATABASE_URL",
+        "REDIS_URL",
+        "DJANGO_SECRET_KEY",
+        "EMG_WORK_DIR",
+        "EMG_INSTANCE_NAMESPACE",
+        "EMG_WORKER_ROLES",
+        "DEMO_ONCE",
+    ):
         assert name in found
 
 
 def test_every_environment_variable_read_is_in_the_readme_table():
-    missing = {name: sorted(paths) for name, paths in configuration_variables().items()
-               if name not in documented_variables()}
+    missing = {
+        name: sorted(paths) for name, paths in configuration_variables().items() if name not in documented_variables()
+    }
     assert not missing, f"add these to README.md's configuration table (default and meaning): {missing}"

@@ -42,9 +42,9 @@ BAD_ACCESSIONS = [
     " PRJEB40001",
     "PRJEB40001\n",
     "PRJEB40001\x00",
-    "PRJEB" + "1" * 12,            # too long for an accession and for the column
+    "PRJEB" + "1" * 12,  # too long for an accession and for the column
     "PRJEB" + "1" * 5000,
-    "PRJEB４０００１",                # full-width digits
+    "PRJEB４０００１",  # full-width digits
     "ПРJEB40001",
     "PRJEB1'; DROP TABLE emg_study; --",
     'PRJEB1" OR study_accession="PRJEB40001',
@@ -82,6 +82,7 @@ def test_a_bad_accession_that_reached_a_flow_is_never_sent_to_ena(accession, ena
 
 # --- model fields with newlines and '|' --------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["note|x", "note\nx", "Note", "1note", "note x", "note;x", "n" * 41])
 def test_a_pipeline_option_name_that_is_not_an_identifier_is_refused_before_anything_is_saved(name):
     study = Study.objects.create(accession="PRJEB40001")
@@ -99,14 +100,15 @@ def test_option_values_with_newlines_pipes_quotes_and_substitutions_reach_the_jo
         "pipe": "a|b || c",
         "subst": f"$(touch {marker})",
         "backtick": f"`touch {marker}`",
-        "quote": "it's \"quoted\"",
+        "quote": 'it\'s "quoted"',
         "glob": "*",
         "semicolon": f"x; touch {marker}",
     }
     # Declared string options may hold anything: values are never pasted into a shell.
     echo_argv = "python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
-    spec = JobSpec(name="emg-assembly-PRJEB40001", command=command(echo_argv, *option_arguments(options)),
-                   work_dir=str(tmp_path))
+    spec = JobSpec(
+        name="emg-assembly-PRJEB40001", command=command(echo_argv, *option_arguments(options)), work_dir=str(tmp_path)
+    )
     script = tmp_path / "job.sh"
     script.write_text(build_script(spec))
 
@@ -156,6 +158,7 @@ def test_a_job_name_with_pipes_and_newlines_is_sanitised_for_slurm(tmp_path):
 
 # --- Slurm answers we cannot fully read ----------------------------------------------------------------
 
+
 @pytest.fixture
 def only_our_ticks(transactional_db):
     """The beat's tick lock, held: a session stack, if one runs, skips its ticks while ours read canned output."""
@@ -165,17 +168,30 @@ def only_our_ticks(transactional_db):
 
 def reconciler(cluster: SlurmCluster, **limits) -> Reconciler:
     # No request and no flow run exists here, so the Prefect client is never called.
-    return Reconciler(cluster, None, max_active_jobs=100, max_submissions_per_minute=100, resumes_per_tick=10,
-                      zombie_after=timedelta(hours=1), max_flow_reruns=3, **limits)
+    return Reconciler(
+        cluster,
+        None,
+        max_active_jobs=100,
+        max_submissions_per_minute=100,
+        resumes_per_tick=10,
+        zombie_after=timedelta(hours=1),
+        max_flow_reruns=3,
+        **limits,
+    )
 
 
 def running_job(slurm_job_id: str, tmp_path, *, submitted_ago: timedelta = timedelta(minutes=10)) -> ClusterJob:
     now = timezone.now()
     return ClusterJob.objects.create(
-        name=f"job-{slurm_job_id}", fingerprint=uuid.uuid4().hex * 2,
+        name=f"job-{slurm_job_id}",
+        fingerprint=uuid.uuid4().hex * 2,
         spec=JobSpec(name=f"job-{slurm_job_id}", command=("true",), work_dir=str(tmp_path)).to_dict(),
-        state=ClusterJobState.RUNNING, raw_state="RUNNING", slurm_job_id=slurm_job_id, attempts=1,
-        submit_time=now - submitted_ago, submission_started_at=now - submitted_ago,
+        state=ClusterJobState.RUNNING,
+        raw_state="RUNNING",
+        slurm_job_id=slurm_job_id,
+        attempts=1,
+        submit_time=now - submitted_ago,
+        submission_started_at=now - submitted_ago,
         history=[{"state": "RUNNING", "detail": "RUNNING", "at": now.isoformat()}],
     )
 
@@ -188,8 +204,9 @@ def sacct_line(job: ClusterJob, state: str, exit_code: str = "0:0") -> str:
 
 def test_an_unknown_slurm_state_is_recorded_and_polled_on_and_never_cancels_the_job(only_our_ticks, tmp_path):
     strange, normal = running_job("9001", tmp_path), running_job("9002", tmp_path)
-    cluster = CannedSlurm(sacct_by_id="\n".join([sacct_line(strange, "EXPEDITING"),
-                                                 sacct_line(normal, "COMPLETED")]) + "\n")
+    cluster = CannedSlurm(
+        sacct_by_id="\n".join([sacct_line(strange, "EXPEDITING"), sacct_line(normal, "COMPLETED")]) + "\n"
+    )
     ticks = reconciler(cluster)
 
     first = ticks.tick()
@@ -224,9 +241,10 @@ def test_a_truncated_sacct_answer_updates_the_jobs_it_holds_and_neither_regresse
 
     jobs = {job.slurm_job_id: job for job in ClusterJob.objects.all()}
     assert {job_id: job.state for job_id, job in jobs.items()} == {
-        "9011": "COMPLETED", "9012": "FAILED",
-        "9013": "COMPLETED",   # missing from the answer and from squeue: found by its tag, not resubmitted
-        "9014": "RUNNING",     # missing, but reported running before: left as it was, not SUBMITTED again
+        "9011": "COMPLETED",
+        "9012": "FAILED",
+        "9013": "COMPLETED",  # missing from the answer and from squeue: found by its tag, not resubmitted
+        "9014": "RUNNING",  # missing, but reported running before: left as it was, not SUBMITTED again
     }
     assert jobs["9012"].exit_code == 3
     assert any("9013" in error and "found by its tag" in error for error in report.errors)
@@ -236,7 +254,8 @@ def test_a_truncated_sacct_answer_updates_the_jobs_it_holds_and_neither_regresse
 
 def test_an_unreadable_queue_line_does_not_stop_submissions(only_our_ticks, tmp_path):
     declared = ClusterJob.objects.create(
-        name="declared", fingerprint=uuid.uuid4().hex * 2,
+        name="declared",
+        fingerprint=uuid.uuid4().hex * 2,
         spec=JobSpec(name="declared", command=("true",), work_dir=str(tmp_path)).to_dict(),
     )
     cluster = CannedSlurm(squeue="EXPEDITING|emg:someone-else-1-1\n")
@@ -250,6 +269,7 @@ def test_an_unreadable_queue_line_does_not_stop_submissions(only_our_ticks, tmp_
 
 
 # --- ENA answers that are not what they should be -------------------------------------------------------
+
 
 @contextmanager
 def http_server(status: int, content_type: str, body: bytes):
@@ -276,7 +296,7 @@ def http_server(status: int, content_type: str, body: bytes):
 
 @pytest.mark.parametrize(
     ("accession", "content_type", "body", "reason"),
-    [   # studies no other test fetches, so no cached answer stands in for these
+    [  # studies no other test fetches, so no cached answer stands in for these
         ("PRJEB49001", "text/html", b"<html><body>Service temporarily unavailable</body></html>", "is not JSON"),
         ("PRJEB49002", "application/json", b'[{"study_accession": "PRJEB4', "is not JSON"),
         ("PRJEB49003", "application/json", b'{"message": "maintenance"}', "is not a list of records"),
@@ -305,7 +325,12 @@ def test_an_answer_from_ena_that_is_not_a_json_list_fails_the_request_clearly_an
 @pytest.mark.parametrize("roles", ["dispatch,tick", "", " , "])
 def test_a_celery_worker_given_unknown_roles_refuses_to_start_and_names_the_roles_it_knows(roles):
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "emg.settings", "EMG_WORKER_ROLES": roles}
-    result = subprocess.run([venv_script("celery"), "-A", "workers", "worker", "-l", "INFO"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [venv_script("celery"), "-A", "workers", "worker", "-l", "INFO"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert f"EMG_WORKER_ROLES={roles!r}: expected a comma-separated list of ['dispatch', 'reconcile']" in result.stderr

@@ -31,8 +31,9 @@ def sections(output: str) -> list[str]:
 
 def declare(tmp_path, name: str) -> ClusterJob:
     spec = JobSpec(name=name, command=("true",), work_dir=str(tmp_path), time_limit_minutes=1, memory_mb=100)
-    return ClusterJob.objects.declare(name=name, fingerprint=uuid.uuid4().hex, spec=spec.to_dict(), input_hashes={},
-                                      policy={})
+    return ClusterJob.objects.declare(
+        name=name, fingerprint=uuid.uuid4().hex, spec=spec.to_dict(), input_hashes={}, policy={}
+    )
 
 
 def long_ago(seconds: float):
@@ -52,16 +53,20 @@ def test_status_lists_requests_and_jobs_and_names_what_is_stuck(tmp_path, reconc
     waiting = AnalysisRequest.objects.create(study=study)
     done = AnalysisRequest.objects.create(study=study)
     flow_run = uuid.uuid4()
-    AnalysisRequest.objects.filter(id=waiting.id).update(status="WAITING", current_step="analysis",
-                                                         flow_run_id=flow_run, updated_at=long_ago(3600))
-    AnalysisRequest.objects.filter(id=done.id).update(status="COMPLETED", finished_at=timezone.now(),
-                                                      status_reason="Slurm job 11 completed")
+    AnalysisRequest.objects.filter(id=waiting.id).update(
+        status="WAITING", current_step="analysis", flow_run_id=flow_run, updated_at=long_ago(3600)
+    )
+    AnalysisRequest.objects.filter(id=done.id).update(
+        status="COMPLETED", finished_at=timezone.now(), status_reason="Slurm job 11 completed"
+    )
     OutboxEvent.objects.filter(request=done).update(dispatched_at=timezone.now())
-    OutboxEvent.objects.filter(request=waiting).update(created_at=long_ago(600), publish_attempts=3,
-                                                       last_error="publish failed: broker down")
+    OutboxEvent.objects.filter(request=waiting).update(
+        created_at=long_ago(600), publish_attempts=3, last_error="publish failed: broker down"
+    )
     silent = declare(tmp_path, "silent-job")
-    ClusterJob.objects.filter(id=silent.id).update(state=ClusterJobState.RUNNING, slurm_job_id="31337",
-                                                   state_checked_at=long_ago(3600))
+    ClusterJob.objects.filter(id=silent.id).update(
+        state=ClusterJobState.RUNNING, slurm_job_id="31337", state_checked_at=long_ago(3600)
+    )
     ended = declare(tmp_path, "ended-job")
     ClusterJob.objects.filter(id=ended.id).update(state="FAILED", slurm_job_id="31338", exit_code=2)
     JobWait.objects.create(flow_run_id=flow_run, step="analysis", job=ended, request=waiting)
@@ -72,8 +77,10 @@ def test_status_lists_requests_and_jobs_and_names_what_is_stuck(tmp_path, reconc
     assert re.search(rf"^{silent.id} +silent-job +31337 +RUNNING .* 1h +-$", jobs_part, re.M)
     assert re.search(rf"^{ended.id} +ended-job +31338 +FAILED +2 .* #{waiting.id}$", jobs_part, re.M)
     assert "the reconciler has not ticked yet" in stuck_part
-    assert f"request #{waiting.id}, generation 1) not dispatched after 10m, published 3 time(s): publish failed" \
+    assert (
+        f"request #{waiting.id}, generation 1) not dispatched after 10m, published 3 time(s): publish failed"
         in stuck_part
+    )
     assert f"job #{silent.id} (Slurm 31337, RUNNING) not checked for 1h" in stuck_part
     assert f"request #{waiting.id} WAITING for 1h with no live job" in stuck_part
     assert f"request #{done.id}" not in stuck_part
@@ -89,14 +96,17 @@ def test_status_says_nothing_is_stuck_when_all_is_well():
 def test_a_job_whose_state_a_recent_tick_read_unchanged_is_not_stuck(tmp_path):
     """Ticks do not rewrite a job they found unchanged: its last check is the tick's read of every awaited job."""
     quiet = declare(tmp_path, "quiet-job")
-    ClusterJob.objects.filter(id=quiet.id).update(state=ClusterJobState.RUNNING, slurm_job_id="31339",
-                                                  state_checked_at=long_ago(7200))
-    ReconcileTick.objects.create(started_at=long_ago(3600), finished_at=long_ago(3600),
-                                 job_states_read_at=long_ago(3600))
+    ClusterJob.objects.filter(id=quiet.id).update(
+        state=ClusterJobState.RUNNING, slurm_job_id="31339", state_checked_at=long_ago(7200)
+    )
+    ReconcileTick.objects.create(
+        started_at=long_ago(3600), finished_at=long_ago(3600), job_states_read_at=long_ago(3600)
+    )
     assert f"job #{quiet.id} (Slurm 31339, RUNNING) not checked for 1h" in sections(run("emg_status"))[2]
 
-    ReconcileTick.objects.create(started_at=timezone.now(), finished_at=timezone.now(),
-                                 job_states_read_at=timezone.now())
+    ReconcileTick.objects.create(
+        started_at=timezone.now(), finished_at=timezone.now(), job_states_read_at=timezone.now()
+    )
     _, jobs_part, stuck_part = sections(run("emg_status"))
     assert re.search(rf"^{quiet.id} +quiet-job +31339 +RUNNING .* 0s +-$", jobs_part, re.M)
     assert f"job #{quiet.id}" not in stuck_part
@@ -139,8 +149,12 @@ def test_reconcile_once_submits_a_declared_job_and_then_reports_its_end(slurm_cl
     assert job.state == ClusterJobState.SUBMITTED and job.slurm_job_id
     assert f"submitted: {job.slurm_job_id}" in output.splitlines()
     try:
-        ended = wait_until(lambda: (out := tick_when_free()) and f"{job.slurm_job_id} -> COMPLETED" in out and out,
-                           timeout=90, interval=1, message="a tick saw the job complete")
+        ended = wait_until(
+            lambda: (out := tick_when_free()) and f"{job.slurm_job_id} -> COMPLETED" in out and out,
+            timeout=90,
+            interval=1,
+            message="a tick saw the job complete",
+        )
     finally:
         subprocess.run(["scancel", job.slurm_job_id], check=False, timeout=30)
     assert "checked 1 awaited job(s) with Slurm" in ended
@@ -169,13 +183,13 @@ def test_status_shows_the_prefect_state_of_every_request_beyond_one_page_of_the_
         for flow_run_id in flow_runs[::7]:
             prefect.set_flow_run_state(flow_run_id, Running(), force=True)
     study = Study.objects.create(accession="PRJEB55599")
-    AnalysisRequest.objects.bulk_create(AnalysisRequest(study=study, status="WAITING", flow_run_id=flow_run_id)
-                                        for flow_run_id in flow_runs)
+    AnalysisRequest.objects.bulk_create(
+        AnalysisRequest(study=study, status="WAITING", flow_run_id=flow_run_id) for flow_run_id in flow_runs
+    )
 
     requests_part = sections(run("emg_status"))[0]
 
-    rows = {line.split()[5]: line.split()[6] for line in requests_part.splitlines()
-            if "PRJEB55599" in line}
+    rows = {line.split()[5]: line.split()[6] for line in requests_part.splitlines() if "PRJEB55599" in line}
     assert len(rows) == count
     assert {rows[str(flow_run_id)] for flow_run_id in flow_runs[::7]} == {"Running"}
     assert set(rows.values()) == {"Running", "Pending"}

@@ -63,8 +63,17 @@ def compose(tmp_path_factory):
     def run(variables: dict[str, str], *args: str) -> subprocess.CompletedProcess:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(env_file.parent), **variables}
         return subprocess.run(
-            [*command, "--env-file", str(env_file), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE),
-             "config", *args],
+            [
+                *command,
+                "--env-file",
+                str(env_file),
+                "--project-directory",
+                str(ROOT),
+                "-f",
+                str(COMPOSE_FILE),
+                "config",
+                *args,
+            ],
             env=env,
             cwd=ROOT,
             capture_output=True,
@@ -162,7 +171,9 @@ def test_commands(services):
     assert command_text(services["prefect-worker"]) == "python -m flows.serve"
     assert command_text(services["celery-worker"]) == "celery -A workers worker -l INFO"
     assert command_text(services["celery-tick-worker"]) == "celery -A workers worker -l INFO --concurrency 1"
-    assert command_text(services["celery-beat"]) == "celery -A workers beat -l INFO --schedule /var/lib/emg/beat/schedule"
+    assert (
+        command_text(services["celery-beat"]) == "celery -A workers beat -l INFO --schedule /var/lib/emg/beat/schedule"
+    )
     assert command_text(services["flower"]).startswith("celery -A workers flower --port=5555")
     web = command_text(services["web"])
     assert "python manage.py migrate --noinput &&" in web
@@ -254,8 +265,10 @@ def strings(node, path=()):
 
 def test_secrets_appear_only_where_they_belong(config):
     allowed = {
-        PG_PASSWORD: {("services", "postgres", "environment", "POSTGRES_PASSWORD"),
-                      ("services", "prefect-server", "environment", "PREFECT_SERVER_DATABASE_CONNECTION_URL")}
+        PG_PASSWORD: {
+            ("services", "postgres", "environment", "POSTGRES_PASSWORD"),
+            ("services", "prefect-server", "environment", "PREFECT_SERVER_DATABASE_CONNECTION_URL"),
+        }
         | {("services", name, "environment", "DATABASE_URL") for name in APP_SERVICES},
         DJANGO_SECRET: {("services", name, "environment", "DJANGO_SECRET_KEY") for name in APP_SERVICES},
         FLOWER_AUTH: {("services", "flower", "environment", "FLOWER_BASIC_AUTH")},

@@ -63,10 +63,21 @@ def own_postgres(service_logs):
 
 
 def test_an_idle_connection_is_replaced_after_a_server_restart_and_a_transaction_is_not_replayed(own_postgres):
-    env = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "emg.settings", "DATABASE_URL": own_postgres.url(),
-           "EMG_VAR_DIR": str(own_postgres.root)}
-    process = subprocess.Popen([sys.executable, "-c", IDLE_THROUGH_RESTART], env=env, cwd=ROOT, text=True,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DJANGO_SETTINGS_MODULE": "emg.settings",
+        "DATABASE_URL": own_postgres.url(),
+        "EMG_VAR_DIR": str(own_postgres.root),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", IDLE_THROUGH_RESTART],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         before = process.stdout.readline().split()
         assert before[:1] == ["before"], process.stderr.read()
@@ -108,10 +119,21 @@ print("connected", round(time.monotonic() - started, 1), flush=True)
 
 
 def test_a_process_that_was_connected_waits_for_a_server_that_is_restarting(own_postgres):
-    env = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "emg.settings", "DATABASE_URL": own_postgres.url(),
-           "EMG_VAR_DIR": str(own_postgres.root)}
-    process = subprocess.Popen([sys.executable, "-c", NEW_WRAPPER_WHILE_DOWN], env=env, cwd=ROOT, text=True,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DJANGO_SETTINGS_MODULE": "emg.settings",
+        "DATABASE_URL": own_postgres.url(),
+        "EMG_VAR_DIR": str(own_postgres.root),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", NEW_WRAPPER_WHILE_DOWN],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert process.stdout.readline().strip() == "ready", process.stderr.read()
         own_postgres._pg_ctl("-m", "fast", "stop")
@@ -146,8 +168,9 @@ def test_a_process_whose_first_connection_meets_a_server_going_down_waits_for_it
     import psycopg
 
     holder = psycopg.connect(own_postgres.url())  # a smart shutdown waits for every session to end
-    own_postgres._as_postgres(str(own_postgres.BIN / "pg_ctl"), "-D", str(own_postgres.data), "-m", "smart", "-W",
-                              "stop")
+    own_postgres._as_postgres(
+        str(own_postgres.BIN / "pg_ctl"), "-D", str(own_postgres.data), "-m", "smart", "-W", "stop"
+    )
 
     def refuses_as_shutting_down() -> bool:
         try:
@@ -157,16 +180,27 @@ def test_a_process_whose_first_connection_meets_a_server_going_down_waits_for_it
         return False
 
     wait_until(refuses_as_shutting_down, timeout=30, message="the server refuses new sessions: shutting down")
-    env = {"PATH": "/usr/bin:/bin", "DJANGO_SETTINGS_MODULE": "emg.settings", "DATABASE_URL": own_postgres.url(),
-           "EMG_VAR_DIR": str(own_postgres.root)}
-    process = subprocess.Popen([sys.executable, "-c", FIRST_CONNECTION], env=env, cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "DJANGO_SETTINGS_MODULE": "emg.settings",
+        "DATABASE_URL": own_postgres.url(),
+        "EMG_VAR_DIR": str(own_postgres.root),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", FIRST_CONNECTION],
+        env=env,
+        cwd=ROOT,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         time.sleep(2)  # the process is refused all this while; it must still be waiting, not failed
         assert process.poll() is None, process.stderr.read()
         holder.close()
-        wait_until(lambda: not (own_postgres.data / "postmaster.pid").exists(), timeout=30,
-                   message="the server has shut down")
+        wait_until(
+            lambda: not (own_postgres.data / "postmaster.pid").exists(), timeout=30, message="the server has shut down"
+        )
         own_postgres.start()
         answer = process.stdout.readline().split()
         assert answer[:1] == ["connected"], process.stderr.read()

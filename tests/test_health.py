@@ -39,8 +39,10 @@ def live_services(prefect_api_url, slurm_cluster):
 def own_redis(service_logs):
     port = free_port()
     server = ManagedProcess(
-        "redis-health", [shutil.which("redis-server"), "--port", str(port), "--save", "", "--appendonly", "no"],
-        env={}, log_dir=service_logs,
+        "redis-health",
+        [shutil.which("redis-server"), "--port", str(port), "--save", "", "--appendonly", "no"],
+        env={},
+        log_dir=service_logs,
     ).start()
     url = f"redis://127.0.0.1:{port}/0"
     wait_until(lambda: redis.Redis.from_url(url).ping(), timeout=10, message="our Redis answers")
@@ -77,8 +79,9 @@ def test_unhealthy_with_redis_error_once_redis_stops(client, live_services, own_
 
         started = time.monotonic()
         # Within the cache's age, the last answer stands; then the check runs again and fails.
-        wait_until(lambda: client.get("/health").status_code == 503, timeout=5, interval=0.1,
-                   message="/health saw Redis stop")
+        wait_until(
+            lambda: client.get("/health").status_code == 503, timeout=5, interval=0.1, message="/health saw Redis stop"
+        )
         response = client.get("/health")
         detailed = detail(client)
 
@@ -92,8 +95,10 @@ def test_unhealthy_with_redis_error_once_redis_stops(client, live_services, own_
 
 
 def test_unreachable_prefect_answers_quickly_names_no_host_and_masks_credentials(client, live_services):
-    with override_settings(PREFECT_API_URL=f"http://operator:hunter2secret@prefect-internal.invalid:{free_port()}/api",
-                           EMG_CLUSTER_BACKEND="local"):
+    with override_settings(
+        PREFECT_API_URL=f"http://operator:hunter2secret@prefect-internal.invalid:{free_port()}/api",
+        EMG_CLUSTER_BACKEND="local",
+    ):
         started = time.monotonic()
         response = client.get("/health")
         detailed = detail(client)
@@ -127,20 +132,29 @@ def test_a_job_whose_slurm_state_we_cannot_read_is_an_alert_not_an_outage(client
     from emg.models import ClusterJob, ClusterJobState
 
     settings.EMG_CLUSTER_BACKEND = "slurm"
-    job = ClusterJob.objects.create(name="odd-state", fingerprint="f" * 64, spec={"work_dir": str(tmp_path)},
-                                    state=ClusterJobState.RUNNING, slurm_job_id="4242", attempts=1,
-                                    unreadable_state="EXPEDITING", unreadable_since=timezone.now())
+    job = ClusterJob.objects.create(
+        name="odd-state",
+        fingerprint="f" * 64,
+        spec={"work_dir": str(tmp_path)},
+        state=ClusterJobState.RUNNING,
+        slurm_job_id="4242",
+        attempts=1,
+        unreadable_state="EXPEDITING",
+        unreadable_since=timezone.now(),
+    )
 
     assert "alerts" not in client.get("/health").json()
     body = detail(client).json()
 
     assert body["status"] == "ok"
     assert body["alerts"]["unreadable_jobs"] == [
-        {"job": job.id, "slurm_job_id": "4242", "state": "EXPEDITING", "since": job.unreadable_since.isoformat()}]
+        {"job": job.id, "slurm_job_id": "4242", "state": "EXPEDITING", "since": job.unreadable_since.isoformat()}
+    ]
 
 
-def test_slurmrestd_backend_is_checked_with_its_token_and_a_refused_one_is_an_error(client, live_services, settings,
-                                                                                   tmp_path, monkeypatch):
+def test_slurmrestd_backend_is_checked_with_its_token_and_a_refused_one_is_an_error(
+    client, live_services, settings, tmp_path, monkeypatch
+):
     from tests.slurm import SLURMRESTD_URL, mint_token
 
     token_file = tmp_path / "jwt"
@@ -162,8 +176,9 @@ def test_slurmrestd_backend_is_checked_with_its_token_and_a_refused_one_is_an_er
     assert "expired-or-wrong-token" not in refused.content.decode()
 
 
-def test_200_concurrent_calls_share_one_run_of_each_check_and_leave_no_thread_or_process(live_services, settings,
-                                                                                          monkeypatch):
+def test_200_concurrent_calls_share_one_run_of_each_check_and_leave_no_thread_or_process(
+    live_services, settings, monkeypatch
+):
     settings.EMG_CLUSTER_BACKEND = "slurm"
     settings.EMG_HEALTH_CACHE_SECONDS = 60
     scontrol_runs = []
@@ -196,8 +211,9 @@ def test_200_concurrent_calls_share_one_run_of_each_check_and_leave_no_thread_or
     assert statistics.quantiles(latencies, n=100)[98] < 0.05, latencies[-5:]
 
 
-def test_a_hung_check_is_reported_after_the_deadline_and_never_started_twice(client, live_services, settings,
-                                                                            monkeypatch):
+def test_a_hung_check_is_reported_after_the_deadline_and_never_started_twice(
+    client, live_services, settings, monkeypatch
+):
     settings.EMG_CLUSTER_BACKEND = "slurm"
     settings.EMG_HEALTH_CACHE_SECONDS = 0
     monkeypatch.setattr(views, "HEALTH_DEADLINE_SECONDS", 1)
@@ -224,5 +240,9 @@ def test_a_hung_check_is_reported_after_the_deadline_and_never_started_twice(cli
         assert "still running" in detail(client, check="slurm").json()["checks"]["slurm"]["error"]
     finally:
         release.set()
-    wait_until(lambda: client.get("/health", {"check": "slurm"}).status_code == 200, timeout=5, interval=0.1,
-               message="the released check answered")
+    wait_until(
+        lambda: client.get("/health", {"check": "slurm"}).status_code == 200,
+        timeout=5,
+        interval=0.1,
+        message="the released check answered",
+    )

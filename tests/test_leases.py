@@ -19,7 +19,9 @@ def test_renewal_creates_and_refreshes_leases_and_takes_over_another_process_lea
     renewed = FlowRunLease.objects.get(flow_run_id=first).renewed_at
     leases.renew("host-b", {first: 202, second: 203})  # re-run on another host: it is that process's now
     assert {(lease.flow_run_id, lease.host, lease.pid) for lease in FlowRunLease.objects.all()} == {
-        (first, "host-b", 202), (second, "host-b", 203)}
+        (first, "host-b", 202),
+        (second, "host-b", 203),
+    }
     assert FlowRunLease.objects.get(flow_run_id=first).renewed_at >= renewed
 
 

@@ -31,8 +31,11 @@ def scrape(client, **headers) -> dict[tuple[str, tuple], float]:
     response = client.get("/metrics", headers=headers or {"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200, response.content
     assert response["Content-Type"].startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.content.decode()) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.content.decode())
+        for sample in family.samples
+    }
 
 
 def value(samples: dict, name: str, **labels) -> float:
@@ -54,8 +57,9 @@ def monitoring_token(settings):
 
 
 def job(name: str, state: str, partition: str | None = None, **fields) -> ClusterJob:
-    row = ClusterJob.objects.create(name=name, fingerprint=uuid.uuid4().hex, spec={"partition": partition},
-                                    state=state, **fields)
+    row = ClusterJob.objects.create(
+        name=name, fingerprint=uuid.uuid4().hex, spec={"partition": partition}, state=state, **fields
+    )
     return row
 
 
@@ -64,6 +68,7 @@ def at(minutes_ago: float) -> str:
 
 
 # --- who may read it ------------------------------------------------------------------------------
+
 
 def test_metrics_refuse_anonymous_callers_non_staff_users_and_wrong_tokens(client):
     assert client.get("/metrics").status_code == 401
@@ -87,6 +92,7 @@ def test_with_no_token_set_a_bearer_of_nothing_is_refused(client, settings):
 
 # --- what it serves -------------------------------------------------------------------------------
 
+
 def test_requests_jobs_and_outbox_figures_are_counts_of_the_rows(client):
     study = Study.objects.create(accession="PRJEB77701")
     requests = [AnalysisRequest.objects.create(study=study) for _ in range(4)]
@@ -99,8 +105,15 @@ def test_requests_jobs_and_outbox_figures_are_counts_of_the_rows(client):
     OutboxEvent.objects.filter(request=requests[1]).update(dispatched_at=created + timedelta(seconds=40))
 
     job("a", ClusterJobState.RUNNING, "bigmem", slurm_job_id="11", submit_time=timezone.now())
-    job("b", ClusterJobState.RUNNING, None, slurm_job_id="12", submit_time=timezone.now(),
-        unreadable_state="EXPEDITING", unreadable_since=timezone.now() - timedelta(hours=1))
+    job(
+        "b",
+        ClusterJobState.RUNNING,
+        None,
+        slurm_job_id="12",
+        submit_time=timezone.now(),
+        unreadable_state="EXPEDITING",
+        unreadable_since=timezone.now() - timedelta(hours=1),
+    )
     job("c", ClusterJobState.PENDING, None, slurm_job_id="13", submit_time=timezone.now() - timedelta(hours=3))
     job("d", ClusterJobState.REJECTED, "nope", attempts=1, submit_error="invalid partition")
     job("e", ClusterJobState.DECLARED, None, attempts=1, retries=2, submit_error="Socket timed out")
@@ -133,21 +146,33 @@ def test_requests_jobs_and_outbox_figures_are_counts_of_the_rows(client):
 
 
 def test_pending_and_run_times_come_from_each_attempts_history(client):
-    job("retried", ClusterJobState.COMPLETED, slurm_job_id="21", submit_time=timezone.now(), history=[
-        {"state": "CLAIMED", "detail": "attempt 1", "at": at(120)},
-        {"state": "SUBMITTED", "detail": "sbatch -> 20", "at": at(120)},
-        {"state": "RUNNING", "detail": "RUNNING", "at": at(110)},
-        {"state": "OUT_OF_MEMORY", "detail": "OUT_OF_MEMORY (Slurm job 20)", "at": at(100)},
-        {"state": "DECLARED", "detail": "more memory", "at": at(100)},
-        {"state": "SUBMITTED", "detail": "sbatch -> 21", "at": at(99)},
-        {"state": "RUNNING", "detail": "RUNNING", "at": at(39)},
-        {"state": "COMPLETED", "detail": "COMPLETED exit 0:0", "at": at(9)},
-    ])
+    job(
+        "retried",
+        ClusterJobState.COMPLETED,
+        slurm_job_id="21",
+        submit_time=timezone.now(),
+        history=[
+            {"state": "CLAIMED", "detail": "attempt 1", "at": at(120)},
+            {"state": "SUBMITTED", "detail": "sbatch -> 20", "at": at(120)},
+            {"state": "RUNNING", "detail": "RUNNING", "at": at(110)},
+            {"state": "OUT_OF_MEMORY", "detail": "OUT_OF_MEMORY (Slurm job 20)", "at": at(100)},
+            {"state": "DECLARED", "detail": "more memory", "at": at(100)},
+            {"state": "SUBMITTED", "detail": "sbatch -> 21", "at": at(99)},
+            {"state": "RUNNING", "detail": "RUNNING", "at": at(39)},
+            {"state": "COMPLETED", "detail": "COMPLETED exit 0:0", "at": at(9)},
+        ],
+    )
     # Seen submitted, then ended: never seen running, so in neither histogram.
-    job("quick", ClusterJobState.COMPLETED, slurm_job_id="22", submit_time=timezone.now(), history=[
-        {"state": "SUBMITTED", "detail": "sbatch -> 22", "at": at(5)},
-        {"state": "COMPLETED", "detail": "COMPLETED exit 0:0", "at": at(4)},
-    ])
+    job(
+        "quick",
+        ClusterJobState.COMPLETED,
+        slurm_job_id="22",
+        submit_time=timezone.now(),
+        history=[
+            {"state": "SUBMITTED", "detail": "sbatch -> 22", "at": at(5)},
+            {"state": "COMPLETED", "detail": "COMPLETED exit 0:0", "at": at(4)},
+        ],
+    )
 
     samples = scrape(client)
 
@@ -159,8 +184,9 @@ def test_pending_and_run_times_come_from_each_attempts_history(client):
 
 
 def test_a_history_entry_that_cannot_be_read_is_skipped_not_a_failed_scrape():
-    assert pending_and_run_times([[{"state": "RUNNING"}, {"at": "yesterday", "state": "SUBMITTED"}, "junk"],
-                                  "not a list", None]) == ([], [])
+    assert pending_and_run_times(
+        [[{"state": "RUNNING"}, {"at": "yesterday", "state": "SUBMITTED"}, "junk"], "not a list", None]
+    ) == ([], [])
 
 
 def test_tick_figures_are_read_from_the_last_finished_tick(client):
@@ -169,9 +195,16 @@ def test_tick_figures_are_read_from_the_last_finished_tick(client):
     assert value(samples, "emg_reconcile_last_tick_age_seconds") > 365 * 86400  # never ticked: alerts fire
 
     finished = timezone.now() - timedelta(seconds=30)
-    ReconcileTick.objects.create(started_at=finished - timedelta(seconds=2), finished_at=finished, report={
-        "duration_seconds": 1.5, "slurm_calls": {"sacct": 1, "sbatch": 3}, "errors": ["one"],
-        "totals": {"ticks": 40, "resumed": 7, "rerun": 2, "errors": 5, "slurm_calls": {"sacct": 40, "sbatch": 9}}})
+    ReconcileTick.objects.create(
+        started_at=finished - timedelta(seconds=2),
+        finished_at=finished,
+        report={
+            "duration_seconds": 1.5,
+            "slurm_calls": {"sacct": 1, "sbatch": 3},
+            "errors": ["one"],
+            "totals": {"ticks": 40, "resumed": 7, "rerun": 2, "errors": 5, "slurm_calls": {"sacct": 40, "sbatch": 9}},
+        },
+    )
     ReconcileTick.objects.create(started_at=timezone.now(), report={})  # still running: not the last finished
 
     samples = scrape(client)
@@ -222,9 +255,30 @@ def test_real_ticks_record_their_slurm_calls_and_carry_totals_forward(client, sl
 
 # Names Prometheus makes itself, not /metrics.
 PROMETHEUS_OWN = {"up"}
-PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
-                "offset", "sum", "rate", "increase", "histogram_quantile", "scalar", "max", "min", "avg", "count",
-                "inf", "nan"}
+PROMQL_WORDS = {
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "bool",
+    "offset",
+    "sum",
+    "rate",
+    "increase",
+    "histogram_quantile",
+    "scalar",
+    "max",
+    "min",
+    "avg",
+    "count",
+    "inf",
+    "nan",
+}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -234,8 +288,9 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\[[^\]]*\]", "", expr)
     expr = re.sub(r"\{[^}]*\}", "", expr)
     expr = re.sub(r"\(\s*[a-z_,\s]*\)\s*(?=\()", "", expr)  # by (le) (...)
-    names = {match[1] for match in re.finditer(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(?=\s*(.?))", expr)
-             if match[2] != "("}
+    names = {
+        match[1] for match in re.finditer(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(?=\s*(.?))", expr) if match[2] != "("
+    }
     return {name for name in names if name.lower() not in PROMQL_WORDS}
 
 
@@ -267,7 +322,8 @@ def test_alert_rules_and_dashboard_name_only_metrics_the_endpoint_serves(client)
     served = served_names(client)
     unknown = {}
     for where, expr in [(rule["alert"], rule["expr"]) for rule in alert_rules()] + [
-            ("dashboard", expr) for expr in dashboard_expressions()]:
+        ("dashboard", expr) for expr in dashboard_expressions()
+    ]:
         names = metric_names(expr)
         assert names, f"{where}: {expr!r} names no metric"
         missing = names - served - PROMETHEUS_OWN

@@ -62,6 +62,7 @@ def test_saving_a_request_writes_one_run_event_per_generation(django_capture_on_
 
 # --- a status that reads forward ------------------------------------------------------------------
 
+
 def test_a_resumed_flow_redoing_its_earlier_steps_does_not_show_them_again():
     from emg import requests
 
@@ -73,9 +74,15 @@ def test_a_resumed_flow_redoing_its_earlier_steps_does_not_show_them_again():
         return request.status, request.current_step
 
     # The first run: up to the data move, suspended there.
-    for status, step in [("RUNNING", "fetching from ENA"), ("RUNNING", "assembly"), ("WAITING", "assembly"),
-                         ("RUNNING", "assembly"), ("RUNNING", "analysis"), ("RUNNING", "data move"),
-                         ("WAITING", "data move")]:
+    for status, step in [
+        ("RUNNING", "fetching from ENA"),
+        ("RUNNING", "assembly"),
+        ("WAITING", "assembly"),
+        ("RUNNING", "assembly"),
+        ("RUNNING", "analysis"),
+        ("RUNNING", "data move"),
+        ("WAITING", "data move"),
+    ]:
         assert requests.advance(request.id, 1, status, step=step)
     assert shown() == ("WAITING", "data move")
     # Resumed: the flow runs from the top, through steps whose jobs have ended.
@@ -87,7 +94,9 @@ def test_a_resumed_flow_redoing_its_earlier_steps_does_not_show_them_again():
     assert shown() == ("COMPLETED", "")
     # The resume's entry names the step the request had reached, not the one re-done.
     assert [(entry["state"], entry["detail"]) for entry in request.history][-2:] == [
-        ("RUNNING", "data move"), ("COMPLETED", "results in /r")]
+        ("RUNNING", "data move"),
+        ("COMPLETED", "results in /r"),
+    ]
 
     # A new generation starts from the first step again.
     requests.rerun(request)
@@ -108,7 +117,9 @@ def test_the_analysis_flow_names_only_the_steps_whose_order_is_known():
             if node.func.id == "cluster_step" and isinstance(node.args[1], ast.Constant):
                 named.add(node.args[1].value)
             if node.func.id == "set_status":
-                named |= {kw.value.value for kw in node.keywords if kw.arg == "step" and isinstance(kw.value, ast.Constant)}
+                named |= {
+                    kw.value.value for kw in node.keywords if kw.arg == "step" and isinstance(kw.value, ast.Constant)
+                }
     assert named and named <= set(STEPS), named - set(STEPS)
     assert {"fetching from ENA", "assembly", "analysis", "data move"} <= named
 
@@ -117,7 +128,7 @@ def test_the_unfinished_request_index_covers_exactly_the_unfinished_statuses():
     """The partial index names the final statuses literally (a Meta cannot name its class's attributes)."""
     (index,) = [index for index in AnalysisRequest._meta.indexes if index.name == "request_unfinished"]
     assert index.condition.negated
-    (lookup, statuses), = index.condition.children
+    ((lookup, statuses),) = index.condition.children
     assert lookup == "status__in" and set(statuses) == set(AnalysisRequest.FINAL_STATUSES)
 
 
@@ -125,9 +136,10 @@ def test_the_reconciler_reads_the_live_jobs_through_their_partial_index(db):
     """With many ended jobs and a few live ones, the live ones are found by the index, not a scan."""
     from django.db import connection
 
-    ClusterJob.objects.bulk_create([
-        ClusterJob(name="ended", fingerprint=f"ended-{n}", spec={}, state="COMPLETED") for n in range(5000)
-    ] + [ClusterJob(name="live", fingerprint=f"live-{n}", spec={}, state="RUNNING") for n in range(5)])
+    ClusterJob.objects.bulk_create(
+        [ClusterJob(name="ended", fingerprint=f"ended-{n}", spec={}, state="COMPLETED") for n in range(5000)]
+        + [ClusterJob(name="live", fingerprint=f"live-{n}", spec={}, state="RUNNING") for n in range(5)]
+    )
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE emg_clusterjob")
     plan = ClusterJob.objects.live().explain()

@@ -31,9 +31,12 @@ def quiet_queue(settings):
 def tasks_for(client: redis.Redis, event_id) -> int:
     """Dispatch tasks for this event waiting in the queue (a message's body is [args, kwargs, options])."""
     messages = [json.loads(raw) for raw in client.lrange(django_settings.EMG_DISPATCH_QUEUE, 0, -1)]
-    return sum(1 for message in messages
-               if message["headers"]["task"] == DISPATCH_TASK_NAME
-               and json.loads(base64.b64decode(message["body"]))[0] == [str(event_id)])
+    return sum(
+        1
+        for message in messages
+        if message["headers"]["task"] == DISPATCH_TASK_NAME
+        and json.loads(base64.b64decode(message["body"]))[0] == [str(event_id)]
+    )
 
 
 def an_event() -> OutboxEvent:

@@ -73,8 +73,9 @@ def test_the_admin_form_answers_a_bad_option_with_a_form_error_naming_it(admin_c
     import json
 
     text = "null" if options is None else (json.dumps(options) if not isinstance(options, str) else options)
-    response = admin_client.post(reverse("admin:emg_analysisrequest_add"),
-                                 {"study": study().id, "pipeline_options": text, **INLINE})
+    response = admin_client.post(
+        reverse("admin:emg_analysisrequest_add"), {"study": study().id, "pipeline_options": text, **INLINE}
+    )
 
     assert response.status_code == 200  # the form again, with its errors; never a 500
     errors = response.context["adminform"].form.errors
@@ -84,11 +85,24 @@ def test_the_admin_form_answers_a_bad_option_with_a_form_error_naming_it(admin_c
     nothing_submitted()
 
 
-@pytest.mark.parametrize("text", ["", "   ", "{", "NaN", '{"k": 1e400}', '{"k": NaN}', '{"k": "\\u0000"}',
-                                  '{"\\u0000": 1}', "[" * 2000 + "]" * 2000])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "{",
+        "NaN",
+        '{"k": 1e400}',
+        '{"k": NaN}',
+        '{"k": "\\u0000"}',
+        '{"\\u0000": 1}',
+        "[" * 2000 + "]" * 2000,
+    ],
+)
 def test_the_admin_form_answers_any_unparsable_or_strange_json_with_a_form_error(admin_client, text):
-    response = admin_client.post(reverse("admin:emg_analysisrequest_add"),
-                                 {"study": study().id, "pipeline_options": text, **INLINE})
+    response = admin_client.post(
+        reverse("admin:emg_analysisrequest_add"), {"study": study().id, "pipeline_options": text, **INLINE}
+    )
 
     assert response.status_code in (200, 302)
     if response.status_code == 200:
@@ -101,8 +115,9 @@ def test_the_admin_form_saves_declared_options_and_says_which_exist(admin_client
     page = admin_client.get(reverse("admin:emg_analysisrequest_add"))
     assert "k (assembly, int 11..127, odd, default 21)" in page.content.decode()
 
-    response = admin_client.post(reverse("admin:emg_analysisrequest_add"),
-                                 {"study": study().id, "pipeline_options": '{"k": 31}', **INLINE})
+    response = admin_client.post(
+        reverse("admin:emg_analysisrequest_add"), {"study": study().id, "pipeline_options": '{"k": 31}', **INLINE}
+    )
 
     assert response.status_code == 302
     assert AnalysisRequest.objects.get().pipeline_options == {"k": 31}
@@ -116,36 +131,44 @@ def test_options_reach_the_pipeline_by_their_declared_names_with_every_default_s
     assert all(option.default is not None for option in OPTIONS.values())
 
 
-@pytest.mark.parametrize(("options", "constraint"), [
-    ({"outdir": "/tmp/x"}, "pipeline_options_not_reserved"),
-    ({"k": 21, "params-file": "p.yaml"}, "pipeline_options_not_reserved"),
-    ([1, 2], "pipeline_options_is_an_object"),
-    ("text", "pipeline_options_is_an_object"),
-    (7, "pipeline_options_is_an_object"),
-])
+@pytest.mark.parametrize(
+    ("options", "constraint"),
+    [
+        ({"outdir": "/tmp/x"}, "pipeline_options_not_reserved"),
+        ({"k": 21, "params-file": "p.yaml"}, "pipeline_options_not_reserved"),
+        ([1, 2], "pipeline_options_is_an_object"),
+        ("text", "pipeline_options_is_an_object"),
+        (7, "pipeline_options_is_an_object"),
+    ],
+)
 def test_the_database_refuses_a_reserved_name_or_a_non_object_however_the_row_is_written(options, constraint):
     with pytest.raises(IntegrityError, match=constraint), transaction.atomic():
         AnalysisRequest.objects.bulk_create([AnalysisRequest(study=study(), pipeline_options=options)])
     with pytest.raises(IntegrityError, match=constraint), transaction.atomic():
-        AnalysisRequest.objects.filter(id=AnalysisRequest.objects.bulk_create(
-            [AnalysisRequest(study=study())])[0].id).update(pipeline_options=options)
+        AnalysisRequest.objects.filter(
+            id=AnalysisRequest.objects.bulk_create([AnalysisRequest(study=study())])[0].id
+        ).update(pipeline_options=options)
     with pytest.raises(IntegrityError, match=constraint), transaction.atomic(), connection.cursor() as cursor:
         import json
 
         cursor.execute(
             "INSERT INTO emg_analysisrequest (study_id, pipeline_options, status, status_reason, current_step,"
             " generation, created_at, updated_at, flow_reruns, ena_runs, history) VALUES (%s, %s::jsonb, 'PENDING',"
-            " '', '', 1, now(), now(), 0, '[]', '[]')", [study().id, json.dumps(options)],
+            " '', '', 1, now(), now(), 0, '[]', '[]')",
+            [study().id, json.dumps(options)],
         )
     assert AnalysisRequest.objects.count() == 0
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"k": 22}, "'k' must be odd"),
-    ({"k": "31"}, "'k' must be an integer"),
-    ({"note": "x"}, "Unknown pipeline option 'note'"),
-    ({"-resume": True}, "'-resume' is set by the orchestrator"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"k": 22}, "'k' must be odd"),
+        ({"k": "31"}, "'k' must be an integer"),
+        ({"note": "x"}, "Unknown pipeline option 'note'"),
+        ({"-resume": True}, "'-resume' is set by the orchestrator"),
+    ],
+)
 def test_a_bulk_created_invalid_request_ends_failed_with_the_reason_before_anything_is_fetched_or_declared(
     prefect_api_url, ena_server, settings, options, message
 ):
@@ -156,8 +179,13 @@ def test_a_bulk_created_invalid_request_ends_failed_with_the_reason_before_anyth
     with broker_unreachable():
         [request] = AnalysisRequest.objects.bulk_create([AnalysisRequest(study=study(), pipeline_options=options)])
         # What the outbox sweep does for a request without an event: it runs.
-        OutboxEvent.objects.create(id=__import__("uuid").uuid4(), topic=OutboxEvent.Topic.RUN_ANALYSIS,
-                                   request=request, generation=1, dispatched_at=timezone.now())
+        OutboxEvent.objects.create(
+            id=__import__("uuid").uuid4(),
+            topic=OutboxEvent.Topic.RUN_ANALYSIS,
+            request=request,
+            generation=1,
+            dispatched_at=timezone.now(),
+        )
 
     assert analyse_study(request_id=request.id) == AnalysisRequest.Status.FAILED
 

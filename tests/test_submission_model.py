@@ -4,6 +4,7 @@ The real protocol must keep every property; each planted bug must be caught with
 counterexample that names the property it breaks.  Needs spin and gcc (scripts/bootstrap.sh
 installs spin); no database, no services.
 """
+
 import subprocess
 from pathlib import Path
 

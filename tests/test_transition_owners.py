@@ -17,12 +17,28 @@ PRODUCT = ("emg", "flows", "workers", "slurm_adapter")
 OWNERS = {"emg/jobs.py", "emg/requests.py", "emg/waits.py", "emg/history.py"}
 WAIT_FIELDS = frozenset({"released_at", "suspensions"})
 # A write through the model's manager is checked against all of that model's owned columns.
-MODEL_FIELDS = {"ClusterJob": TRANSITION_OWNED_JOB_FIELDS, "AnalysisRequest": TRANSITION_OWNED_REQUEST_FIELDS,
-                "JobWait": WAIT_FIELDS}
+MODEL_FIELDS = {
+    "ClusterJob": TRANSITION_OWNED_JOB_FIELDS,
+    "AnalysisRequest": TRANSITION_OWNED_REQUEST_FIELDS,
+    "JobWait": WAIT_FIELDS,
+}
 # A write through a queryset in a variable (or an assignment to an attribute) cannot be traced to
 # its model here; these names belong to no other model or dict of ours, so they are refused anywhere.
-DISTINCTIVE = frozenset({"state", "attempts", "retries", "submission_started_at", "slurm_job_id", "next_submit_at",
-                         "unreadable_state", "flow_reruns", "cancel_requested_at", "released_at", "suspensions"})
+DISTINCTIVE = frozenset(
+    {
+        "state",
+        "attempts",
+        "retries",
+        "submission_started_at",
+        "slurm_job_id",
+        "next_submit_at",
+        "unreadable_state",
+        "flow_reruns",
+        "cancel_requested_at",
+        "released_at",
+        "suspensions",
+    }
+)
 ASSIGNED = DISTINCTIVE | {"status", "generation", "flow_run_id"}
 WRITE_METHODS = {"update", "bulk_update", "update_or_create", "get_or_create", "create"}
 
@@ -52,47 +68,68 @@ def writes_of(tree: ast.AST) -> list[tuple[int, str]]:
                 continue  # creating a row (its first state) is not a transition
             guarded = MODEL_FIELDS.get(root, DISTINCTIVE)
             keywords = {keyword.arg for keyword in node.keywords if keyword.arg}
-            if node.func.attr == "bulk_update" and len(node.args) > 1 and isinstance(node.args[1], (ast.List, ast.Tuple)):
+            if (
+                node.func.attr == "bulk_update"
+                and len(node.args) > 1
+                and isinstance(node.args[1], (ast.List, ast.Tuple))
+            ):
                 keywords |= {element.value for element in node.args[1].elts if isinstance(element, ast.Constant)}
             for defaults in (keyword.value for keyword in node.keywords if keyword.arg == "defaults"):
                 if isinstance(defaults, ast.Dict):
                     keywords |= {key.value for key in defaults.keys if isinstance(key, ast.Constant)}
             found += [(node.lineno, f".{node.func.attr}({name}=...)") for name in sorted(keywords & guarded)]
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-            node, (ast.AugAssign, ast.AnnAssign)) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+            else []
+        )
         for target in targets:
-            if isinstance(target, ast.Attribute) and target.attr in ASSIGNED and not (
-                    isinstance(target.value, ast.Name) and target.value.id == "self"):
+            if (
+                isinstance(target, ast.Attribute)
+                and target.attr in ASSIGNED
+                and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+            ):
                 found.append((node.lineno, f"assignment to .{target.attr}"))
     return found
 
 
 def test_no_product_module_but_the_owners_writes_a_state_column():
-    offences = [f"{relative}:{line}: {what}" for relative, path in product_files()
-                for line, what in writes_of(ast.parse(path.read_text()))]
+    offences = [
+        f"{relative}:{line}: {what}"
+        for relative, path in product_files()
+        for line, what in writes_of(ast.parse(path.read_text()))
+    ]
     assert offences == []
 
 
-@pytest.mark.parametrize("source", [
-    "ClusterJob.objects.filter(id=1).update(state='FAILED')",
-    "AnalysisRequest.objects.filter(id=1).update(status='CANCELLED', finished_at=now)",
-    "ClusterJob.objects.bulk_update(jobs, ['attempts'])",
-    "rows.update(submission_started_at=None)",
-    "AnalysisRequest.objects.update_or_create(id=1, defaults={'status': 'x'})",
-    "job.slurm_job_id = '42'",
-    "JobWait.objects.filter(id=1).update(released_at=None)",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "ClusterJob.objects.filter(id=1).update(state='FAILED')",
+        "AnalysisRequest.objects.filter(id=1).update(status='CANCELLED', finished_at=now)",
+        "ClusterJob.objects.bulk_update(jobs, ['attempts'])",
+        "rows.update(submission_started_at=None)",
+        "AnalysisRequest.objects.update_or_create(id=1, defaults={'status': 'x'})",
+        "job.slurm_job_id = '42'",
+        "JobWait.objects.filter(id=1).update(released_at=None)",
+    ],
+)
 def test_the_check_catches_each_kind_of_write(source):
     assert writes_of(ast.parse(source)) != []
 
 
-@pytest.mark.parametrize("source", [
-    "Study.objects.filter(id=1).update(title='x')",
-    "job.trace = {}",
-    "row.update(status='COMPLETED', exit=0)",
-    "OutboxEvent.objects.get_or_create(topic=t, request=r, generation=g)",
-    "ReconcileTick.objects.filter(id=1).update(finished_at=now)",
-    "ClusterJob.objects.create(name=n, state='DECLARED')",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "Study.objects.filter(id=1).update(title='x')",
+        "job.trace = {}",
+        "row.update(status='COMPLETED', exit=0)",
+        "OutboxEvent.objects.get_or_create(topic=t, request=r, generation=g)",
+        "ReconcileTick.objects.filter(id=1).update(finished_at=now)",
+        "ClusterJob.objects.create(name=n, state='DECLARED')",
+    ],
+)
 def test_the_check_leaves_other_models_and_dicts_alone(source):
     assert writes_of(ast.parse(source)) == []

@@ -36,8 +36,13 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
     if event.dispatched_at is not None and request.flow_run_id is not None:
         return request.flow_run_id
     if request.generation != event.generation or request.status in AnalysisRequest.FINAL_STATUSES:
-        logger.info("event %s is superseded (request #%s is at generation %s, %s)", event.id, request.id,
-                    request.generation, request.status)
+        logger.info(
+            "event %s is superseded (request #%s is at generation %s, %s)",
+            event.id,
+            request.id,
+            request.generation,
+            request.status,
+        )
         with transaction.atomic():
             if request.generation == event.generation and request.flow_run_id is None:
                 # A consumer that died after making the run, whose run then ended the request
@@ -58,8 +63,10 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
 
 def replacement_key(request: AnalysisRequest) -> str:
     """The key of the run replacing a generation's deleted flow run: one per re-run the request counted."""
-    return (f"{settings.EMG_INSTANCE_NAMESPACE}:analysis-request:{request.id}:generation:{request.generation}"
-            f":replacement:{request.flow_reruns}")
+    return (
+        f"{settings.EMG_INSTANCE_NAMESPACE}:analysis-request:{request.id}:generation:{request.generation}"
+        f":replacement:{request.flow_reruns}"
+    )
 
 
 class PrefectConnection:
@@ -119,16 +126,21 @@ class PrefectConnection:
             if self._deployment_ids.get(name) == deployment_id:
                 del self._deployment_ids[name]
 
-    def create_run(self, deployment_name: str, *, parameters: dict, idempotency_key: str, name: str,
-                   tags: list[str]) -> FlowRun:
+    def create_run(
+        self, deployment_name: str, *, parameters: dict, idempotency_key: str, name: str, tags: list[str]
+    ) -> FlowRun:
         """A flow run of the deployment, Scheduled for now; its id is looked up again once if Prefect
         no longer knows it (deleted and deployed again, e.g. by a redeploy: a new id, the same name)."""
         client = self.client()
 
         def create(deployment_id: uuid.UUID) -> FlowRun:
             return client.create_flow_run_from_deployment(
-                deployment_id, parameters=parameters, state=Scheduled(scheduled_time=timezone.now()),
-                idempotency_key=idempotency_key, name=name, tags=tags,
+                deployment_id,
+                parameters=parameters,
+                state=Scheduled(scheduled_time=timezone.now()),
+                idempotency_key=idempotency_key,
+                name=name,
+                tags=tags,
             )
 
         try:
@@ -138,8 +150,7 @@ class PrefectConnection:
             except httpx.HTTPStatusError as error:
                 if error.response.status_code != 404:
                     raise
-            logger.info("deployment %s (%s) is gone from Prefect; looking it up again", deployment_name,
-                        deployment_id)
+            logger.info("deployment %s (%s) is gone from Prefect; looking it up again", deployment_name, deployment_id)
             self.forget_deployment(deployment_name, deployment_id)
             return create(self.deployment_id(client, deployment_name))
         except (httpx.TransportError, RuntimeError):
@@ -152,7 +163,8 @@ class PrefectConnection:
         client = self.client()
         try:
             runs = client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[key])), limit=1,
+                flow_run_filter=FlowRunFilter(idempotency_key=FlowRunFilterIdempotencyKey(any_=[key])),
+                limit=1,
             )
             return [run.id for run in runs]
         except (httpx.TransportError, RuntimeError):

@@ -81,15 +81,27 @@ class TickReport:
     errors: list[str] = field(default_factory=list)
 
 
-STEPS = (cancel_requested, reap_unwanted_jobs, refresh_job_states, submit_declared_jobs, cancel_orphans, tend_flow_runs,
-         record_usage, prune_history)
+STEPS = (
+    cancel_requested,
+    reap_unwanted_jobs,
+    refresh_job_states,
+    submit_declared_jobs,
+    cancel_orphans,
+    tend_flow_runs,
+    record_usage,
+    prune_history,
+)
 
 
 @cache
 def settings_resume_pace() -> ResumePace:
     """One pace per tick process, kept from tick to tick (each tick makes a Reconciler of its own)."""
-    return ResumePace(settings.EMG_RESUMES_PER_TICK, ceiling=settings.EMG_RESUMES_PER_TICK_MAX,
-                      concurrency=settings.EMG_RESUME_CONCURRENCY, target_seconds=settings.EMG_RECONCILE_INTERVAL_SECONDS)
+    return ResumePace(
+        settings.EMG_RESUMES_PER_TICK,
+        ceiling=settings.EMG_RESUMES_PER_TICK_MAX,
+        concurrency=settings.EMG_RESUME_CONCURRENCY,
+        target_seconds=settings.EMG_RECONCILE_INTERVAL_SECONDS,
+    )
 
 
 class Reconciler:
@@ -114,8 +126,9 @@ class Reconciler:
         self.resumes_per_tick = resumes_per_tick
         self.zombie_after = zombie_after
         self.max_flow_reruns = max_flow_reruns
-        self.claim_lease = (claim_lease if claim_lease is not None
-                            else timedelta(seconds=settings.EMG_SUBMIT_CLAIM_LEASE_SECONDS))
+        self.claim_lease = (
+            claim_lease if claim_lease is not None else timedelta(seconds=settings.EMG_SUBMIT_CLAIM_LEASE_SECONDS)
+        )
         self.lock = lock
         # Without a pace of its own, a fixed `resumes_per_tick` (what a test asks for).
         self.resume_pace = resume_pace or ResumePace(resumes_per_tick, ceiling=resumes_per_tick)

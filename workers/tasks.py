@@ -19,8 +19,12 @@ class DispatchTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:
         """Out of retries: the event goes back to the outbox sweep, the retry of last resort."""
         event_id = args[0] if args else kwargs.get("event_id")
-        logger.warning("event %s: dispatch gave up after %s retries (%s); the outbox sweep will publish it again",
-                       event_id, self.max_retries, exc)
+        logger.warning(
+            "event %s: dispatch gave up after %s retries (%s); the outbox sweep will publish it again",
+            event_id,
+            self.max_retries,
+            exc,
+        )
         try:
             OutboxEvent.objects.filter(id=event_id).update(last_error=f"dispatch failed: {exc}"[:2000])
             settle(event_id)
@@ -30,8 +34,14 @@ class DispatchTask(Task):
 
 # Bounded: during an outage (Prefect down) a chain of retries per event would otherwise live for
 # ever, and every sweep would add one more.
-@shared_task(base=DispatchTask, name=DISPATCH_TASK_NAME, autoretry_for=(Exception,), retry_backoff=2,
-             retry_backoff_max=60, max_retries=settings.EMG_DISPATCH_MAX_RETRIES)
+@shared_task(
+    base=DispatchTask,
+    name=DISPATCH_TASK_NAME,
+    autoretry_for=(Exception,),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=settings.EMG_DISPATCH_MAX_RETRIES,
+)
 def dispatch_event(event_id: str) -> str | None:
     close_old_connections()
     flow_run_id = dispatch(event_id)
@@ -70,14 +80,17 @@ def sweep_outbox() -> int:
     for event_id in stale.values_list("id", flat=True)[:500]:
         count += publish(event_id, unless_in_flight=True)
     # A request saved without its event (bulk_create, a raw update of its generation) still runs.
-    without_event = AnalysisRequest.objects.unfinished().filter(created_at__lt=cutoff).exclude(
-        Exists(OutboxEvent.objects.filter(request=OuterRef("pk"), generation=OuterRef("generation")))
+    without_event = (
+        AnalysisRequest.objects.unfinished()
+        .filter(created_at__lt=cutoff)
+        .exclude(Exists(OutboxEvent.objects.filter(request=OuterRef("pk"), generation=OuterRef("generation"))))
     )
     for request in without_event[:500]:
         event = record_run_event(request)
         if event is not None:
-            logger.warning("request #%s had no run event for generation %s; created one", request.id,
-                           request.generation)
+            logger.warning(
+                "request #%s had no run event for generation %s; created one", request.id, request.generation
+            )
             count += publish(event.id)
     if count:
         logger.info("published %s undispatched events", count)

@@ -9,193 +9,360 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='AnalysisRequest',
+            name="AnalysisRequest",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('pipeline_options', models.JSONField(blank=True, default=dict, validators=[emg.models.validate_pipeline_options])),
-                ('status', models.CharField(choices=[('PENDING', 'Pending'), ('RUNNING', 'Running'), ('WAITING', 'Waiting for the cluster'), ('COMPLETED', 'Completed'), ('FAILED', 'Failed'), ('CANCELLED', 'Cancelled')], db_index=True, default='PENDING', max_length=16)),
-                ('status_reason', models.TextField(blank=True)),
-                ('current_step', models.CharField(blank=True, max_length=64)),
-                ('generation', models.PositiveIntegerField(default=1)),
-                ('flow_run_id', models.UUIDField(blank=True, db_index=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('cancel_requested_at', models.DateTimeField(blank=True, null=True)),
-                ('flow_reruns', models.PositiveIntegerField(default=0)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "pipeline_options",
+                    models.JSONField(blank=True, default=dict, validators=[emg.models.validate_pipeline_options]),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("PENDING", "Pending"),
+                            ("RUNNING", "Running"),
+                            ("WAITING", "Waiting for the cluster"),
+                            ("COMPLETED", "Completed"),
+                            ("FAILED", "Failed"),
+                            ("CANCELLED", "Cancelled"),
+                        ],
+                        db_index=True,
+                        default="PENDING",
+                        max_length=16,
+                    ),
+                ),
+                ("status_reason", models.TextField(blank=True)),
+                ("current_step", models.CharField(blank=True, max_length=64)),
+                ("generation", models.PositiveIntegerField(default=1)),
+                ("flow_run_id", models.UUIDField(blank=True, db_index=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("cancel_requested_at", models.DateTimeField(blank=True, null=True)),
+                ("flow_reruns", models.PositiveIntegerField(default=0)),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.CreateModel(
-            name='ReconcileTick',
+            name="ReconcileTick",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('started_at', models.DateTimeField(db_index=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('worker', models.CharField(blank=True, max_length=200)),
-                ('report', models.JSONField(blank=True, default=dict)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("started_at", models.DateTimeField(db_index=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("worker", models.CharField(blank=True, max_length=200)),
+                ("report", models.JSONField(blank=True, default=dict)),
             ],
             options={
-                'ordering': ['-started_at'],
+                "ordering": ["-started_at"],
             },
         ),
         migrations.CreateModel(
-            name='Study',
+            name="Study",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('accession', models.CharField(max_length=16, unique=True, validators=[emg.accessions.validate_study_accession])),
-                ('title', models.CharField(blank=True, max_length=500)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "accession",
+                    models.CharField(max_length=16, unique=True, validators=[emg.accessions.validate_study_accession]),
+                ),
+                ("title", models.CharField(blank=True, max_length=500)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'verbose_name_plural': 'studies',
-                'ordering': ['accession'],
+                "verbose_name_plural": "studies",
+                "ordering": ["accession"],
             },
         ),
         migrations.CreateModel(
-            name='ClusterJob',
+            name="ClusterJob",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('fingerprint', models.CharField(db_index=True, max_length=64)),
-                ('spec', models.JSONField()),
-                ('input_hashes', models.JSONField(blank=True, default=dict)),
-                ('policy', models.JSONField(blank=True, default=dict, help_text='The ResubmitPolicy this job was declared with.')),
-                ('state', models.CharField(choices=[('DECLARED', 'Declared'), ('SUBMITTED', 'Submitted'), ('PENDING', 'Pending'), ('RUNNING', 'Running'), ('SUSPENDED', 'Suspended'), ('COMPLETED', 'Completed'), ('FAILED', 'Failed'), ('CANCELLED', 'Cancelled'), ('TIMEOUT', 'Timeout'), ('OUT_OF_MEMORY', 'Out of memory'), ('NODE_FAIL', 'Node fail'), ('PREEMPTED', 'Preempted'), ('BOOT_FAIL', 'Boot fail'), ('DEADLINE', 'Deadline'), ('LOST', 'Lost')], default='DECLARED', max_length=16)),
-                ('raw_state', models.CharField(blank=True, max_length=64)),
-                ('slurm_job_id', models.CharField(blank=True, db_index=True, max_length=32)),
-                ('submit_time', models.DateTimeField(blank=True, null=True)),
-                ('submission_started_at', models.DateTimeField(blank=True, null=True)),
-                ('log_path', models.CharField(blank=True, max_length=1024)),
-                ('exit_code', models.IntegerField(blank=True, null=True)),
-                ('signal', models.IntegerField(blank=True, null=True)),
-                ('attempts', models.PositiveIntegerField(default=0)),
-                ('history', models.JSONField(blank=True, default=list)),
-                ('trace', models.JSONField(blank=True, null=True)),
-                ('state_checked_at', models.DateTimeField(blank=True, null=True)),
-                ('ended_at', models.DateTimeField(blank=True, null=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(max_length=200)),
+                ("fingerprint", models.CharField(db_index=True, max_length=64)),
+                ("spec", models.JSONField()),
+                ("input_hashes", models.JSONField(blank=True, default=dict)),
+                (
+                    "policy",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="The ResubmitPolicy this job was declared with."
+                    ),
+                ),
+                (
+                    "state",
+                    models.CharField(
+                        choices=[
+                            ("DECLARED", "Declared"),
+                            ("SUBMITTED", "Submitted"),
+                            ("PENDING", "Pending"),
+                            ("RUNNING", "Running"),
+                            ("SUSPENDED", "Suspended"),
+                            ("COMPLETED", "Completed"),
+                            ("FAILED", "Failed"),
+                            ("CANCELLED", "Cancelled"),
+                            ("TIMEOUT", "Timeout"),
+                            ("OUT_OF_MEMORY", "Out of memory"),
+                            ("NODE_FAIL", "Node fail"),
+                            ("PREEMPTED", "Preempted"),
+                            ("BOOT_FAIL", "Boot fail"),
+                            ("DEADLINE", "Deadline"),
+                            ("LOST", "Lost"),
+                        ],
+                        default="DECLARED",
+                        max_length=16,
+                    ),
+                ),
+                ("raw_state", models.CharField(blank=True, max_length=64)),
+                ("slurm_job_id", models.CharField(blank=True, db_index=True, max_length=32)),
+                ("submit_time", models.DateTimeField(blank=True, null=True)),
+                ("submission_started_at", models.DateTimeField(blank=True, null=True)),
+                ("log_path", models.CharField(blank=True, max_length=1024)),
+                ("exit_code", models.IntegerField(blank=True, null=True)),
+                ("signal", models.IntegerField(blank=True, null=True)),
+                ("attempts", models.PositiveIntegerField(default=0)),
+                ("history", models.JSONField(blank=True, default=list)),
+                ("trace", models.JSONField(blank=True, null=True)),
+                ("state_checked_at", models.DateTimeField(blank=True, null=True)),
+                ("ended_at", models.DateTimeField(blank=True, null=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'ordering': ['created_at', 'id'],
-                'constraints': [models.UniqueConstraint(condition=models.Q(('state__in', ['COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE', 'LOST']), _negated=True), fields=('fingerprint',), name='one_live_job_per_fingerprint')],
+                "ordering": ["created_at", "id"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(
+                            (
+                                "state__in",
+                                [
+                                    "COMPLETED",
+                                    "FAILED",
+                                    "CANCELLED",
+                                    "TIMEOUT",
+                                    "OUT_OF_MEMORY",
+                                    "NODE_FAIL",
+                                    "PREEMPTED",
+                                    "BOOT_FAIL",
+                                    "DEADLINE",
+                                    "LOST",
+                                ],
+                            ),
+                            _negated=True,
+                        ),
+                        fields=("fingerprint",),
+                        name="one_live_job_per_fingerprint",
+                    )
+                ],
             },
         ),
         migrations.CreateModel(
-            name='Assembly',
+            name="Assembly",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('contigs', models.PositiveIntegerField()),
-                ('total_length', models.PositiveBigIntegerField()),
-                ('n50', models.PositiveIntegerField()),
-                ('stats', models.JSONField(default=dict)),
-                ('results_path', models.CharField(max_length=1024)),
-                ('analysis_skipped_reason', models.TextField(blank=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('request', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='assembly', to='emg.analysisrequest')),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='assemblies', to='emg.clusterjob')),
-                ('study', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='assemblies', to='emg.study')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("contigs", models.PositiveIntegerField()),
+                ("total_length", models.PositiveBigIntegerField()),
+                ("n50", models.PositiveIntegerField()),
+                ("stats", models.JSONField(default=dict)),
+                ("results_path", models.CharField(max_length=1024)),
+                ("analysis_skipped_reason", models.TextField(blank=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "request",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="assembly", to="emg.analysisrequest"
+                    ),
+                ),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, related_name="assemblies", to="emg.clusterjob"
+                    ),
+                ),
+                (
+                    "study",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="assemblies", to="emg.study"
+                    ),
+                ),
             ],
             options={
-                'verbose_name_plural': 'assemblies',
+                "verbose_name_plural": "assemblies",
             },
         ),
         migrations.CreateModel(
-            name='Analysis',
+            name="Analysis",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('summary', models.JSONField(default=dict)),
-                ('results_path', models.CharField(max_length=1024)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('request', models.OneToOneField(on_delete=django.db.models.deletion.CASCADE, related_name='analysis', to='emg.analysisrequest')),
-                ('assembly', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='analyses', to='emg.assembly')),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='analyses', to='emg.clusterjob')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("summary", models.JSONField(default=dict)),
+                ("results_path", models.CharField(max_length=1024)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "request",
+                    models.OneToOneField(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="analysis", to="emg.analysisrequest"
+                    ),
+                ),
+                (
+                    "assembly",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="analyses", to="emg.assembly"
+                    ),
+                ),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, related_name="analyses", to="emg.clusterjob"
+                    ),
+                ),
             ],
             options={
-                'verbose_name_plural': 'analyses',
+                "verbose_name_plural": "analyses",
             },
         ),
         migrations.CreateModel(
-            name='Sample',
+            name="Sample",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('accession', models.CharField(max_length=32, unique=True, validators=[django.core.validators.RegexValidator(re.compile('^(SAM[EDN][A-Z]?[0-9]{1,12}|[EDS]RS[0-9]{6,12})$'), 'Not an ENA sample accession (expected e.g. SAMEA1234567).', code='invalid_accession')])),
-                ('scientific_name', models.CharField(blank=True, max_length=255)),
-                ('tax_id', models.CharField(blank=True, max_length=32)),
-                ('study', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='samples', to='emg.study')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "accession",
+                    models.CharField(
+                        max_length=32,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                re.compile("^(SAM[EDN][A-Z]?[0-9]{1,12}|[EDS]RS[0-9]{6,12})$"),
+                                "Not an ENA sample accession (expected e.g. SAMEA1234567).",
+                                code="invalid_accession",
+                            )
+                        ],
+                    ),
+                ),
+                ("scientific_name", models.CharField(blank=True, max_length=255)),
+                ("tax_id", models.CharField(blank=True, max_length=32)),
+                (
+                    "study",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="samples", to="emg.study"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['accession'],
+                "ordering": ["accession"],
             },
         ),
         migrations.CreateModel(
-            name='Run',
+            name="Run",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('accession', models.CharField(max_length=32, unique=True, validators=[django.core.validators.RegexValidator(re.compile('^[EDS]RR[0-9]{6,12}$'), 'Not an ENA run accession (expected e.g. ERR1234567).', code='invalid_accession')])),
-                ('library_layout', models.CharField(blank=True, max_length=16)),
-                ('library_strategy', models.CharField(blank=True, max_length=64)),
-                ('instrument_model', models.CharField(blank=True, max_length=128)),
-                ('read_count', models.BigIntegerField(blank=True, null=True)),
-                ('fastq_ftp', models.JSONField(blank=True, default=list)),
-                ('fastq_md5', models.JSONField(blank=True, default=list)),
-                ('sample', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='runs', to='emg.sample')),
-                ('study', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='runs', to='emg.study')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                (
+                    "accession",
+                    models.CharField(
+                        max_length=32,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                re.compile("^[EDS]RR[0-9]{6,12}$"),
+                                "Not an ENA run accession (expected e.g. ERR1234567).",
+                                code="invalid_accession",
+                            )
+                        ],
+                    ),
+                ),
+                ("library_layout", models.CharField(blank=True, max_length=16)),
+                ("library_strategy", models.CharField(blank=True, max_length=64)),
+                ("instrument_model", models.CharField(blank=True, max_length=128)),
+                ("read_count", models.BigIntegerField(blank=True, null=True)),
+                ("fastq_ftp", models.JSONField(blank=True, default=list)),
+                ("fastq_md5", models.JSONField(blank=True, default=list)),
+                (
+                    "sample",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="runs", to="emg.sample"
+                    ),
+                ),
+                (
+                    "study",
+                    models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name="runs", to="emg.study"),
+                ),
             ],
             options={
-                'ordering': ['accession'],
+                "ordering": ["accession"],
             },
         ),
         migrations.AddField(
-            model_name='analysisrequest',
-            name='study',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='analysis_requests', to='emg.study'),
+            model_name="analysisrequest",
+            name="study",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.PROTECT, related_name="analysis_requests", to="emg.study"
+            ),
         ),
         migrations.CreateModel(
-            name='JobWait',
+            name="JobWait",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('flow_run_id', models.UUIDField()),
-                ('step', models.CharField(max_length=64)),
-                ('suspensions', models.PositiveIntegerField(default=0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('released_at', models.DateTimeField(blank=True, null=True)),
-                ('job', models.ForeignKey(on_delete=django.db.models.deletion.PROTECT, related_name='waits', to='emg.clusterjob')),
-                ('request', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.CASCADE, related_name='waits', to='emg.analysisrequest')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("flow_run_id", models.UUIDField()),
+                ("step", models.CharField(max_length=64)),
+                ("suspensions", models.PositiveIntegerField(default=0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("released_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "job",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.PROTECT, related_name="waits", to="emg.clusterjob"
+                    ),
+                ),
+                (
+                    "request",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="waits",
+                        to="emg.analysisrequest",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at', 'id'],
-                'constraints': [models.UniqueConstraint(fields=('flow_run_id', 'step'), name='one_job_per_flow_step')],
+                "ordering": ["created_at", "id"],
+                "constraints": [models.UniqueConstraint(fields=("flow_run_id", "step"), name="one_job_per_flow_step")],
             },
         ),
         migrations.CreateModel(
-            name='OutboxEvent',
+            name="OutboxEvent",
             fields=[
-                ('id', models.UUIDField(primary_key=True, serialize=False)),
-                ('topic', models.CharField(choices=[('analysis_request.run', 'Run an analysis request')], max_length=64)),
-                ('generation', models.PositiveIntegerField()),
-                ('created_at', models.DateTimeField(auto_now_add=True, db_index=True)),
-                ('published_at', models.DateTimeField(blank=True, null=True)),
-                ('publish_attempts', models.PositiveIntegerField(default=0)),
-                ('dispatched_at', models.DateTimeField(blank=True, db_index=True, null=True)),
-                ('last_error', models.TextField(blank=True)),
-                ('request', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='events', to='emg.analysisrequest')),
+                ("id", models.UUIDField(primary_key=True, serialize=False)),
+                (
+                    "topic",
+                    models.CharField(choices=[("analysis_request.run", "Run an analysis request")], max_length=64),
+                ),
+                ("generation", models.PositiveIntegerField()),
+                ("created_at", models.DateTimeField(auto_now_add=True, db_index=True)),
+                ("published_at", models.DateTimeField(blank=True, null=True)),
+                ("publish_attempts", models.PositiveIntegerField(default=0)),
+                ("dispatched_at", models.DateTimeField(blank=True, db_index=True, null=True)),
+                ("last_error", models.TextField(blank=True)),
+                (
+                    "request",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="events", to="emg.analysisrequest"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['created_at'],
-                'constraints': [models.UniqueConstraint(fields=('topic', 'request', 'generation'), name='one_event_per_request_generation')],
+                "ordering": ["created_at"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("topic", "request", "generation"), name="one_event_per_request_generation"
+                    )
+                ],
             },
         ),
     ]

@@ -4,53 +4,95 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('emg', '0002_results_integrity'),
+        ("emg", "0002_results_integrity"),
     ]
 
     operations = [
         migrations.RemoveConstraint(
-            model_name='clusterjob',
-            name='one_live_job_per_fingerprint',
+            model_name="clusterjob",
+            name="one_live_job_per_fingerprint",
         ),
         migrations.AddField(
-            model_name='analysisrequest',
-            name='history',
+            model_name="analysisrequest",
+            name="history",
             field=models.JSONField(blank=True, default=list),
         ),
         migrations.AddField(
-            model_name='clusterjob',
-            name='next_submit_at',
+            model_name="clusterjob",
+            name="next_submit_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='clusterjob',
-            name='retries',
+            model_name="clusterjob",
+            name="retries",
             field=models.PositiveIntegerField(default=0),
         ),
         migrations.AddField(
-            model_name='clusterjob',
-            name='submit_error',
+            model_name="clusterjob",
+            name="submit_error",
             field=models.TextField(blank=True),
         ),
         migrations.AddField(
-            model_name='clusterjob',
-            name='unreadable_since',
+            model_name="clusterjob",
+            name="unreadable_since",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AddField(
-            model_name='clusterjob',
-            name='unreadable_state',
+            model_name="clusterjob",
+            name="unreadable_state",
             field=models.CharField(blank=True, max_length=64),
         ),
         migrations.AlterField(
-            model_name='clusterjob',
-            name='state',
-            field=models.CharField(choices=[('DECLARED', 'Declared'), ('SUBMITTED', 'Submitted'), ('PENDING', 'Pending'), ('RUNNING', 'Running'), ('SUSPENDED', 'Suspended'), ('COMPLETED', 'Completed'), ('FAILED', 'Failed'), ('CANCELLED', 'Cancelled'), ('TIMEOUT', 'Timeout'), ('OUT_OF_MEMORY', 'Out of memory'), ('NODE_FAIL', 'Node fail'), ('PREEMPTED', 'Preempted'), ('BOOT_FAIL', 'Boot fail'), ('DEADLINE', 'Deadline'), ('LOST', 'Lost'), ('REJECTED', 'Rejected by Slurm')], default='DECLARED', max_length=16),
+            model_name="clusterjob",
+            name="state",
+            field=models.CharField(
+                choices=[
+                    ("DECLARED", "Declared"),
+                    ("SUBMITTED", "Submitted"),
+                    ("PENDING", "Pending"),
+                    ("RUNNING", "Running"),
+                    ("SUSPENDED", "Suspended"),
+                    ("COMPLETED", "Completed"),
+                    ("FAILED", "Failed"),
+                    ("CANCELLED", "Cancelled"),
+                    ("TIMEOUT", "Timeout"),
+                    ("OUT_OF_MEMORY", "Out of memory"),
+                    ("NODE_FAIL", "Node fail"),
+                    ("PREEMPTED", "Preempted"),
+                    ("BOOT_FAIL", "Boot fail"),
+                    ("DEADLINE", "Deadline"),
+                    ("LOST", "Lost"),
+                    ("REJECTED", "Rejected by Slurm"),
+                ],
+                default="DECLARED",
+                max_length=16,
+            ),
         ),
         migrations.AddConstraint(
-            model_name='clusterjob',
-            constraint=models.UniqueConstraint(condition=models.Q(('state__in', ['COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE', 'LOST', 'REJECTED']), _negated=True), fields=('fingerprint',), name='one_live_job_per_fingerprint'),
+            model_name="clusterjob",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(
+                    (
+                        "state__in",
+                        [
+                            "COMPLETED",
+                            "FAILED",
+                            "CANCELLED",
+                            "TIMEOUT",
+                            "OUT_OF_MEMORY",
+                            "NODE_FAIL",
+                            "PREEMPTED",
+                            "BOOT_FAIL",
+                            "DEADLINE",
+                            "LOST",
+                            "REJECTED",
+                        ],
+                    ),
+                    _negated=True,
+                ),
+                fields=("fingerprint",),
+                name="one_live_job_per_fingerprint",
+            ),
         ),
     ]

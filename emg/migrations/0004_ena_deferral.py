@@ -4,20 +4,19 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('emg', '0003_fenced_transitions'),
+        ("emg", "0003_fenced_transitions"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='analysisrequest',
-            name='deferrals',
+            model_name="analysisrequest",
+            name="deferrals",
             field=models.PositiveIntegerField(default=0),
         ),
         migrations.AddField(
-            model_name='analysisrequest',
-            name='deferred_until',
+            model_name="analysisrequest",
+            name="deferred_until",
             field=models.DateTimeField(blank=True, null=True),
         ),
     ]

@@ -4,23 +4,47 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('emg', '0004_ena_deferral'),
+        ("emg", "0004_ena_deferral"),
     ]
 
     operations = [
         migrations.RemoveConstraint(
-            model_name='clusterjob',
-            name='one_live_job_per_fingerprint',
+            model_name="clusterjob",
+            name="one_live_job_per_fingerprint",
         ),
         migrations.AddField(
-            model_name='clusterjob',
-            name='cancel_requested_at',
+            model_name="clusterjob",
+            name="cancel_requested_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AddConstraint(
-            model_name='clusterjob',
-            constraint=models.UniqueConstraint(condition=models.Q(models.Q(('state__in', ['COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE', 'LOST', 'REJECTED']), _negated=True), ('cancel_requested_at__isnull', True)), fields=('fingerprint',), name='one_wanted_job_per_fingerprint'),
+            model_name="clusterjob",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(
+                    models.Q(
+                        (
+                            "state__in",
+                            [
+                                "COMPLETED",
+                                "FAILED",
+                                "CANCELLED",
+                                "TIMEOUT",
+                                "OUT_OF_MEMORY",
+                                "NODE_FAIL",
+                                "PREEMPTED",
+                                "BOOT_FAIL",
+                                "DEADLINE",
+                                "LOST",
+                                "REJECTED",
+                            ],
+                        ),
+                        _negated=True,
+                    ),
+                    ("cancel_requested_at__isnull", True),
+                ),
+                fields=("fingerprint",),
+                name="one_wanted_job_per_fingerprint",
+            ),
         ),
     ]

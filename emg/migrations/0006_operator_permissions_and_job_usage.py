@@ -4,23 +4,31 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('emg', '0005_jobs_given_up'),
+        ("emg", "0005_jobs_given_up"),
     ]
 
     operations = [
         migrations.AlterModelOptions(
-            name='analysisrequest',
-            options={'ordering': ['-created_at'], 'permissions': [('cancel_analysisrequest', 'Can cancel analysis requests'), ('rerun_analysisrequest', 'Can re-run ended analysis requests')]},
+            name="analysisrequest",
+            options={
+                "ordering": ["-created_at"],
+                "permissions": [
+                    ("cancel_analysisrequest", "Can cancel analysis requests"),
+                    ("rerun_analysisrequest", "Can re-run ended analysis requests"),
+                ],
+            },
         ),
         migrations.AlterModelOptions(
-            name='clusterjob',
-            options={'ordering': ['created_at', 'id'], 'permissions': [('resubmit_clusterjob', 'Can resubmit ended cluster jobs')]},
+            name="clusterjob",
+            options={
+                "ordering": ["created_at", "id"],
+                "permissions": [("resubmit_clusterjob", "Can resubmit ended cluster jobs")],
+            },
         ),
         migrations.AddField(
-            model_name='clusterjob',
-            name='usage',
+            model_name="clusterjob",
+            name="usage",
             field=models.JSONField(blank=True, null=True),
         ),
     ]

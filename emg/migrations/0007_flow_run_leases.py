@@ -4,19 +4,18 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('emg', '0006_operator_permissions_and_job_usage'),
+        ("emg", "0006_operator_permissions_and_job_usage"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='FlowRunLease',
+            name="FlowRunLease",
             fields=[
-                ('flow_run_id', models.UUIDField(primary_key=True, serialize=False)),
-                ('host', models.CharField(max_length=255)),
-                ('pid', models.PositiveIntegerField()),
-                ('renewed_at', models.DateTimeField(db_index=True)),
+                ("flow_run_id", models.UUIDField(primary_key=True, serialize=False)),
+                ("host", models.CharField(max_length=255)),
+                ("pid", models.PositiveIntegerField()),
+                ("renewed_at", models.DateTimeField(db_index=True)),
             ],
         ),
     ]

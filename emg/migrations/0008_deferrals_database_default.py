@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('emg', '0007_flow_run_leases'),
+        ("emg", "0007_flow_run_leases"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='analysisrequest',
-            name='deferrals',
+            model_name="analysisrequest",
+            name="deferrals",
             field=models.PositiveIntegerField(db_default=0, default=0),
         ),
     ]

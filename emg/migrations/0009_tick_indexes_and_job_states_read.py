@@ -4,56 +4,124 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('emg', '0008_deferrals_database_default'),
+        ("emg", "0008_deferrals_database_default"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='reconciletick',
-            name='job_states_read_at',
+            model_name="reconciletick",
+            name="job_states_read_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.AlterField(
-            model_name='clusterjob',
-            name='state_checked_at',
-            field=models.DateTimeField(blank=True, help_text="When Slurm's answer last changed this row; unchanged jobs are read at every tick (see the ticks' 'job states read at').", null=True),
+            model_name="clusterjob",
+            name="state_checked_at",
+            field=models.DateTimeField(
+                blank=True,
+                help_text="When Slurm's answer last changed this row; unchanged jobs are read at every tick (see the ticks' 'job states read at').",
+                null=True,
+            ),
         ),
         migrations.AddIndex(
-            model_name='analysisrequest',
-            index=models.Index(condition=models.Q(('status__in', ['COMPLETED', 'FAILED', 'CANCELLED']), _negated=True), fields=['created_at'], name='request_unfinished'),
+            model_name="analysisrequest",
+            index=models.Index(
+                condition=models.Q(("status__in", ["COMPLETED", "FAILED", "CANCELLED"]), _negated=True),
+                fields=["created_at"],
+                name="request_unfinished",
+            ),
         ),
         migrations.AddIndex(
-            model_name='analysisrequest',
-            index=models.Index(condition=models.Q(('cancel_requested_at__isnull', False)), fields=['cancel_requested_at'], name='request_cancel_requested'),
+            model_name="analysisrequest",
+            index=models.Index(
+                condition=models.Q(("cancel_requested_at__isnull", False)),
+                fields=["cancel_requested_at"],
+                name="request_cancel_requested",
+            ),
         ),
         migrations.AddIndex(
-            model_name='clusterjob',
-            index=models.Index(condition=models.Q(('state__in', ['COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE', 'LOST', 'REJECTED']), _negated=True), fields=['state'], name='cluster_job_live'),
+            model_name="clusterjob",
+            index=models.Index(
+                condition=models.Q(
+                    (
+                        "state__in",
+                        [
+                            "COMPLETED",
+                            "FAILED",
+                            "CANCELLED",
+                            "TIMEOUT",
+                            "OUT_OF_MEMORY",
+                            "NODE_FAIL",
+                            "PREEMPTED",
+                            "BOOT_FAIL",
+                            "DEADLINE",
+                            "LOST",
+                            "REJECTED",
+                        ],
+                    ),
+                    _negated=True,
+                ),
+                fields=["state"],
+                name="cluster_job_live",
+            ),
         ),
         migrations.AddIndex(
-            model_name='clusterjob',
-            index=models.Index(condition=models.Q(('cancel_requested_at__isnull', False), models.Q(('state__in', ['COMPLETED', 'FAILED', 'CANCELLED', 'TIMEOUT', 'OUT_OF_MEMORY', 'NODE_FAIL', 'PREEMPTED', 'BOOT_FAIL', 'DEADLINE', 'LOST', 'REJECTED']), _negated=True)), fields=['cancel_requested_at'], name='cluster_job_given_up_live'),
+            model_name="clusterjob",
+            index=models.Index(
+                condition=models.Q(
+                    ("cancel_requested_at__isnull", False),
+                    models.Q(
+                        (
+                            "state__in",
+                            [
+                                "COMPLETED",
+                                "FAILED",
+                                "CANCELLED",
+                                "TIMEOUT",
+                                "OUT_OF_MEMORY",
+                                "NODE_FAIL",
+                                "PREEMPTED",
+                                "BOOT_FAIL",
+                                "DEADLINE",
+                                "LOST",
+                                "REJECTED",
+                            ],
+                        ),
+                        _negated=True,
+                    ),
+                ),
+                fields=["cancel_requested_at"],
+                name="cluster_job_given_up_live",
+            ),
         ),
         migrations.AddIndex(
-            model_name='clusterjob',
-            index=models.Index(fields=['submission_started_at'], name='cluster_job_claimed_at'),
+            model_name="clusterjob",
+            index=models.Index(fields=["submission_started_at"], name="cluster_job_claimed_at"),
         ),
         migrations.AddIndex(
-            model_name='clusterjob',
-            index=models.Index(condition=models.Q(('usage__isnull', True), ('ended_at__isnull', False)), fields=['ended_at'], name='cluster_job_usage_unread'),
+            model_name="clusterjob",
+            index=models.Index(
+                condition=models.Q(("usage__isnull", True), ("ended_at__isnull", False)),
+                fields=["ended_at"],
+                name="cluster_job_usage_unread",
+            ),
         ),
         migrations.AddIndex(
-            model_name='jobwait',
-            index=models.Index(condition=models.Q(('released_at__isnull', True)), fields=['created_at'], name='job_wait_open'),
+            model_name="jobwait",
+            index=models.Index(
+                condition=models.Q(("released_at__isnull", True)), fields=["created_at"], name="job_wait_open"
+            ),
         ),
         migrations.AddIndex(
-            model_name='jobwait',
-            index=models.Index(condition=models.Q(('released_at__isnull', False)), fields=['released_at'], name='job_wait_released'),
+            model_name="jobwait",
+            index=models.Index(
+                condition=models.Q(("released_at__isnull", False)), fields=["released_at"], name="job_wait_released"
+            ),
         ),
         migrations.AddIndex(
-            model_name='outboxevent',
-            index=models.Index(condition=models.Q(('dispatched_at__isnull', True)), fields=['created_at'], name='outbox_undispatched'),
+            model_name="outboxevent",
+            index=models.Index(
+                condition=models.Q(("dispatched_at__isnull", True)), fields=["created_at"], name="outbox_undispatched"
+            ),
         ),
     ]

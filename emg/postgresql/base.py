@@ -47,9 +47,16 @@ class DatabaseWrapper(base.DatabaseWrapper):
         now = time.monotonic()
         # Only in autocommit mode: leaving a transaction, Django turns autocommit back on through
         # here, and a ping then (the connection not yet in autocommit) would open another one.
-        checking = self.connection is not None and not self.in_atomic_block and self.autocommit and (
-            self.errors_occurred or now - self._last_used > settings.EMG_DATABASE_IDLE_CHECK_SECONDS
-            or self._server_spoke())
+        checking = (
+            self.connection is not None
+            and not self.in_atomic_block
+            and self.autocommit
+            and (
+                self.errors_occurred
+                or now - self._last_used > settings.EMG_DATABASE_IDLE_CHECK_SECONDS
+                or self._server_spoke()
+            )
+        )
         if checking:
             self.health_check_done = False
         super().close_if_health_check_failed()
@@ -73,8 +80,11 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
         # Django's connect() sets autocommit next, which checks the connection first: a new one
         # counts as just used (a ping now would open a transaction before autocommit is set).
-        database = (str(self.settings_dict.get("HOST")), str(self.settings_dict.get("PORT")),
-                    str(self.settings_dict.get("NAME")))
+        database = (
+            str(self.settings_dict.get("HOST")),
+            str(self.settings_dict.get("PORT")),
+            str(self.settings_dict.get("NAME")),
+        )
         if database not in _connected_before:
             try:
                 connection = super().get_new_connection(conn_params)
@@ -96,7 +106,10 @@ class DatabaseWrapper(base.DatabaseWrapper):
             except OperationalError as error:
                 if time.monotonic() + delay > deadline:
                     raise
-                logger.warning("the database refuses a new connection (%s); trying again in %.1f s",
-                               str(error).strip().splitlines()[0] if str(error).strip() else error, delay)
+                logger.warning(
+                    "the database refuses a new connection (%s); trying again in %.1f s",
+                    str(error).strip().splitlines()[0] if str(error).strip() else error,
+                    delay,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)

@@ -58,8 +58,14 @@ class OwnPostgres:
         self.log_path = self.root / "postgres.log"
 
     def _as_postgres(self, *argv: str, timeout: float = 120) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, timeout=timeout, cwd=self.root,
-                       stdin=subprocess.DEVNULL, capture_output=True)
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *argv],
+            check=True,
+            timeout=timeout,
+            cwd=self.root,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
 
     def _pg_ctl(self, *argv: str) -> None:
         self._as_postgres(str(self.BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log_path), "-w", *argv)
@@ -69,8 +75,18 @@ class OwnPostgres:
 
     def start(self) -> "OwnPostgres":
         if not self.data.exists():
-            self._as_postgres(str(self.BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
-                              "-E", "UTF8", "--no-sync")
+            self._as_postgres(
+                str(self.BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            )
         # pg_ctl remembers these options for `restart`. fsync only matters if the machine loses power,
         # which no test does: a fast restart checkpoints first.
         self._pg_ctl("-o", f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
@@ -114,6 +130,7 @@ def terminate_database_backends(database: str, spare: list[int]) -> int:
 
 # --- slurmctld ------------------------------------------------------------------------------------
 
+
 def slurmctld_pid() -> int | None:
     try:
         pid = int(SLURMCTLD_PID_FILE.read_text().strip())
@@ -142,15 +159,21 @@ def stop_slurmctld(sig: int) -> None:
 def start_slurmctld() -> None:
     """As scripts/slurm-up.sh starts it; then wait until it answers."""
     with open(SLURM_LOG_DIR / "slurmctld.out", "ab") as log:
-        subprocess.run(["slurmctld"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, check=True,
-                       timeout=60)
-    wait_until(lambda: subprocess.run(["scontrol", "ping"], capture_output=True, timeout=20, check=False).returncode == 0,
-               timeout=90, interval=0.5, message="slurmctld answers scontrol ping")
+        subprocess.run(
+            ["slurmctld"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=60
+        )
+    wait_until(
+        lambda: subprocess.run(["scontrol", "ping"], capture_output=True, timeout=20, check=False).returncode == 0,
+        timeout=90,
+        interval=0.5,
+        message="slurmctld answers scontrol ping",
+    )
 
 
 def kill_slurmctld_when_idle(idle_since, idle_seconds: float = 5) -> None:
     """SIGKILL slurmctld, but only once nothing was submitted for `idle_seconds` (`idle_since()`: the
     time of the last submission, or None) so that it has saved every job it accepted."""
+
     def idle() -> bool:
         last = idle_since()
         return last is None or time.time() - last >= idle_seconds

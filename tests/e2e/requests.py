@@ -55,18 +55,26 @@ def assert_exactly_once_in_slurm(jobs: Iterable[ClusterJob]) -> None:
         recorded = " ".join(str(entry.get("detail", "")) for entry in job.history)
         for comment, count in per_tag.items():
             if comment.startswith(prefix) and count > 1:
-                problems.append(f"{comment} submitted {count} times: "
-                                f"{sorted(i for i, c in of_row.items() if c == comment)}")
+                problems.append(
+                    f"{comment} submitted {count} times: {sorted(i for i, c in of_row.items() if c == comment)}"
+                )
         for job_id, comment in of_row.items():
             if not re.search(rf"\b{job_id}\b", recorded):
                 problems.append(f"Slurm job {job_id} ({comment}) is not in the history of row #{job.id}")
             if int(comment.rsplit("-", 1)[1]) > job.attempts:
                 problems.append(f"Slurm job {job_id} ({comment}) is beyond row #{job.id}'s {job.attempts} attempts")
         if job.slurm_job_id and of_row.get(job.slurm_job_id) != job_comment(job.tag):
-            problems.append(f"row #{job.id} names Slurm job {job.slurm_job_id}, which Slurm lists as "
-                            f"{of_row.get(job.slurm_job_id)!r}, not {job_comment(job.tag)!r}")
-    assert not problems, "\n".join(problems + [f"row #{job.id} {job.name} attempts={job.attempts} "
-                                                f"slurm={job.slurm_job_id} history={job.history}" for job in jobs])
+            problems.append(
+                f"row #{job.id} names Slurm job {job.slurm_job_id}, which Slurm lists as "
+                f"{of_row.get(job.slurm_job_id)!r}, not {job_comment(job.tag)!r}"
+            )
+    assert not problems, "\n".join(
+        problems
+        + [
+            f"row #{job.id} {job.name} attempts={job.attempts} slurm={job.slurm_job_id} history={job.history}"
+            for job in jobs
+        ]
+    )
 
 
 def new_request(accession: str, **fields) -> AnalysisRequest:
@@ -83,6 +91,9 @@ def suspended_on_pending_assembly(request: AnalysisRequest) -> ClusterJob:
 
     job = wait_until(pending_job, timeout=90, interval=0.2, message="the assembly job is submitted and pending")
     request.refresh_from_db()  # its flow run is recorded by now
-    wait_until(lambda: state_names(request.flow_run_id)[-1] == "Suspended", timeout=60,
-               message="the flow is suspended on its job")
+    wait_until(
+        lambda: state_names(request.flow_run_id)[-1] == "Suspended",
+        timeout=60,
+        message="the flow is suspended on its job",
+    )
     return job

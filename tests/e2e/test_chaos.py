@@ -50,16 +50,24 @@ from tests.e2e.chaos import (
 from tests.e2e.requests import final_request, new_request
 from tests.slurm import accounted_comments
 
-pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.slurm, pytest.mark.slow,
-              pytest.mark.django_db(transaction=True)]
+pytestmark = [
+    pytest.mark.chaos,
+    pytest.mark.e2e,
+    pytest.mark.slurm,
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+]
 
 # Two requests of one study share their assembly (and analysis) job; PRJEB40666's reads are rejected.
 STUDIES = ["PRJEB40001"] * 5 + ["PRJEB40002"] * 4 + ["PRJEB40666"] * 3
-EXPECTED = {"PRJEB40001": AnalysisRequest.Status.COMPLETED, "PRJEB40002": AnalysisRequest.Status.COMPLETED,
-            "PRJEB40666": AnalysisRequest.Status.FAILED}
+EXPECTED = {
+    "PRJEB40001": AnalysisRequest.Status.COMPLETED,
+    "PRJEB40002": AnalysisRequest.Status.COMPLETED,
+    "PRJEB40666": AnalysisRequest.Status.FAILED,
+}
 FIRST_WAVE = 5
 ZOMBIE_AFTER_SECONDS = 45
-DOWN_SECONDS = (2.0, 5.0)     # how long a killed service stays down
+DOWN_SECONDS = (2.0, 5.0)  # how long a killed service stays down
 BETWEEN_SECONDS = (1.0, 6.0)  # pause between one service back and the next kill
 
 
@@ -87,9 +95,11 @@ def chaos(stack, slurm_cluster, service_logs):
     redis_port = free_port()
     redis_url = f"redis://127.0.0.1:{redis_port}/0"
     api_url = f"http://127.0.0.1:{free_port()}/api"
-    server_env = {**os.environ,
-                  "PREFECT_API_URL": api_url,
-                  "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_database_url(database)}
+    server_env = {
+        **os.environ,
+        "PREFECT_API_URL": api_url,
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": prefect_database_url(database),
+    }
     env = {
         **stack.env,
         "REDIS_URL": redis_url,
@@ -111,7 +121,10 @@ def chaos(stack, slurm_cluster, service_logs):
             stack=Stack(env, log_dir, label="chaos"),
             redis=start_redis(redis_port, log_dir, env, "chaos-redis"),
             prefect_server=start_prefect_server(server_env, log_dir, api_url),
-            redis_port=redis_port, api_url=api_url, server_env=server_env, log_dir=log_dir,
+            redis_port=redis_port,
+            api_url=api_url,
+            server_env=server_env,
+            log_dir=log_dir,
         )
         try:
             services.stack.start()
@@ -129,6 +142,7 @@ def chaos(stack, slurm_cluster, service_logs):
 
 
 # --- the kills ------------------------------------------------------------------------------------
+
 
 def down_for(rng: random.Random) -> None:
     time.sleep(rng.uniform(*DOWN_SECONDS))  # a deliberate outage, not a wait for a condition
@@ -153,8 +167,9 @@ def kill_runner(services: ChaosServices, rng) -> None:
 def kill_prefect_server(services: ChaosServices, rng) -> None:
     services.prefect_server.kill()
     down_for(rng)
-    services.prefect_server = restart_prefect_server(services.prefect_server, services.server_env,
-                                                     services.log_dir, services.api_url)
+    services.prefect_server = restart_prefect_server(
+        services.prefect_server, services.server_env, services.log_dir, services.api_url
+    )
 
 
 def kill_redis(services: ChaosServices, rng) -> None:
@@ -188,11 +203,21 @@ def kill_slurmctld(services: ChaosServices, rng) -> None:
     start_slurmctld()
 
 
-KILLS = [kill_worker, kill_tick_worker, kill_beat, kill_runner, kill_prefect_server, kill_redis, kill_database_connections,
-         restart_slurmctld_gracefully, kill_slurmctld]
+KILLS = [
+    kill_worker,
+    kill_tick_worker,
+    kill_beat,
+    kill_runner,
+    kill_prefect_server,
+    kill_redis,
+    kill_database_connections,
+    restart_slurmctld_gracefully,
+    kill_slurmctld,
+]
 
 
 # --- what Slurm and Prefect hold, not our database ----------------------------------------------
+
 
 def flow_runs_of(request: AnalysisRequest) -> list:
     with get_client(sync_client=True) as client:
@@ -224,7 +249,7 @@ def test_requests_survive_every_service_killed_once_at_random_and_nothing_runs_t
         for number, kill in enumerate(kills):
             time.sleep(rng.uniform(*BETWEEN_SECONDS))  # a random point in the flows' progress
             # Spread the rest of the requests over the kills, so some are always in flight.
-            for study in later[number * len(later) // len(kills):(number + 1) * len(later) // len(kills)]:
+            for study in later[number * len(later) // len(kills) : (number + 1) * len(later) // len(kills)]:
                 requests.append(new_request(study))
                 note(f"created #{requests[-1].id} ({study})")
             note(f"{kill.__name__}")
@@ -232,17 +257,18 @@ def test_requests_survive_every_service_killed_once_at_random_and_nothing_runs_t
             note(f"{kill.__name__} done; back up")
         chaos.stack.wait_for_worker()
 
-        finished = [final_request(request, chaos, timeout=max(60.0, 420 - (time.monotonic() - started)))
-                    for request in requests]
+        finished = [
+            final_request(request, chaos, timeout=max(60.0, 420 - (time.monotonic() - started))) for request in requests
+        ]
     note("every request finished")
     for name in revived:
         note(f"{name} had died on its own and was started again by the supervisor")
 
     # Each ended as its input says.
     outcomes = {(r.id, r.study.accession): (r.status, r.status_reason) for r in finished}
-    assert {key: status for key, (status, _) in outcomes.items()} == {
-        key: EXPECTED[key[1]] for key in outcomes
-    }, outcomes
+    assert {key: status for key, (status, _) in outcomes.items()} == {key: EXPECTED[key[1]] for key in outcomes}, (
+        outcomes
+    )
     for request in finished:
         if request.study.accession == "PRJEB40666":
             assert "exit code 3" in request.status_reason, request.status_reason
@@ -258,13 +284,16 @@ def test_requests_survive_every_service_killed_once_at_random_and_nothing_runs_t
     per_tag = Counter(comments.values())
     for job in jobs:
         prefix = job.tag.rsplit("-", 1)[0]
-        submitted = {comment: count for comment, count in per_tag.items()
-                     if comment.startswith(job_comment(prefix) + "-")}
+        submitted = {
+            comment: count for comment, count in per_tag.items() if comment.startswith(job_comment(prefix) + "-")
+        }
         # Never two Slurm jobs for one attempt; an attempt may have none (a claim superseded after its
         # sbatch never reached Slurm), but the attempt the row ended with ran once.
         assert set(submitted.values()) <= {1}, (job, job.history)
         assert set(submitted) <= {job_comment(f"{prefix}-{attempt}") for attempt in range(1, job.attempts + 1)}, (
-            job, job.history)
+            job,
+            job.history,
+        )
         if job.slurm_job_id:
             assert submitted.get(job_comment(job.tag)) == 1, (job, job.history)
     # Nothing left behind.

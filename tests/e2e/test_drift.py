@@ -48,13 +48,22 @@ def test_a_flow_run_deleted_while_suspended_is_replaced_and_a_cancel_in_the_same
             older.refresh_from_db()
             return deleted.flow_run_id != lost_run and older.status == "CANCELLED"
 
-        wait_until(replaced_and_cancelled, timeout=60, interval=0.2,
-                   message="the deleted run is replaced and the older request cancelled")
+        wait_until(
+            replaced_and_cancelled,
+            timeout=60,
+            interval=0.2,
+            message="the deleted run is replaced and the older request cancelled",
+        )
         assert ticks_since(moment) <= 3
         # The fresh run finds the pending job again instead of declaring its work twice.
-        wait_until(lambda: jobs_of(deleted).get("assembly") is not None
-                   and JobWait.objects.filter(flow_run_id=deleted.flow_run_id).exists(), timeout=120,
-                   message="the fresh run waits on the assembly job")
+        wait_until(
+            lambda: (
+                jobs_of(deleted).get("assembly") is not None
+                and JobWait.objects.filter(flow_run_id=deleted.flow_run_id).exists()
+            ),
+            timeout=120,
+            message="the fresh run waits on the assembly job",
+        )
         assert JobWait.objects.get(flow_run_id=deleted.flow_run_id, step="assembly").job_id == deleted_job.id
 
     finished = final_request(deleted, stack, timeout=300)

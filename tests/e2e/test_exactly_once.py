@@ -123,13 +123,22 @@ def make_stack(session_paused, service_logs, tmp_path):
             }
             if database_url is not None:
                 environment["DATABASE_URL"] = database_url
-                subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], env=environment, cwd=ROOT,
-                               check=True, capture_output=True, timeout=300)
+                subprocess.run(
+                    [sys.executable, "manage.py", "migrate", "--noinput"],
+                    env=environment,
+                    cwd=ROOT,
+                    check=True,
+                    capture_output=True,
+                    timeout=300,
+                )
             own = FaultyStack(
                 stack=Stack(environment, log_dir, label=label),
                 faults=faults,
                 redis=start_redis(port, log_dir, environment, f"{label}-redis"),
-                redis_port=port, work_dir=work_dir, log_dir=log_dir, started_at=timezone.now(),
+                redis_port=port,
+                work_dir=work_dir,
+                log_dir=log_dir,
+                started_at=timezone.now(),
             )
             made.append(own)
             exits.enter_context(broker_at(url, REDIS_URL=url))  # the test process publishes there too
@@ -149,8 +158,12 @@ def backlog_declared(own: FaultyStack, studies: list[str]) -> list[AnalysisReque
     """Save requests while the beat is down, wait until each flow has declared its assembly job,
     then start the beat: its first tick finds them all declared, a backlog to submit."""
     requests = [new_request(study) for study in studies]
-    wait_until(lambda: all("assembly" in jobs_of(request) for request in requests), timeout=120, interval=0.5,
-               message="every request's flow declared its assembly job")
+    wait_until(
+        lambda: all("assembly" in jobs_of(request) for request in requests),
+        timeout=120,
+        interval=0.5,
+        message="every request's flow declared its assembly job",
+    )
     own.stack.beat.start()
     return requests
 
@@ -163,7 +176,8 @@ def all_final(requests: list[AnalysisRequest], own, timeout: float) -> list[Anal
 
 def assert_completed(requests: list[AnalysisRequest]) -> None:
     assert {r.id: (r.status, r.status_reason) for r in requests} == {
-        r.id: (COMPLETED, r.status_reason) for r in requests}
+        r.id: (COMPLETED, r.status_reason) for r in requests
+    }
 
 
 def completed_exactly_once(own: FaultyStack, requests: list[AnalysisRequest]) -> None:
@@ -214,8 +228,9 @@ def test_a_worker_frozen_in_the_middle_of_a_submission_leaves_one_slurm_job_per_
     # A worker that loses its broker connection while frozen may exit: a supervisor starts it
     # again. (Only now: it would start the beat too, before the backlog is declared.)
     with own.stack.supervised() as revived:
-        [call, *_] = wait_until(lambda: own.faults.calls("sbatch"), timeout=60, interval=0.1,
-                                message="a tick ran sbatch")
+        [call, *_] = wait_until(
+            lambda: own.faults.calls("sbatch"), timeout=60, interval=0.1, message="a tick ran sbatch"
+        )
         pool = call["ppid"]  # the shim's parent: the pool process running the tick
         worker = parent_pid(pool)
         assert worker in {own.stack.tick_worker.process.pid, second.process.pid}
@@ -286,40 +301,69 @@ def test_postgresql_restarted_while_jobs_pend_and_flows_are_suspended(own_postgr
     url = own_postgres.create_database("emg")
     # A namespace of its own: Prefect's idempotency keys name request ids, which start again at 1
     # in this database, and the Prefect server is the session's.
-    own = make_stack("postgres-restarted", database_url=url,
-                     EMG_INSTANCE_NAMESPACE=f"pytest-{settings.TEST_SESSION}-own-postgres")
+    own = make_stack(
+        "postgres-restarted", database_url=url, EMG_INSTANCE_NAMESPACE=f"pytest-{settings.TEST_SESSION}-own-postgres"
+    )
     # Held jobs stay PENDING for as long as the test needs, without holding the node from others.
     hold = own.faults.add_args("sbatch", ["--hold"], match=ASSEMBLY)
     own.stack.beat.start()
-    saved = subprocess.run([sys.executable, "-c", SAVE_REQUESTS, *BACKLOG], env=own.stack.env, cwd=ROOT,
-                           capture_output=True, text=True, check=True, timeout=120)
+    saved = subprocess.run(
+        [sys.executable, "-c", SAVE_REQUESTS, *BACKLOG],
+        env=own.stack.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     request_ids = [int(i) for i in saved.stdout.split()]
-    request_table, job_table, wait_table = (AnalysisRequest._meta.db_table, ClusterJob._meta.db_table,
-                                            JobWait._meta.db_table)
+    request_table, job_table, wait_table = (
+        AnalysisRequest._meta.db_table,
+        ClusterJob._meta.db_table,
+        JobWait._meta.db_table,
+    )
 
     def pending_and_suspended() -> list[tuple[str, str]] | None:
-        found = rows(url, f"SELECT j.slurm_job_id, j.state, r.flow_run_id FROM {request_table} r "
-                          f"JOIN {wait_table} w ON w.request_id = r.id AND w.step = 'assembly' "
-                          f"JOIN {job_table} j ON j.id = w.job_id WHERE r.id = ANY(%s)", [request_ids])
+        found = rows(
+            url,
+            f"SELECT j.slurm_job_id, j.state, r.flow_run_id FROM {request_table} r "
+            f"JOIN {wait_table} w ON w.request_id = r.id AND w.step = 'assembly' "
+            f"JOIN {job_table} j ON j.id = w.job_id WHERE r.id = ANY(%s)",
+            [request_ids],
+        )
         ready = len(found) == len(request_ids) and all(
-            state == "PENDING" and state_names(flow_run_id)[-1] == "Suspended" for _, state, flow_run_id in found)
+            state == "PENDING" and state_names(flow_run_id)[-1] == "Suspended" for _, state, flow_run_id in found
+        )
         return found if ready else None
 
-    held = wait_until(pending_and_suspended, timeout=150, interval=1,
-                      message="every request's assembly job is pending in Slurm and its flow suspended")
+    held = wait_until(
+        pending_and_suspended,
+        timeout=150,
+        interval=1,
+        message="every request's assembly job is pending in Slurm and its flow suspended",
+    )
     restarted_at = datetime.now(UTC)
     own_postgres.restart()
     tick_table = ReconcileTick._meta.db_table
-    wait_until(lambda: rows(url, f"SELECT 1 FROM {tick_table} WHERE started_at > %s AND finished_at IS NOT NULL",
-                            [restarted_at]), timeout=60, interval=0.5, message="a tick finished after the restart")
+    wait_until(
+        lambda: rows(
+            url, f"SELECT 1 FROM {tick_table} WHERE started_at > %s AND finished_at IS NOT NULL", [restarted_at]
+        ),
+        timeout=60,
+        interval=0.5,
+        message="a tick finished after the restart",
+    )
     # Our hold ends, as a full queue would drain: the jobs run.
     own.faults.remove(hold)
-    subprocess.run(["scontrol", "release", ",".join(sorted({job_id for job_id, _, _ in held}))], check=True,
-                   timeout=30)
+    subprocess.run(["scontrol", "release", ",".join(sorted({job_id for job_id, _, _ in held}))], check=True, timeout=30)
 
     def statuses() -> dict[int, tuple[str, str]] | None:
-        found = {i: (status, reason) for i, status, reason in rows(
-            url, f"SELECT id, status, status_reason FROM {request_table} WHERE id = ANY(%s)", [request_ids])}
+        found = {
+            i: (status, reason)
+            for i, status, reason in rows(
+                url, f"SELECT id, status, status_reason FROM {request_table} WHERE id = ANY(%s)", [request_ids]
+            )
+        }
         return found if all(status in AnalysisRequest.FINAL_STATUSES for status, _ in found.values()) else None
 
     try:
@@ -328,10 +372,14 @@ def test_postgresql_restarted_while_jobs_pend_and_flows_are_suspended(own_postgr
         print(own.logs())
         raise
     assert finished == {i: (COMPLETED, reason) for i, (_, reason) in finished.items()}
-    jobs = [ClusterJob(id=i, name=name, fingerprint=fingerprint, attempts=attempts, history=history,
-                       slurm_job_id=slurm_job_id)
-            for i, name, fingerprint, attempts, history, slurm_job_id in rows(
-                url, f"SELECT id, name, fingerprint, attempts, history, slurm_job_id FROM {job_table}")]
+    jobs = [
+        ClusterJob(
+            id=i, name=name, fingerprint=fingerprint, attempts=attempts, history=history, slurm_job_id=slurm_job_id
+        )
+        for i, name, fingerprint, attempts, history, slurm_job_id in rows(
+            url, f"SELECT id, name, fingerprint, attempts, history, slurm_job_id FROM {job_table}"
+        )
+    ]
     assert {job.name.split("-")[1] for job in jobs} == {"assembly", "analysis", "datamove"}
     assert_exactly_once_in_slurm(jobs)
 
@@ -364,11 +412,16 @@ def test_a_job_slurm_rejects_fails_only_its_request_with_slurms_words_within_thr
 
     [first, *_] = wait_until(rejected_calls, timeout=120, interval=0.2, message="the bad job's sbatch answered")
     assert first["exit_code"] != 0 and "invalid partition" in first["stderr"].lower()
-    job = wait_until(lambda: (job := jobs_of(bad)["assembly"]).is_final and job, timeout=60, interval=0.2,
-                     message="the rejected job ended")
+    job = wait_until(
+        lambda: (job := jobs_of(bad)["assembly"]).is_final and job,
+        timeout=60,
+        interval=0.2,
+        message="the rejected job ended",
+    )
     given_up_at = job.ended_at or timezone.now()
-    ticks = ReconcileTick.objects.filter(started_at__gt=datetime.fromtimestamp(first["time"], UTC),
-                                         started_at__lte=given_up_at).count()
+    ticks = ReconcileTick.objects.filter(
+        started_at__gt=datetime.fromtimestamp(first["time"], UTC), started_at__lte=given_up_at
+    ).count()
     assert ticks <= 3, f"{ticks} ticks between the rejected submission and the job's end"
 
     finished = all_final(requests, own, timeout=COMPLETION_DEADLINE)

@@ -34,9 +34,17 @@ PLANTED = f"planted-{secrets.token_hex(16)}"
 os.environ[PLANTED_NAME] = PLANTED
 
 SCREENSHOTS = ROOT / "test-artifacts" / "screenshots"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,1000"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
 
 
 def completed_request(stack, accession: str = "PRJEB40001") -> AnalysisRequest:
@@ -57,15 +65,20 @@ def test_commands_show_requeue_and_reconcile_a_live_request(stack):
         requeued = run("requeue_events")
         assert f"[1/1] event {event.id} request #{request.id} generation 1: published" in requeued.splitlines()
 
-        wait_until(lambda: AnalysisRequest.objects.get(id=request.id).flow_run_id, timeout=60,
-                   message="the requeued event made a flow run")
+        wait_until(
+            lambda: AnalysisRequest.objects.get(id=request.id).flow_run_id,
+            timeout=60,
+            message="the requeued event made a flow run",
+        )
         request.refresh_from_db()
         job = suspended_on_pending_assembly(request)
         requests_part, jobs_part, _ = sections(run("emg_status"))
         assert f"{request.flow_run_id}" in requests_part
         assert any(line.startswith(f"{request.id} ") and " WAITING " in line for line in requests_part.splitlines())
-        assert any(line.startswith(f"{job.id} ") and f" {job.slurm_job_id} " in line and f"#{request.id}" in line
-                   for line in jobs_part.splitlines())
+        assert any(
+            line.startswith(f"{job.id} ") and f" {job.slurm_job_id} " in line and f"#{request.id}" in line
+            for line in jobs_part.splitlines()
+        )
 
         tick = wait_until(lambda: run("reconcile", "--once"), timeout=30, message="a tick by hand ran")
         assert tick.splitlines()[0].startswith("checked ") and "released waits:" in tick
@@ -73,8 +86,9 @@ def test_commands_show_requeue_and_reconcile_a_live_request(stack):
     request = final_request(request, stack)
     assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
     # The flow marks the request COMPLETED as its last step; Prefect's state follows a moment later.
-    wait_until(lambda: state_names(request.flow_run_id)[-1] == "Completed", timeout=30,
-               message="the flow run completed")
+    wait_until(
+        lambda: state_names(request.flow_run_id)[-1] == "Completed", timeout=30, message="the flow run completed"
+    )
     requests_part, jobs_part, stuck_part = sections(run("emg_status"))
     [line] = [line for line in requests_part.splitlines() if line.startswith(f"{request.id} ")]
     assert " COMPLETED " in line and " Completed " in line  # ours, and Prefect's state of its flow run
@@ -91,7 +105,9 @@ def database_rows(name: str) -> str:
         return "\n".join(
             row[0]
             for (table,) in tables
-            for row in connection.execute(sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(sql.Identifier(table)))
+            for row in connection.execute(
+                sql.SQL("SELECT row_to_json(t)::text FROM {} t").format(sql.Identifier(table))
+            )
         )
 
 
@@ -165,8 +181,12 @@ def test_screenshot_of_flower_with_the_stack_worker(stack, browser, service_logs
         browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
         browser.get(url)
         worker_name = f"e2e-{os.getpid()}@"
-        wait_until(lambda: worker_name in browser.page_source, timeout=30, interval=0.5,
-                   message="Flower lists the stack's Celery worker")
+        wait_until(
+            lambda: worker_name in browser.page_source,
+            timeout=30,
+            interval=0.5,
+            message="Flower lists the stack's Celery worker",
+        )
         assert screenshot(browser, "flower-dashboard").stat().st_size > 10_000
     finally:
         flower.stop()
@@ -174,8 +194,24 @@ def test_screenshot_of_flower_with_the_stack_worker(stack, browser, service_logs
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
     """Slurm's accounting's own word on each job's state."""
-    output = subprocess.run(["sacct", "--parsable2", "--noheader", "-X", "-S", "now-1days", "-o", "JobIDRaw,State",
-                             "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=60, check=True).stdout
+    output = subprocess.run(
+        [
+            "sacct",
+            "--parsable2",
+            "--noheader",
+            "-X",
+            "-S",
+            "now-1days",
+            "-o",
+            "JobIDRaw,State",
+            "-j",
+            ",".join(job_ids),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     return dict(line.split("|", 1) for line in output.splitlines() if "|" in line)
 
 
@@ -185,17 +221,27 @@ def test_metrics_after_a_real_run_agree_with_the_database_and_with_slurms_accoun
     token = secrets.token_urlsafe(24)
     settings.EMG_MONITORING_TOKEN = token
     # The beat ticks every second: let one finish after the request ended, and record the jobs' usage.
-    wait_until(lambda: all(job.usage for job in ClusterJob.objects.filter(id__in=[j.id for j in jobs.values()])),
-               timeout=120, interval=1, message="the reconciler recorded the request's jobs' usage")
+    wait_until(
+        lambda: all(job.usage for job in ClusterJob.objects.filter(id__in=[j.id for j in jobs.values()])),
+        timeout=120,
+        interval=1,
+        message="the reconciler recorded the request's jobs' usage",
+    )
 
     response = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200
-    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-               for family in text_string_to_metric_families(response.content.decode()) for sample in family.samples}
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.content.decode())
+        for sample in family.samples
+    }
 
     def total(name: str, **labels) -> float:
-        return sum(value for (sample, sample_labels), value in samples.items()
-                   if sample == name and set(labels.items()) <= set(sample_labels))
+        return sum(
+            value
+            for (sample, sample_labels), value in samples.items()
+            if sample == name and set(labels.items()) <= set(sample_labels)
+        )
 
     assert total("emg_requests", status="COMPLETED") == AnalysisRequest.objects.filter(status="COMPLETED").count() >= 1
     completed = list(ClusterJob.objects.filter(state="COMPLETED").values_list("slurm_job_id", flat=True))
@@ -209,12 +255,17 @@ def test_metrics_after_a_real_run_agree_with_the_database_and_with_slurms_accoun
     assert total("emg_outbox_dispatch_latency_seconds_count") >= 1 and total("emg_outbox_backlog") == 0
 
 
-def test_screenshots_of_a_requests_timeline_its_jobs_trace_and_the_efficiency_report(stack, live_server, browser,
-                                                                                     django_user_model):
+def test_screenshots_of_a_requests_timeline_its_jobs_trace_and_the_efficiency_report(
+    stack, live_server, browser, django_user_model
+):
     request = completed_request(stack, accession="PRJEB40001")
     job: ClusterJob = jobs_of(request)["assembly"]
-    wait_until(lambda: ClusterJob.objects.get(id=job.id).usage, timeout=120, interval=1,
-               message="the reconciler recorded the assembly job's usage")
+    wait_until(
+        lambda: ClusterJob.objects.get(id=job.id).usage,
+        timeout=120,
+        interval=1,
+        message="the reconciler recorded the assembly job's usage",
+    )
     password = secrets.token_urlsafe(12)
     django_user_model.objects.create_superuser("operator2", password=password)
     browser.get(f"{live_server.url}/admin/login/?next=/admin/emg/analysisrequest/{request.id}/change/")

@@ -67,8 +67,14 @@ def restart_stack(stack, own_postgres, service_logs):
         # The cap counts every emg-tagged job of this Slurm user, other sessions' included.
         "EMG_MAX_ACTIVE_JOBS": "1000000",
     }
-    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput"], env=env, cwd=ROOT, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     with stack.paused():
         own = Stack(env, service_logs, label="pg-restart")
         own.start()
@@ -83,8 +89,15 @@ def test_a_database_restart_with_a_flow_mid_fetch_fails_no_flow_run_worker_or_ti
 ):
     own, url = restart_stack
     ena_server.reset_counts()
-    saved = subprocess.run([sys.executable, "-c", SAVE_REQUESTS, *STUDIES], env=own.env, cwd=ROOT,
-                           capture_output=True, text=True, check=True, timeout=120)
+    saved = subprocess.run(
+        [sys.executable, "-c", SAVE_REQUESTS, *STUDIES],
+        env=own.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     request_ids = [int(i) for i in saved.stdout.split()]
     requests_table, ticks_table = AnalysisRequest._meta.db_table, ReconcileTick._meta.db_table
 
@@ -94,15 +107,19 @@ def test_a_database_restart_with_a_flow_mid_fetch_fails_no_flow_run_worker_or_ti
             return None
         return flow_run_id if state_names(flow_run_id)[-1] == "Running" else None
 
-    wait_until(slow_flow_mid_fetch, timeout=120, interval=0.2,
-               message="the slow study's flow is Running, waiting for ENA")
+    wait_until(
+        slow_flow_mid_fetch, timeout=120, interval=0.2, message="the slow study's flow is Running, waiting for ENA"
+    )
     restarted_at = datetime.now(UTC)
     own_postgres.restart()
     back_at = datetime.now(UTC)
 
     def finished():
-        found = rows(url, f"SELECT id, status, status_reason, flow_reruns, flow_run_id FROM {requests_table} "
-                          "WHERE id = ANY(%s)", [request_ids])
+        found = rows(
+            url,
+            f"SELECT id, status, status_reason, flow_reruns, flow_run_id FROM {requests_table} WHERE id = ANY(%s)",
+            [request_ids],
+        )
         return found if all(status in AnalysisRequest.FINAL_STATUSES for _, status, _, _, _ in found) else None
 
     try:
@@ -111,7 +128,8 @@ def test_a_database_restart_with_a_flow_mid_fetch_fails_no_flow_run_worker_or_ti
         print(own.logs())
         raise
     assert {i: (status, reruns) for i, status, _, reruns, _ in outcome} == {
-        i: (AnalysisRequest.Status.COMPLETED, 0) for i in request_ids}, outcome
+        i: (AnalysisRequest.Status.COMPLETED, 0) for i in request_ids
+    }, outcome
     # The slow flow was mid-fetch: it stored what ENA answered after the restart, on a new connection.
     [(fetched_at,)] = rows(url, f"SELECT ena_fetched_at FROM {requests_table} WHERE id = %s", [request_ids[0]])
     assert fetched_at > back_at
@@ -120,8 +138,7 @@ def test_a_database_restart_with_a_flow_mid_fetch_fails_no_flow_run_worker_or_ti
         names = state_names(flow_run_id)
         assert not {"Crashed", "Failed"} & set(names), (flow_run_id, names)
     # Every tick after the restart finished without an error; ticks kept coming.
-    ticks = rows(url, f"SELECT started_at, finished_at, report FROM {ticks_table} WHERE started_at >= %s",
-                 [back_at])
+    ticks = rows(url, f"SELECT started_at, finished_at, report FROM {ticks_table} WHERE started_at >= %s", [back_at])
     assert len(ticks) >= 10
     assert [report for _, _, report in ticks if report and report.get("errors")] == []
     # The Celery workers (dispatch and tick), beat and runner logged no failure from the restart.

@@ -84,10 +84,13 @@ def job_waits_frozen():
 
 def blocked_on_job_wait_insert() -> bool:
     with psycopg.connect(database_url(), autocommit=True) as connection:
-        return bool(connection.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query ILIKE %s", [f'INSERT INTO "{JobWait._meta.db_table}"%']
-        ).fetchone()[0])
+        return bool(
+            connection.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query ILIKE %s",
+                [f'INSERT INTO "{JobWait._meta.db_table}"%'],
+            ).fetchone()[0]
+        )
 
 
 def test_runner_killed_while_its_flow_runs_is_found_silent_rerun_in_place_and_reattaches_to_its_job(
@@ -101,8 +104,11 @@ def test_runner_killed_while_its_flow_runs_is_found_silent_rerun_in_place_and_re
     # While ENA takes its time, freeze JobWait writes: the flow declares its assembly job and then
     # hangs, Running, on recording its wait. Kill the whole runner there, then let go.
     with job_waits_frozen():
-        job = wait_until(lambda: ClusterJob.objects.filter(name=f"emg-assembly-{SLOW_STUDY}").first(), timeout=90,
-                         message="the flow declared its assembly job")
+        job = wait_until(
+            lambda: ClusterJob.objects.filter(name=f"emg-assembly-{SLOW_STUDY}").first(),
+            timeout=90,
+            message="the flow declared its assembly job",
+        )
         wait_until(blocked_on_job_wait_insert, timeout=30, message="the flow waits to record its wait")
         zombie_stack.runner.kill()
         killed_at = timezone.now()
@@ -110,8 +116,12 @@ def test_runner_killed_while_its_flow_runs_is_found_silent_rerun_in_place_and_re
     zombie_stack.runner.start()
 
     # Nothing marks it Crashed: it stays Running, with no process, until the reconciler sees no heartbeat.
-    wait_until(lambda: AnalysisRequest.objects.get(id=request.id).flow_reruns == 1, timeout=ZOMBIE_AFTER_SECONDS + 90,
-               interval=0.5, message="the reconciler re-ran the silent flow run")
+    wait_until(
+        lambda: AnalysisRequest.objects.get(id=request.id).flow_reruns == 1,
+        timeout=ZOMBIE_AFTER_SECONDS + 90,
+        interval=0.5,
+        message="the reconciler re-ran the silent flow run",
+    )
     rerun_at = timezone.now()
     request = final_request(request, zombie_stack, timeout=240)
 
@@ -142,8 +152,12 @@ def test_a_run_suspended_for_longer_than_the_zombie_threshold_is_not_rerun(zombi
         looked_late = ReconcileTick.objects.filter(
             started_at__gte=suspended_at + timedelta(seconds=ZOMBIE_AFTER_SECONDS + 10), finished_at__isnull=False
         )
-        wait_until(looked_late.exists, timeout=ZOMBIE_AFTER_SECONDS + 60, interval=1,
-                   message="a finished tick well past the zombie threshold")
+        wait_until(
+            looked_late.exists,
+            timeout=ZOMBIE_AFTER_SECONDS + 60,
+            interval=1,
+            message="a finished tick well past the zombie threshold",
+        )
 
         request.refresh_from_db()
         assert request.flow_reruns == 0
@@ -165,8 +179,12 @@ def test_a_flow_process_frozen_for_twice_the_zombie_threshold_continues_complete
     carries on and completes, no re-run counted."""
     request = new_request("PRJEB40001")
     flow_run_id = flow_run_of(request)
-    lease = wait_until(lambda: FlowRunLease.objects.filter(flow_run_id=flow_run_id).first(), timeout=90,
-                       interval=0.1, message="the runner leased the flow run's process")
+    lease = wait_until(
+        lambda: FlowRunLease.objects.filter(flow_run_id=flow_run_id).first(),
+        timeout=90,
+        interval=0.1,
+        message="the runner leased the flow run's process",
+    )
     assert parent_pid(lease.pid) == zombie_stack.runner.process.pid  # the flow process, a child of the runner
     frozen_at = timezone.now()
     freeze_for([lease.pid], 2 * ZOMBIE_AFTER_SECONDS)
@@ -176,8 +194,9 @@ def test_a_flow_process_frozen_for_twice_the_zombie_threshold_continues_complete
     request = final_request(request, zombie_stack, timeout=480)
     assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason
     assert request.flow_reruns == 0
-    ticks = ReconcileTick.objects.filter(started_at__gte=frozen_at, started_at__lte=continued_at,
-                                         finished_at__isnull=False)
+    ticks = ReconcileTick.objects.filter(
+        started_at__gte=frozen_at, started_at__lte=continued_at, finished_at__isnull=False
+    )
     # Some tick during the freeze took the silent run for a suspect and kept it for its lease.
     assert any(str(flow_run_id) in tick.report.get("leased", []) for tick in ticks), [t.report for t in ticks]
     assert not [tick.report for tick in ticks if tick.report.get("rerun")]
@@ -196,8 +215,12 @@ def test_a_flow_process_frozen_with_its_runner_is_rerun_once_and_the_old_process
     runner then starts the re-run, which completes the request. One re-run, no failed state."""
     request = new_request("PRJEB40002")
     flow_run_id = flow_run_of(request)
-    lease = wait_until(lambda: FlowRunLease.objects.filter(flow_run_id=flow_run_id).first(), timeout=90,
-                       interval=0.1, message="the runner leased the flow run's process")
+    lease = wait_until(
+        lambda: FlowRunLease.objects.filter(flow_run_id=flow_run_id).first(),
+        timeout=90,
+        interval=0.1,
+        message="the runner leased the flow run's process",
+    )
     runner_pid = zombie_stack.runner.process.pid
     assert parent_pid(lease.pid) == runner_pid
     freeze_for([runner_pid, lease.pid], 2 * ZOMBIE_AFTER_SECONDS)

@@ -44,8 +44,20 @@ def moved_files(request: AnalysisRequest) -> set[str]:
 def assembled_alone(samplesheet: str, options: dict, outdir: Path) -> dict:
     """The assembly pipeline run by itself, outside the stack, on the same samplesheet and options."""
     arguments = [f"--{name}={value}" for name, value in options.items()]
-    subprocess.run([sys.executable, str(ROOT / "pipelines" / "assembly.py"), "--samplesheet", samplesheet,
-                    "--outdir", str(outdir), *arguments], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipelines" / "assembly.py"),
+            "--samplesheet",
+            samplesheet,
+            "--outdir",
+            str(outdir),
+            *arguments,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     return json.loads((outdir / "assembly_stats.json").read_text())
 
 
@@ -63,19 +75,20 @@ def assert_no_output_dir_shared_between_fingerprints() -> None:
     assert not shared, shared
 
 
-def test_concurrent_requests_for_three_studies_with_two_option_sets_each_get_the_results_of_a_lone_run(
-    stack, tmp_path
-):
+def test_concurrent_requests_for_three_studies_with_two_option_sets_each_get_the_results_of_a_lone_run(stack, tmp_path):
     started = time.monotonic()
-    requests = [new_request(STUDIES[n % len(STUDIES)], pipeline_options=OPTION_SETS[(n // len(STUDIES)) % 2])
-                for n in range(CONCURRENT_REQUESTS)]
+    requests = [
+        new_request(STUDIES[n % len(STUDIES)], pipeline_options=OPTION_SETS[(n // len(STUDIES)) % 2])
+        for n in range(CONCURRENT_REQUESTS)
+    ]
     for request in requests:
         final_request(request, stack, timeout=max(1, BURST_DEADLINE_SECONDS - (time.monotonic() - started)))
     elapsed = time.monotonic() - started
     print(f"{CONCURRENT_REQUESTS} concurrent requests completed in {elapsed:.0f} s")
 
     assert [request.status for request in requests] == [AnalysisRequest.Status.COMPLETED] * len(requests), [
-        (request.id, request.status_reason) for request in requests if request.status != "COMPLETED"]
+        (request.id, request.status_reason) for request in requests if request.status != "COMPLETED"
+    ]
     alone = {}
     for request in requests:
         job = jobs_of(request)["assembly"]
@@ -93,21 +106,21 @@ def test_concurrent_requests_for_three_studies_with_two_option_sets_each_get_the
     assert_no_output_dir_shared_between_fingerprints()
 
 
-def test_a_request_with_the_options_of_an_earlier_one_gets_its_results_byte_for_byte_despite_another_between(
-    stack
-):
+def test_a_request_with_the_options_of_an_earlier_one_gets_its_results_byte_for_byte_despite_another_between(stack):
     first = final_request(new_request("PRJEB40001", pipeline_options={"k": 21, "min_contig_length": 250}), stack)
     between = final_request(new_request("PRJEB40001", pipeline_options={"k": 31, "min_contig_length": 250}), stack)
     again = final_request(new_request("PRJEB40001", pipeline_options={"k": 21, "min_contig_length": 250}), stack)
 
     assert [r.status for r in (first, between, again)] == ["COMPLETED"] * 3, [
-        r.status_reason for r in (first, between, again)]
+        r.status_reason for r in (first, between, again)
+    ]
     a, b, c = (jobs_of(r)["assembly"] for r in (first, between, again))
     assert c.id == a.id and b.fingerprint != a.fingerprint and b.output_dir != a.output_dir
     for name in MOVED | ANALYSED:
         assert (results_dir(again) / name).read_bytes() == (results_dir(first) / name).read_bytes(), name
     assert (results_dir(between) / "assembly" / "contigs.fasta").read_bytes() != (
-        results_dir(first) / "assembly" / "contigs.fasta").read_bytes()
+        results_dir(first) / "assembly" / "contigs.fasta"
+    ).read_bytes()
     assert json.loads((results_dir(between) / "assembly" / "assembly_stats.json").read_text())["k"] == 31
     assert_no_output_dir_shared_between_fingerprints()
 
@@ -196,16 +209,22 @@ def test_an_outage_longer_than_every_deferral_fails_the_request_saying_so(stack,
 def test_ena_unavailable_and_rate_limiting_after_the_first_fetch_end_no_request(stack, ena_server):
     options = {"min_contig_length": 280}  # work no other test has done, so each request waits on the cluster
     with cluster_blocked():
-        waiting = [new_request("PRJEB40001", pipeline_options=options),
-                   new_request("PRJEB40001", pipeline_options=options),
-                   new_request("PRJEB40002", pipeline_options=options)]
+        waiting = [
+            new_request("PRJEB40001", pipeline_options=options),
+            new_request("PRJEB40001", pipeline_options=options),
+            new_request("PRJEB40002", pipeline_options=options),
+        ]
 
         def fetched_and_waiting():
             rows = AnalysisRequest.objects.filter(id__in=[r.id for r in waiting])
             return all(r.ena_fetched_generation == 1 and r.status == "WAITING" for r in rows)
 
-        wait_until(fetched_and_waiting, timeout=120, interval=0.5,
-                   message="every request stored its ENA fetch and waits for its assembly")
+        wait_until(
+            fetched_and_waiting,
+            timeout=120,
+            interval=0.5,
+            message="every request stored its ENA fetch and waits for its assembly",
+        )
         # The fetch tasks' cache expires (after a day in production): now only the stored fetch stands.
         for path in ena_cache_files():
             path.unlink()
@@ -215,8 +234,12 @@ def test_ena_unavailable_and_rate_limiting_after_the_first_fetch_end_no_request(
             ena_server.fail_next(accession, [(503, 2), (429, 2)])
         # A request whose first fetch meets the outage: retried with backoff, it gets through.
         latecomer = new_request("PRJEB40001", pipeline_options=options)
-        wait_until(lambda: AnalysisRequest.objects.get(id=latecomer.id).ena_fetched_generation == 1, timeout=120,
-                   interval=0.5, message="the latecomer's first fetch got through the outage")
+        wait_until(
+            lambda: AnalysisRequest.objects.get(id=latecomer.id).ena_fetched_generation == 1,
+            timeout=120,
+            interval=0.5,
+            message="the latecomer's first fetch got through the outage",
+        )
 
     finished = [final_request(request, stack) for request in (*waiting, latecomer)]
 

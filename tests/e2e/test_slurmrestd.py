@@ -54,8 +54,11 @@ def rest_stack(stack, service_logs, tmp_path_factory):
 
 
 def tick_errors_since(started) -> list[str]:
-    return [error for tick in ReconcileTick.objects.filter(started_at__gte=started)
-            for error in tick.report.get("errors", [])]
+    return [
+        error
+        for tick in ReconcileTick.objects.filter(started_at__gte=started)
+        for error in tick.report.get("errors", [])
+    ]
 
 
 def test_a_request_completes_through_slurmrestd_killed_and_restarted_while_its_job_runs(rest_stack):
@@ -70,10 +73,16 @@ def test_a_request_completes_through_slurmrestd_killed_and_restarted_while_its_j
         rest_stack.slurmrestd.kill()
         killed_at = ReconcileTick.objects.latest("started_at").started_at
     # The job runs and ends while slurmrestd is down: the ticks meanwhile fail, and say why.
-    wait_until(lambda: squeue_state(job.slurm_job_id) in ("", "COMPLETED"), timeout=120,
-               message="the assembly job ends in Slurm")
-    errors = wait_until(lambda: [e for e in tick_errors_since(killed_at) if "slurmrestd" in e], timeout=60,
-                        message="a tick reports slurmrestd down")
+    wait_until(
+        lambda: squeue_state(job.slurm_job_id) in ("", "COMPLETED"),
+        timeout=120,
+        message="the assembly job ends in Slurm",
+    )
+    errors = wait_until(
+        lambda: [e for e in tick_errors_since(killed_at) if "slurmrestd" in e],
+        timeout=60,
+        message="a tick reports slurmrestd down",
+    )
     assert any("cannot connect to slurmrestd" in e for e in errors), errors
     request.refresh_from_db()
     assert not request.is_final

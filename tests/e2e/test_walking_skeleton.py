@@ -34,8 +34,11 @@ def test_a_study_is_fetched_assembled_analysed_and_moved_through_one_slurm_job_p
     assert_each_job_ran_once_in_slurm(jobs.values())
     assert jobs["assembly"].trace["summary"]["by_status"] == {"COMPLETED": 6}  # 2 samples x 2 + 2
     # The flow marks the request COMPLETED as its last step; Prefect's state follows a moment later.
-    names = wait_until(lambda: (names := state_names(request.flow_run_id))[-1] == "Completed" and names,
-                       timeout=30, message="the flow run completed")
+    names = wait_until(
+        lambda: (names := state_names(request.flow_run_id))[-1] == "Completed" and names,
+        timeout=30,
+        message="the flow run completed",
+    )
     assert names.count("Suspended") == 3
     assert OutboxEvent.objects.get(request=request).dispatched_at is not None
 
@@ -66,8 +69,11 @@ def test_rejected_reads_fail_the_request_with_slurm_state_exit_code_and_log(stac
 
 @pytest.mark.parametrize(
     ("accession", "reason"),
-    [("PRJEB40003", "has no read runs"), ("PRJEB40404", "does not know study PRJEB40404"),
-     ("PRJEB49999", "does not know study PRJEB49999")],
+    [
+        ("PRJEB40003", "has no read runs"),
+        ("PRJEB40404", "does not know study PRJEB40404"),
+        ("PRJEB49999", "does not know study PRJEB49999"),
+    ],
 )
 def test_a_study_ena_cannot_give_fails_clearly_and_submits_nothing(stack, accession, reason):
     request = final_request(new_request(accession), stack)
@@ -95,8 +101,11 @@ def test_early_resume_reruns_the_flow_from_the_top_and_it_suspends_again_without
 
         with get_client(sync_client=True) as client:
             client.resume_flow_run(request.flow_run_id)
-        wait_until(lambda: JobWait.objects.get(request=request, step="assembly").suspensions == 2, timeout=60,
-                   message="the resumed flow suspended a second time")
+        wait_until(
+            lambda: JobWait.objects.get(request=request, step="assembly").suspensions == 2,
+            timeout=60,
+            message="the resumed flow suspended a second time",
+        )
 
     request = final_request(request, stack)
     assert request.status == AnalysisRequest.Status.COMPLETED, request.status_reason

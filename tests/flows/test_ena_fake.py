@@ -27,8 +27,11 @@ def fresh_counts(server):
 
 
 def search(server, result, query, fields="", response_format="json", **params):
-    return httpx.get(f"{server.base_url}/search", timeout=30,
-                     params={"result": result, "query": query, "fields": fields, "format": response_format, **params})
+    return httpx.get(
+        f"{server.base_url}/search",
+        timeout=30,
+        params={"result": result, "query": query, "fields": fields, "format": response_format, **params},
+    )
 
 
 def study_query(accession):
@@ -88,12 +91,15 @@ def test_tsv_is_the_header_and_one_line_per_record_and_empty_is_the_header_alone
     assert none == "run_accession\tfastq_ftp\n"
 
 
-@pytest.mark.parametrize(("query", "fields", "message"), [
-    ('study_accession="PRJEB40001"', "run_accession,not_a_field", "Invalid fieldName(s) supplied: not_a_field"),
-    ('fastq_ftp="x"', "", "Invalid column (fastq_ftp) has been provided in query"),
-    ('study_accession="PRJEB40001" AND', "", "Invalid query"),
-    ('(study_accession="PRJEB40001"', "", "expected ')'"),
-])
+@pytest.mark.parametrize(
+    ("query", "fields", "message"),
+    [
+        ('study_accession="PRJEB40001"', "run_accession,not_a_field", "Invalid fieldName(s) supplied: not_a_field"),
+        ('fastq_ftp="x"', "", "Invalid column (fastq_ftp) has been provided in query"),
+        ('study_accession="PRJEB40001" AND', "", "Invalid query"),
+        ('(study_accession="PRJEB40001"', "", "expected ')'"),
+    ],
+)
 def test_a_bad_request_is_400_with_a_json_message(server, query, fields, message):
     response = search(server, "read_run", query, fields)
 
@@ -153,15 +159,20 @@ def test_the_fastq_files_named_by_fastq_ftp_are_served_and_match_the_recorded_fi
     assert mates[0][0].startswith("@ERR4800021.1 ") and mates[1][0].endswith("/2")
 
 
-INTACT_RUNS = [row["run_accession"] for row in Recordings.load().rows["read_run"]
-               if not Recordings.load().read_specs[row["run_accession"]].get("truncate_mate_2")]
+INTACT_RUNS = [
+    row["run_accession"]
+    for row in Recordings.load().rows["read_run"]
+    if not Recordings.load().read_specs[row["run_accession"]].get("truncate_mate_2")
+]
 
 
 @pytest.mark.parametrize("run", INTACT_RUNS)
 def test_every_recorded_read_count_and_base_count_agree_with_the_served_reads(server, run):
     [row] = [row for row in server.recordings.rows["read_run"] if row["run_accession"] == run]
-    mates = [gzip.decompress(httpx.get(server.fastq_url_prefix + entry, timeout=30).content).decode().splitlines()
-             for entry in row["fastq_ftp"].split(";")]
+    mates = [
+        gzip.decompress(httpx.get(server.fastq_url_prefix + entry, timeout=30).content).decode().splitlines()
+        for entry in row["fastq_ftp"].split(";")
+    ]
 
     assert len(mates[0]) == 4 * int(row["read_count"])
     assert sum(len(line) for mate in mates for line in mate[1::4]) == int(row["base_count"])
@@ -200,8 +211,9 @@ def test_the_recorded_delay_defaults_to_fifteen_seconds_and_faults_can_be_switch
         assert fake.delays["PRJEB40408"] == 15.0
         assert search(fake, "study", study_query("PRJEB40500"), "study_title").status_code == 200
         with pytest.raises(httpx.ReadTimeout):
-            httpx.get(f"{fake.base_url}/search", params={"result": "study", "query": study_query("PRJEB40408")},
-                      timeout=0.5)
+            httpx.get(
+                f"{fake.base_url}/search", params={"result": "study", "query": study_query("PRJEB40408")}, timeout=0.5
+            )
     finally:
         started = time.monotonic()
         fake.stop()

@@ -22,8 +22,11 @@ def work_dir(settings, tmp_path):
 
 
 def spec(k: int) -> JobSpec:
-    return JobSpec(name="emg-assembly-PRJEB1", command=("assemble", "--k", str(k), "--outdir", f"{JOB_DIR}/results"),
-                   work_dir=JOB_DIR)
+    return JobSpec(
+        name="emg-assembly-PRJEB1",
+        command=("assemble", "--k", str(k), "--outdir", f"{JOB_DIR}/results"),
+        work_dir=JOB_DIR,
+    )
 
 
 def completed(job: ClusterJob, contents: str = "ACGT") -> ClusterJob:

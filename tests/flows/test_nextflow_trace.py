@@ -78,52 +78,98 @@ def test_missing_optional_columns_are_none():
 
 def test_a_header_alone_is_a_trace_of_no_tasks():
     assert parse_trace("task_id\thash\tname\tstatus\n") == []
-    assert summarise([]) == {"tasks": 0, "by_status": {}, "total_realtime_s": 0, "max_peak_rss_bytes": None,
-                             "failed_tasks": []}
+    assert summarise([]) == {
+        "tasks": 0,
+        "by_status": {},
+        "total_realtime_s": 0,
+        "max_peak_rss_bytes": None,
+        "failed_tasks": [],
+    }
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("", "empty"),
-    ((DATA / "not_a_trace.fasta").read_text(), "header lacks task_id, name, status"),
-    ("task_id\tname\tstatus\n1\tASSEMBLE\n", "line 2 has 2 columns, the header 3"),
-    ("task_id\tname\tstatus\n-\tASSEMBLE\tCOMPLETED\n", "line 2 has no task_id"),
-    ((DATA / "trace_bad_duration.txt").read_text(), "line 2, column 'duration'"),
-    ("task_id\tname\tstatus\tpeak_rss\n1\tX\tCOMPLETED\t12 parsecs\n", "column 'peak_rss'"),
-    ("task_id\tname\tstatus\t%cpu\n1\tX\tCOMPLETED\t95.2\n", "column '%cpu'"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ((DATA / "not_a_trace.fasta").read_text(), "header lacks task_id, name, status"),
+        ("task_id\tname\tstatus\n1\tASSEMBLE\n", "line 2 has 2 columns, the header 3"),
+        ("task_id\tname\tstatus\n-\tASSEMBLE\tCOMPLETED\n", "line 2 has no task_id"),
+        ((DATA / "trace_bad_duration.txt").read_text(), "line 2, column 'duration'"),
+        ("task_id\tname\tstatus\tpeak_rss\n1\tX\tCOMPLETED\t12 parsecs\n", "column 'peak_rss'"),
+        ("task_id\tname\tstatus\t%cpu\n1\tX\tCOMPLETED\t95.2\n", "column '%cpu'"),
+    ],
+)
 def test_what_is_not_a_trace_raises_a_value_error_saying_where(text, message):
     with pytest.raises(ValueError, match="not a Nextflow trace") as raised:
         parse_trace(text)
     assert message in str(raised.value)
 
 
-@pytest.mark.parametrize(("seconds", "text"), [
-    (0.0, "0ms"), (0.5, "500ms"), (1.0, "1s"), (4.84, "4.8s"), (59.96, "60s"), (63, "1m 3s"), (3600, "1h"),
-    (3723, "1h 2m 3s"), (93_780, "1d 2h 3m"),
-])
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0ms"),
+        (0.5, "500ms"),
+        (1.0, "1s"),
+        (4.84, "4.8s"),
+        (59.96, "60s"),
+        (63, "1m 3s"),
+        (3600, "1h"),
+        (3723, "1h 2m 3s"),
+        (93_780, "1d 2h 3m"),
+    ],
+)
 def test_durations_render_as_nextflow_renders_them_and_parse_back(seconds, text):
     assert format_duration(seconds) == text
     assert parse_duration(text) == pytest.approx(round(seconds, 1))
 
 
-@pytest.mark.parametrize(("size", "text"), [
-    (0, "0"), (512, "512 B"), (4096, "4 KB"), (126_353_408, "120.5 MB"), (3 * GB, "3 GB"),
-])
+@pytest.mark.parametrize(
+    ("size", "text"),
+    [
+        (0, "0"),
+        (512, "512 B"),
+        (4096, "4 KB"),
+        (126_353_408, "120.5 MB"),
+        (3 * GB, "3 GB"),
+    ],
+)
 def test_sizes_render_as_nextflow_renders_them_and_parse_back(size, text):
     assert format_size(size) == text
     assert parse_size(text) == size
 
 
 def test_a_written_trace_parses_back_with_the_same_values():
-    row = {"task_id": 1, "hash": "ab/cdef01", "native_id": "77", "name": "ASSEMBLE", "status": "COMPLETED", "exit": 0,
-           "submit": datetime(2024, 1, 15, 10, 23, 45, 123000), "duration": 63.2, "realtime": 62.9, "%cpu": 95.24,
-           "peak_rss": 120 * MB, "peak_vmem": None, "rchar": 2048, "wchar": 0}
+    row = {
+        "task_id": 1,
+        "hash": "ab/cdef01",
+        "native_id": "77",
+        "name": "ASSEMBLE",
+        "status": "COMPLETED",
+        "exit": 0,
+        "submit": datetime(2024, 1, 15, 10, 23, 45, 123000),
+        "duration": 63.2,
+        "realtime": 62.9,
+        "%cpu": 95.24,
+        "peak_rss": 120 * MB,
+        "peak_vmem": None,
+        "rchar": 2048,
+        "wchar": 0,
+    }
 
     text = format_trace([row])
     [task] = parse_trace(text)
 
     assert text.splitlines()[1].split("\t")[6:] == [
-        "2024-01-15 10:23:45.123", "1m 3s", "1m 3s", "95.2%", "120 MB", "-", "2 KB", "0"]
+        "2024-01-15 10:23:45.123",
+        "1m 3s",
+        "1m 3s",
+        "95.2%",
+        "120 MB",
+        "-",
+        "2 KB",
+        "0",
+    ]
     assert (task.task_id, task.exit, task.submit, task.cpu_percent) == ("1", 0, row["submit"], 95.2)
     assert task.peak_rss_bytes == 120 * MB and task.peak_vmem_bytes is None
 
@@ -144,9 +190,16 @@ def test_the_recorder_writes_a_failed_row_for_the_step_that_raised(tmp_path):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("content", [b"", b"not a trace at all\n", b"task_id\tname\tstatus\n1\tX\n",
-                                     b"task_id\tname\tstatus\tduration\n1\tX\tCOMPLETED\tforever\n",
-                                     b"\xff\xfe\x00garbage"])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b"not a trace at all\n",
+        b"task_id\tname\tstatus\n1\tX\n",
+        b"task_id\tname\tstatus\tduration\n1\tX\tCOMPLETED\tforever\n",
+        b"\xff\xfe\x00garbage",
+    ],
+)
 def test_a_malformed_trace_is_recorded_as_such_on_the_job_and_raises_nothing(tmp_path, content):
     from emg.models import ClusterJob
     from flows.analysis import TRACE_FILE, store_trace

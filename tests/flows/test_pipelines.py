@@ -30,8 +30,9 @@ def run_pipeline(*command, timeout=120) -> subprocess.CompletedProcess:
 
 
 def assembly(samplesheet: Path, outdir: Path, *options) -> subprocess.CompletedProcess:
-    return run_pipeline("/usr/bin/python3", PIPELINES / "assembly.py", "--samplesheet", samplesheet, "--outdir", outdir,
-                        *options)
+    return run_pipeline(
+        "/usr/bin/python3", PIPELINES / "assembly.py", "--samplesheet", samplesheet, "--outdir", outdir, *options
+    )
 
 
 def write_samplesheet(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
@@ -41,9 +42,15 @@ def write_samplesheet(path: Path, rows: list[tuple[str, str, str, str]]) -> Path
 
 def study_samplesheet(ena: FakeEnaServer, accession: str, path: Path) -> Path:
     """The samplesheet the flow writes: one row per run, read URLs from fastq_ftp."""
-    runs = httpx.get(f"{ena.base_url}/search", params={
-        "result": "read_run", "query": f'study_accession="{accession}"', "fields": "sample_accession,fastq_ftp",
-        "format": "json"}).json()
+    runs = httpx.get(
+        f"{ena.base_url}/search",
+        params={
+            "result": "read_run",
+            "query": f'study_accession="{accession}"',
+            "fields": "sample_accession,fastq_ftp",
+            "format": "json",
+        },
+    ).json()
     rows = []
     for run in runs:
         urls = [ena.fastq_url_prefix + entry for entry in run["fastq_ftp"].split(";")]
@@ -74,8 +81,13 @@ def test_assembly_writes_a_trace_with_one_completed_row_per_step(assembled):
     tasks = parse_trace((assembled / "pipeline_info" / "execution_trace.txt").read_text())
 
     assert [task.name for task in tasks] == [
-        "FETCH_READS (SAMEA7400011)", "READ_QC (SAMEA7400011)", "FETCH_READS (SAMEA7400012)",
-        "READ_QC (SAMEA7400012)", "ASSEMBLE", "CONTIG_STATS"]
+        "FETCH_READS (SAMEA7400011)",
+        "READ_QC (SAMEA7400011)",
+        "FETCH_READS (SAMEA7400012)",
+        "READ_QC (SAMEA7400012)",
+        "ASSEMBLE",
+        "CONTIG_STATS",
+    ]
     assert {task.status for task in tasks} == {"COMPLETED"} and {task.exit for task in tasks} == {0}
     assert all(task.realtime_s is not None and task.submit is not None for task in tasks)
     assert all(task.peak_rss_bytes > 0 for task in tasks)
@@ -102,16 +114,22 @@ def test_local_plain_single_end_fastq_assembles(ena, assembled, tmp_path):
     assert result.returncode == 0, result.stderr
     stats = json.loads((tmp_path / "results" / "assembly_stats.json").read_text())
     assert (stats["reads"], stats["k"]) == (2400, 25)
-    assert all(int(line.split("len=")[1].split()[0]) >= 500
-               for line in (tmp_path / "results" / "contigs.fasta").read_text().splitlines() if line.startswith(">"))
+    assert all(
+        int(line.split("len=")[1].split()[0]) >= 500
+        for line in (tmp_path / "results" / "contigs.fasta").read_text().splitlines()
+        if line.startswith(">")
+    )
 
 
-@pytest.mark.parametrize(("fastq", "message"), [
-    ("@r1\nACGT\n+\nIIII\nr2\nACGT\n+\nIIII\n", "record 2 (line 5): a FASTQ record starts with '@'"),
-    ("@r1\nACGT\n-\nIIII\n", "record 1 (line 1): the third line of a FASTQ record starts with '+'"),
-    ("@r1\nACGT\n+\nIII\n", "sequence and quality differ in length (4 and 3)"),
-    ("@r1\nACGT\n+\n", "or the file is truncated"),
-])
+@pytest.mark.parametrize(
+    ("fastq", "message"),
+    [
+        ("@r1\nACGT\n+\nIIII\nr2\nACGT\n+\nIIII\n", "record 2 (line 5): a FASTQ record starts with '@'"),
+        ("@r1\nACGT\n-\nIIII\n", "record 1 (line 1): the third line of a FASTQ record starts with '+'"),
+        ("@r1\nACGT\n+\nIII\n", "sequence and quality differ in length (4 and 3)"),
+        ("@r1\nACGT\n+\n", "or the file is truncated"),
+    ],
+)
 def test_bad_fastq_fails_with_a_clear_error_and_a_failed_trace_row(tmp_path, fastq, message):
     reads = tmp_path / "bad.fastq"
     reads.write_text(fastq)
@@ -124,7 +142,9 @@ def test_bad_fastq_fails_with_a_clear_error_and_a_failed_trace_row(tmp_path, fas
     assert "Traceback" not in result.stderr
     tasks = parse_trace((tmp_path / "results" / "pipeline_info" / "execution_trace.txt").read_text())
     assert [(task.name, task.status) for task in tasks] == [
-        ("FETCH_READS (s1)", "COMPLETED"), ("READ_QC (s1)", "FAILED")]
+        ("FETCH_READS (s1)", "COMPLETED"),
+        ("READ_QC (s1)", "FAILED"),
+    ]
     assert not (tmp_path / "results" / "contigs.fasta").exists()
 
 
@@ -133,7 +153,7 @@ def test_a_truncated_gzip_fails_clearly(tmp_path):
     records = "".join(f"@r{n}\n{''.join(rng.choices('ACGT', k=100))}\n+\n{'F' * 100}\n" for n in range(200))
     compressed = gzip.compress(records.encode())
     reads = tmp_path / "bad.fastq.gz"
-    reads.write_bytes(compressed[:len(compressed) // 2])
+    reads.write_bytes(compressed[: len(compressed) // 2])
     sheet = write_samplesheet(tmp_path / "samplesheet.csv", [("s1", "ERR1", str(reads), "")])
 
     result = assembly(sheet, tmp_path / "results")
@@ -177,8 +197,9 @@ def test_an_even_k_is_refused(tmp_path):
 
 
 def test_analysis_of_the_assembly_finds_genes_and_writes_a_trace(assembled, tmp_path):
-    result = run_pipeline("/usr/bin/python3", PIPELINES / "analysis.py", "--contigs", assembled / "contigs.fasta",
-                          "--outdir", tmp_path)
+    result = run_pipeline(
+        "/usr/bin/python3", PIPELINES / "analysis.py", "--contigs", assembled / "contigs.fasta", "--outdir", tmp_path
+    )
 
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "analysis_summary.json").read_text())
@@ -194,21 +215,28 @@ def test_analysis_of_the_assembly_finds_genes_and_writes_a_trace(assembled, tmp_
     assert all(sequence.startswith("M") and "*" not in sequence and len(sequence) >= 100 for sequence in sequences)
     tasks = parse_trace((tmp_path / "pipeline_info" / "execution_trace.txt").read_text())
     assert [(task.name, task.status) for task in tasks] == [
-        ("VALIDATE_CONTIGS", "COMPLETED"), ("PREDICT_ORFS", "COMPLETED"), ("SUMMARISE", "COMPLETED")]
+        ("VALIDATE_CONTIGS", "COMPLETED"),
+        ("PREDICT_ORFS", "COMPLETED"),
+        ("SUMMARISE", "COMPLETED"),
+    ]
 
 
-@pytest.mark.parametrize(("fasta", "message"), [
-    ("", "no contigs"),
-    ("ACGT\n", "sequence before the first '>' header"),
-    (">c1\nACGT\n>c1\nACGT\n", "line 3: a duplicate contig name"),
-    (">c1\nACGU\n", "line 2: not a nucleotide sequence"),
-])
+@pytest.mark.parametrize(
+    ("fasta", "message"),
+    [
+        ("", "no contigs"),
+        ("ACGT\n", "sequence before the first '>' header"),
+        (">c1\nACGT\n>c1\nACGT\n", "line 3: a duplicate contig name"),
+        (">c1\nACGU\n", "line 2: not a nucleotide sequence"),
+    ],
+)
 def test_analysis_of_bad_contigs_fails_clearly(tmp_path, fasta, message):
     contigs = tmp_path / "contigs.fasta"
     contigs.write_text(fasta)
 
-    result = run_pipeline("/usr/bin/python3", PIPELINES / "analysis.py", "--contigs", contigs,
-                          "--outdir", tmp_path / "out")
+    result = run_pipeline(
+        "/usr/bin/python3", PIPELINES / "analysis.py", "--contigs", contigs, "--outdir", tmp_path / "out"
+    )
 
     assert result.returncode == 1
     assert result.stderr.startswith("analysis.py: error: ") and message in result.stderr
@@ -296,22 +324,35 @@ def test_datamove_of_named_files_copies_only_those_checked_against_their_recorde
     (work / "stats.json").write_text("{}")
     destination = tmp_path / "store" / "request-1"
 
-    result = run_pipeline("bash", PIPELINES / "datamove.sh", "--files", destination,
-                          f"assembly/contigs.fasta:{sha256(work / 'contigs.fasta')}:{work / 'contigs.fasta'}",
-                          f"assembly/stats.json:{sha256(work / 'stats.json')}:{work / 'stats.json'}")
+    result = run_pipeline(
+        "bash",
+        PIPELINES / "datamove.sh",
+        "--files",
+        destination,
+        f"assembly/contigs.fasta:{sha256(work / 'contigs.fasta')}:{work / 'contigs.fasta'}",
+        f"assembly/stats.json:{sha256(work / 'stats.json')}:{work / 'stats.json'}",
+    )
 
     assert result.returncode == 0, result.stderr
     assert sorted(str(path.relative_to(destination)) for path in destination.rglob("*") if path.is_file()) == [
-        "MANIFEST.sha256", "assembly/contigs.fasta", "assembly/stats.json"]
+        "MANIFEST.sha256",
+        "assembly/contigs.fasta",
+        "assembly/stats.json",
+    ]
     manifest = (destination / "MANIFEST.sha256").read_text().splitlines()
     assert [line.split("  ")[1] for line in manifest] == ["./assembly/contigs.fasta", "./assembly/stats.json"]
     assert subprocess.run(["sha256sum", "-c", "--quiet", "MANIFEST.sha256"], cwd=destination).returncode == 0
 
 
-@pytest.mark.parametrize(("name", "message"), [("../escape", "refusing the result name"),
-                                               ("/etc/x", "refusing the result name"),
-                                               ("MANIFEST.sha256", "refusing the result name"),
-                                               ("contigs.fasta", "changed after its job ended")])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("../escape", "refusing the result name"),
+        ("/etc/x", "refusing the result name"),
+        ("MANIFEST.sha256", "refusing the result name"),
+        ("contigs.fasta", "changed after its job ended"),
+    ],
+)
 def test_datamove_of_named_files_refuses_a_changed_file_or_a_name_outside_the_destination(tmp_path, name, message):
     work = make_results(tmp_path / "work")
     recorded = sha256(work / "contigs.fasta")
@@ -320,8 +361,9 @@ def test_datamove_of_named_files_refuses_a_changed_file_or_a_name_outside_the_de
         recorded = sha256(work / "contigs.fasta")
     destination = tmp_path / "store" / "request-1"
 
-    result = run_pipeline("bash", PIPELINES / "datamove.sh", "--files", destination,
-                          f"{name}:{recorded}:{work / 'contigs.fasta'}")
+    result = run_pipeline(
+        "bash", PIPELINES / "datamove.sh", "--files", destination, f"{name}:{recorded}:{work / 'contigs.fasta'}"
+    )
 
     assert result.returncode == 1 and message in result.stderr
     assert not destination.exists() and list(destination.parent.iterdir()) == []
@@ -336,5 +378,6 @@ def test_the_pipelines_stand_alone_away_from_the_repository(tmp_path):
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout
     for source in copy.glob("*.py"):
-        assert not re.search(r"^\s*(from|import)\s+(emg|flows|workers|slurm_adapter)\b", source.read_text(),
-                             re.MULTILINE), source.name
+        assert not re.search(
+            r"^\s*(from|import)\s+(emg|flows|workers|slurm_adapter)\b", source.read_text(), re.MULTILINE
+        ), source.name

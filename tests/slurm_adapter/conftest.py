@@ -116,8 +116,9 @@ def rest_token_file(slurm_up: None, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture
 def slurmrestd_cluster(rest_token_file: Path) -> Iterator[RestCluster]:
-    cluster = RestCluster(url=SLURMRESTD_URL, user=getpass.getuser(), token_file=str(rest_token_file),
-                          accounting_grace_s=60)
+    cluster = RestCluster(
+        url=SLURMRESTD_URL, user=getpass.getuser(), token_file=str(rest_token_file), accounting_grace_s=60
+    )
     assert cluster.version  # discovered from /openapi/v3 before the test counts requests
     cluster.calls.clear()
     yield cluster
@@ -129,14 +130,20 @@ def local_cluster(tmp_path: Path) -> LocalCluster:
     return LocalCluster(str(tmp_path / "local-jobs"))
 
 
-@pytest.fixture(params=[pytest.param("slurm", marks=pytest.mark.slurm),
-                        pytest.param("slurmrestd", marks=pytest.mark.slurm), "local"])
+@pytest.fixture(
+    params=[
+        pytest.param("slurm", marks=pytest.mark.slurm),
+        pytest.param("slurmrestd", marks=pytest.mark.slurm),
+        "local",
+    ]
+)
 def cluster(request: pytest.FixtureRequest):
     return request.getfixturevalue(f"{request.param}_cluster")
 
 
-@pytest.fixture(params=[pytest.param("slurm", marks=pytest.mark.slurm),
-                        pytest.param("slurmrestd", marks=pytest.mark.slurm)])
+@pytest.fixture(
+    params=[pytest.param("slurm", marks=pytest.mark.slurm), pytest.param("slurmrestd", marks=pytest.mark.slurm)]
+)
 def real_cluster(request: pytest.FixtureRequest):
     """Either backend of the real Slurm cluster: its commands, or slurmrestd."""
     return request.getfixturevalue(f"{request.param}_cluster")

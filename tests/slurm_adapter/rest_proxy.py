@@ -46,8 +46,9 @@ class FaultProxy:
                     self.wfile.write(payload)
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-                answer = httpx.request(self.command, proxy.upstream + self.path, headers=headers, content=body,
-                                       timeout=60)
+                answer = httpx.request(
+                    self.command, proxy.upstream + self.path, headers=headers, content=body, timeout=60
+                )
                 self.send_response(answer.status_code)
                 for key, value in answer.headers.items():
                     if key.lower() not in _HOP_BY_HOP and key.lower() != "content-encoding":

@@ -40,6 +40,7 @@ def _rest(url: str = SLURMRESTD_URL, **options) -> RestCluster:
 
 # --- answers of each version, read as the CLI backend reads sacct and squeue ------------------------
 
+
 def test_22_05_accounting_reports_exit_code_0_for_a_failed_job_so_it_is_left_unknown() -> None:
     """Recorded from the test cluster's slurmrestd: the job exited 3, accounting says 0."""
     [job] = REAL_22_05["slurmdb_jobs"]["jobs"]
@@ -67,7 +68,10 @@ def test_v0_0_41_accounting_records() -> None:
 def test_v0_0_41_controller_records_read_flags_as_squeue_prints_them() -> None:
     failed, completing, requeued = (Dialect("v0.0.41").controller_record(j) for j in SHAPES_41["slurm_jobs"]["jobs"])
     assert (failed.state, failed.exit_code, failed.submit_time) == (
-        JobState.FAILED, 3, datetime.fromtimestamp(1796238453, UTC))
+        JobState.FAILED,
+        3,
+        datetime.fromtimestamp(1796238453, UTC),
+    )
     assert (completing.raw_state, completing.state, completing.exit_code) == ("COMPLETING", JobState.RUNNING, None)
     assert (requeued.raw_state, requeued.state, requeued.tag) == ("REQUEUED", JobState.PENDING, None)
 
@@ -85,20 +89,50 @@ def test_an_unknown_state_is_reported_with_its_text(version: str) -> None:
 
 @pytest.mark.parametrize("version", ["v0.0.38", "v0.0.40", "v0.0.41"])
 def test_submission_body_carries_the_same_job_as_sbatch(version: str) -> None:
-    spec = JobSpec(name="n", command=("true",), work_dir="/w", time_limit_minutes=7, memory_mb=300, cpus=2,
-                   partition="debug", environment={"FOO": "bar"},
-                   extra_options=("--qos=high", "--account=a", "--constraint=c", "--gres=gpu:1", "--nice=5",
-                                  "--reservation=r", "--hold"))
+    spec = JobSpec(
+        name="n",
+        command=("true",),
+        work_dir="/w",
+        time_limit_minutes=7,
+        memory_mb=300,
+        cpus=2,
+        partition="debug",
+        environment={"FOO": "bar"},
+        extra_options=(
+            "--qos=high",
+            "--account=a",
+            "--constraint=c",
+            "--gres=gpu:1",
+            "--nice=5",
+            "--reservation=r",
+            "--hold",
+        ),
+    )
     body = Dialect(version).submission(spec, "#!/bin/bash\n", name="t n", comment="emg:t", output="/w/.emg/t.%j.log")
     job = body["job"]
-    assert (job["name"], job["comment"], job["requeue"], job["current_working_directory"]) == ("t n", "emg:t", False, "/w")
+    assert (job["name"], job["comment"], job["requeue"], job["current_working_directory"]) == (
+        "t n",
+        "emg:t",
+        False,
+        "/w",
+    )
     assert (job["qos"], job["account"], job["constraints"], job["nice"], job["reservation"], job["hold"]) == (
-        "high", "a", "c", 5, "r", True)
+        "high",
+        "a",
+        "c",
+        5,
+        "r",
+        True,
+    )
     assert job["standard_output"] == job["standard_error"] == "/w/.emg/t.%j.log"
     # Only PATH, as with sbatch --export=NONE: the spec's variables are exported by the script.
     if version == "v0.0.38":
         assert (job["environment"], job["time_limit"], job["memory_per_node"], job["gres"]) == (
-            {"PATH": DEFAULT_PATH}, 7, 300, "gpu:1")
+            {"PATH": DEFAULT_PATH},
+            7,
+            300,
+            "gpu:1",
+        )
     else:
         assert job["environment"] == [f"PATH={DEFAULT_PATH}"] and job["tres_per_node"] == "gres/gpu:1"
         assert job["time_limit"] == {"set": True, "infinite": False, "number": 7}
@@ -107,11 +141,14 @@ def test_submission_body_carries_the_same_job_as_sbatch(version: str) -> None:
 
 
 def test_partition_limits_of_v0_0_41() -> None:
-    partitions = [{"name": "debug", "flags": ["DEFAULT"], "maximums": {"time": {"set": True, "infinite": True,
-                                                                               "number": 0}}},
-                  {"name": "short", "maximums": {"time": {"set": True, "infinite": False, "number": 60}}}]
-    nodes = [{"name": "a", "real_memory": 4000, "partitions": ["debug", "short"]},
-             {"name": "b", "real_memory": 2000, "partitions": ["short"]}]
+    partitions = [
+        {"name": "debug", "flags": ["DEFAULT"], "maximums": {"time": {"set": True, "infinite": True, "number": 0}}},
+        {"name": "short", "maximums": {"time": {"set": True, "infinite": False, "number": 60}}},
+    ]
+    nodes = [
+        {"name": "a", "real_memory": 4000, "partitions": ["debug", "short"]},
+        {"name": "b", "real_memory": 2000, "partitions": ["short"]},
+    ]
     limits = Dialect("v0.0.41").partition_limits(partitions, nodes)
     assert (limits[None], limits["debug"].max_time_minutes) == (limits["debug"], None)
     assert (limits["short"].max_time_minutes, limits["short"].max_memory_mb) == (60, 2000)
@@ -126,14 +163,23 @@ def test_bad_settings_are_refused_clearly(tmp_path: Path) -> None:
         RestCluster(url=SLURMRESTD_URL, user="u", token="x", api_version="v0.0.39")
     with pytest.raises(ValueError, match="http"):
         RestCluster(url="127.0.0.1:6820", user="u", token="x")
-    assert make_cluster("slurmrestd", rest_url=SLURMRESTD_URL, rest_user="u", rest_token="x",
-                        root_dir="/ignored", min_query_interval_s=0).name == "slurmrestd"
-    assert "x" not in repr(TokenSource(token="x")) and "secret" not in repr(RestCluster(
-        url=SLURMRESTD_URL, user="u", token="secret"))
+    assert (
+        make_cluster(
+            "slurmrestd",
+            rest_url=SLURMRESTD_URL,
+            rest_user="u",
+            rest_token="x",
+            root_dir="/ignored",
+            min_query_interval_s=0,
+        ).name
+        == "slurmrestd"
+    )
+    assert "x" not in repr(TokenSource(token="x")) and "secret" not in repr(
+        RestCluster(url=SLURMRESTD_URL, user="u", token="secret")
+    )
 
 
 # --- the real slurmrestd ------------------------------------------------------------------------------
-
 
 
 @pytest.mark.slurm
@@ -155,8 +201,9 @@ def test_the_version_is_discovered_from_openapi(slurm_up) -> None:
 
 
 @pytest.mark.slurm
-def test_a_tick_costs_one_request_unless_a_job_failed_on_22_05(slurmrestd_cluster, spec, tag, wait_final,
-                                                                wait_for_state) -> None:
+def test_a_tick_costs_one_request_unless_a_job_failed_on_22_05(
+    slurmrestd_cluster, spec, tag, wait_final, wait_for_state
+) -> None:
     """Measured: accounting answers for every awaited job at once; 22.05's accounting reports exit
     code 0 for all, so a job that ended unsuccessfully costs the controller's list too."""
     cluster = slurmrestd_cluster
@@ -208,8 +255,15 @@ def test_a_transient_error_is_retried(slurm_up) -> None:
 
         # slurmrestd up, slurmctld behind it restarting: Slurm's own error, in slurmrestd's shape.
         proxy.requests.clear()
-        unreachable = {"errors": [{"error": "Unable to contact slurm controller (connect failure)",
-                                   "error_number": 1001, "description": "slurm_load_jobs"}]}
+        unreachable = {
+            "errors": [
+                {
+                    "error": "Unable to contact slurm controller (connect failure)",
+                    "error_number": 1001,
+                    "description": "slurm_load_jobs",
+                }
+            ]
+        }
         proxy.fail_next((500, unreachable))
         assert cluster.count_active() >= 0
         assert proxy.requests == [("GET", "/slurm/v0.0.38/jobs")] * 2
@@ -279,8 +333,9 @@ def own_slurmrestd(slurm_up, tmp_path: Path):
 
 
 @pytest.mark.slurm
-def test_slurmrestd_killed_and_restarted_mid_run_costs_only_the_ticks_in_between(own_slurmrestd, spec, tag,
-                                                                                 wait_until, wait_final) -> None:
+def test_slurmrestd_killed_and_restarted_mid_run_costs_only_the_ticks_in_between(
+    own_slurmrestd, spec, tag, wait_until, wait_final
+) -> None:
     server, url = own_slurmrestd
     server.start()
     cluster = _rest(url, api_version="v0.0.38")
@@ -308,12 +363,20 @@ def _answers(cluster: RestCluster) -> bool:
 @pytest.mark.slurm
 def test_auto_picks_the_newest_version_both_sides_serve(slurm_up) -> None:
     """What /openapi/v3 lists decides; the answers are slurmrestd's shape, given through the proxy."""
+
     def spec(*paths: str) -> tuple[int, dict]:
         return 200, {"openapi": "3.0.2", "paths": {path: {} for path in paths}}
 
     with FaultProxy(SLURMRESTD_URL) as proxy:
-        proxy.fail_next(spec("/slurm/v0.0.40/job/submit", "/slurmdb/v0.0.40/jobs/",
-                             "/slurm/v0.0.41/job/submit", "/slurmdb/v0.0.41/jobs/", "/slurm/v0.0.42/job/submit"))
+        proxy.fail_next(
+            spec(
+                "/slurm/v0.0.40/job/submit",
+                "/slurmdb/v0.0.40/jobs/",
+                "/slurm/v0.0.41/job/submit",
+                "/slurmdb/v0.0.41/jobs/",
+                "/slurm/v0.0.42/job/submit",
+            )
+        )
         assert _rest(proxy.url).version == "v0.0.41"  # v0.0.42 without its slurmdbd side is not enough
         proxy.fail_next(spec("/slurm/v0.0.39/job/submit", "/slurmdb/v0.0.39/jobs"))
         with pytest.raises(ClusterError, match="serves none of the API versions supported"):

@@ -46,8 +46,9 @@ def test_suspend_and_resume(real_cluster, slurm_cmd, spec, tag, wait_for_state) 
     real_cluster.cancel(job.job_id)
 
 
-def test_slurm_refuses_to_requeue_our_jobs_so_it_never_runs_one_twice(real_cluster, slurm_cmd, spec, tag,
-                                                                      wait_for_state) -> None:
+def test_slurm_refuses_to_requeue_our_jobs_so_it_never_runs_one_twice(
+    real_cluster, slurm_cmd, spec, tag, wait_for_state
+) -> None:
     """Submitted with --no-requeue: the reconciler owns retries, and even an admin's requeue is refused."""
     job = real_cluster.submit(spec("sleep", "300"), tag)
     wait_for_state(real_cluster, job, {JobState.RUNNING})
@@ -74,7 +75,8 @@ def test_node_failure_ends_the_job_because_slurm_never_requeues_ours(
             ["scontrol", "update", "nodename=localhost", "state=resume"], check=False, capture_output=True, timeout=30
         )
         wait_until(
-            lambda: slurm_cmd("sinfo", "-h", "-n", "localhost", "-o", "%t").strip() in ("idle", "mix"), message="node back"
+            lambda: slurm_cmd("sinfo", "-h", "-n", "localhost", "-o", "%t").strip() in ("idle", "mix"),
+            message="node back",
         )
     assert status.state.retry_with == "as_is"
     real_cluster.cancel(job.job_id)

@@ -134,16 +134,25 @@ def test_pick_record_prefers_ours_over_a_reused_id() -> None:
     assert pick_record(records, None).state is JobState.RUNNING
 
 
-@pytest.mark.parametrize(("stderr", "permanent"), [
-    ("sbatch: error: Batch job submission failed: Invalid partition name specified", True),
-    ("sbatch: error: Batch job submission failed: Requested node configuration is not available", True),
-    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified", True),
-    ("sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, user's size "
-     "and/or time limits)", False),
-    ("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", False),
-    ("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", False),
-    ("sbatch did not answer within 60.0s", False),
-])
+@pytest.mark.parametrize(
+    ("stderr", "permanent"),
+    [
+        ("sbatch: error: Batch job submission failed: Invalid partition name specified", True),
+        ("sbatch: error: Batch job submission failed: Requested node configuration is not available", True),
+        (
+            "sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+            True,
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Job violates accounting/QOS policy (job submit limit, user's size "
+            "and/or time limits)",
+            False,
+        ),
+        ("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", False),
+        ("sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", False),
+        ("sbatch did not answer within 60.0s", False),
+    ],
+)
 def test_sbatch_refusals_are_told_apart_from_errors_that_may_pass(stderr: str, permanent: bool) -> None:
     from slurm_adapter.slurm import is_permanent_sbatch_error
 

@@ -39,16 +39,18 @@ class SlurmFaults:
         return {"PATH": f"{BIN_DIR}{os.pathsep}{path}", CONTROL_ENV: str(self.control_path)}
 
     # --- what the commands do -------------------------------------------------------------------
-    def stall(self, command: str, seconds: float, *, when: str = "after", times: int | None = None,
-              match: str | None = None) -> str:
+    def stall(
+        self, command: str, seconds: float, *, when: str = "after", times: int | None = None, match: str | None = None
+    ) -> str:
         """Sleep `seconds` before running the real command (`when="before"`: the controller is slow to
         accept) or after it, holding back its answer (`when="after"`: the job exists, the answer is late)."""
         if when not in ("before", "after"):
             raise ValueError(f"when must be 'before' or 'after', not {when!r}")
         return self._add(command, "stall", times, match, seconds=seconds, when=when)
 
-    def fail(self, command: str, *, stderr: str, exit_code: int = 1, match: str | None = None,
-             times: int | None = None) -> str:
+    def fail(
+        self, command: str, *, stderr: str, exit_code: int = 1, match: str | None = None, times: int | None = None
+    ) -> str:
         """Answer with `stderr` and `exit_code` instead of running the real command."""
         return self._add(command, "fail", times, match, stderr=stderr, exit_code=exit_code)
 
@@ -87,9 +89,12 @@ class SlurmFaults:
         if command not in COMMANDS:
             raise ValueError(f"the shim covers {', '.join(COMMANDS)}, not {command!r}")
         fault_id = uuid.uuid4().hex[:12]
-        self._write([*self._faults(),
-                     {"id": fault_id, "command": command, "action": action, "times": times, "match": match,
-                      **details}])
+        self._write(
+            [
+                *self._faults(),
+                {"id": fault_id, "command": command, "action": action, "times": times, "match": match, **details},
+            ]
+        )
         return fault_id
 
     def _faults(self) -> list[dict]:

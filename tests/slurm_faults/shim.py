@@ -39,11 +39,14 @@ OUTPUT_LOGGED = 2000  # characters of the real command's stdout kept in the call
 
 def real_binary(command: str) -> str | None:
     """`command` on PATH, leaving out the directory this shim is called from (any symlink to it)."""
-    own = {os.path.realpath(os.path.dirname(os.path.abspath(sys.argv[0]))),
-           os.path.realpath(os.path.dirname(os.path.realpath(__file__)))}
+    own = {
+        os.path.realpath(os.path.dirname(os.path.abspath(sys.argv[0]))),
+        os.path.realpath(os.path.dirname(os.path.realpath(__file__))),
+    }
     own.add(os.path.realpath(os.path.join(os.path.dirname(os.path.realpath(__file__)), "bin")))
-    rest = [entry for entry in os.environ.get("PATH", "").split(os.pathsep)
-            if entry and os.path.realpath(entry) not in own]
+    rest = [
+        entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry and os.path.realpath(entry) not in own
+    ]
     return shutil.which(command, path=os.pathsep.join(rest))
 
 
@@ -105,10 +108,19 @@ def choose_faults(directory: str, control_path: str, command: str, argv: list[st
             for fault in chosen:
                 counts[fault["id"]] = counts.get(fault["id"], 0) + 1
             write_json_atomically(counts_path, counts)
-        append_call(directory, {
-            "call": call, "phase": "start", "command": command, "argv": argv, "time": time.time(),
-            "pid": os.getpid(), "ppid": os.getppid(), "faults": [fault["id"] for fault in chosen],
-        })
+        append_call(
+            directory,
+            {
+                "call": call,
+                "phase": "start",
+                "command": command,
+                "argv": argv,
+                "time": time.time(),
+                "pid": os.getpid(),
+                "ppid": os.getppid(),
+                "faults": [fault["id"] for fault in chosen],
+            },
+        )
     return chosen
 
 
@@ -137,8 +149,19 @@ def main() -> int:
 
     def end(outcome: str, exit_code: int, **details) -> int:
         with Locked(directory):
-            append_call(directory, {"call": call, "phase": "end", "command": command, "time": time.time(),
-                                    "pid": os.getpid(), "outcome": outcome, "exit_code": exit_code, **details})
+            append_call(
+                directory,
+                {
+                    "call": call,
+                    "phase": "end",
+                    "command": command,
+                    "time": time.time(),
+                    "pid": os.getpid(),
+                    "outcome": outcome,
+                    "exit_code": exit_code,
+                    **details,
+                },
+            )
         return exit_code
 
     stalled_before = stall("before")
@@ -156,9 +179,15 @@ def main() -> int:
     sys.stdout.flush()
     sys.stderr.buffer.write(proc.stderr)
     sys.stderr.flush()
-    return end("ran", proc.returncode, stalled_before=stalled_before, stalled_after=stalled_after,
-               added_args=added, stdout=proc.stdout.decode(errors="replace")[:OUTPUT_LOGGED],
-               stderr=proc.stderr.decode(errors="replace")[:OUTPUT_LOGGED])
+    return end(
+        "ran",
+        proc.returncode,
+        stalled_before=stalled_before,
+        stalled_after=stalled_after,
+        added_args=added,
+        stdout=proc.stdout.decode(errors="replace")[:OUTPUT_LOGGED],
+        stderr=proc.stderr.decode(errors="replace")[:OUTPUT_LOGGED],
+    )
 
 
 if __name__ == "__main__":

@@ -37,17 +37,46 @@ def run(faults: SlurmFaults, *argv: str, timeout: float = 60) -> subprocess.Comp
 
 
 def sbatch_argv(comment: str, *options: str) -> list[str]:
-    return ["sbatch", "--parsable", f"--comment={comment}", "--job-name=shim-test", "--output=/dev/null",
-            "--time=1", *options, "--wrap", "true"]
+    return [
+        "sbatch",
+        "--parsable",
+        f"--comment={comment}",
+        "--job-name=shim-test",
+        "--output=/dev/null",
+        "--time=1",
+        *options,
+        "--wrap",
+        "true",
+    ]
 
 
 def jobs_commented(comment: str) -> list[str]:
     """Ids of the jobs with this comment that the real squeue or sacct know of (not through the shim)."""
-    queued = subprocess.run(["/usr/bin/squeue", "--noheader", "--all", "-t", "all", "-o", "%A|%k"],
-                            capture_output=True, text=True, check=True, timeout=30).stdout
-    accounted = subprocess.run(["/usr/bin/sacct", "-X", "--parsable2", "--noheader", "-o", "JobIDRaw,Comment",
-                                "-S", "now-1hours", "-E", "now"], capture_output=True, text=True, check=True,
-                               timeout=30).stdout
+    queued = subprocess.run(
+        ["/usr/bin/squeue", "--noheader", "--all", "-t", "all", "-o", "%A|%k"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    accounted = subprocess.run(
+        [
+            "/usr/bin/sacct",
+            "-X",
+            "--parsable2",
+            "--noheader",
+            "-o",
+            "JobIDRaw,Comment",
+            "-S",
+            "now-1hours",
+            "-E",
+            "now",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     lines = [line.split("|", 1) for line in (queued + accounted).splitlines() if "|" in line]
     return sorted({job_id for job_id, line_comment in lines if line_comment == comment}, key=int)
 
@@ -57,8 +86,9 @@ def test_env_puts_the_shim_first_and_names_the_control_file(faults):
 
     assert env["PATH"] == f"{BIN_DIR}:/usr/local/bin:/usr/bin"
     assert env["EMG_SLURM_FAULTS"] == str(faults.control_path)
-    assert subprocess.run(["which", "sbatch"], env={**os.environ, **faults.env()}, capture_output=True,
-                          text=True).stdout.strip() == str(BIN_DIR / "sbatch")
+    assert subprocess.run(
+        ["which", "sbatch"], env={**os.environ, **faults.env()}, capture_output=True, text=True
+    ).stdout.strip() == str(BIN_DIR / "sbatch")
 
 
 def test_without_faults_sbatch_submits_a_real_job_and_the_call_is_logged(faults, comment, submitted):
@@ -84,7 +114,10 @@ def test_every_command_passes_through_with_its_exit_code_and_without_a_control_f
     assert run(faults, "sacct", "--noheader", "-X", "-j", "1", "-o", "JobID").returncode == 0
     assert run(faults, "scancel", "--help").returncode == 0
     assert [(call["command"], call["outcome"]) for call in faults.calls()] == [
-        ("squeue", "ran"), ("sacct", "ran"), ("scancel", "ran")]
+        ("squeue", "ran"),
+        ("sacct", "ran"),
+        ("scancel", "ran"),
+    ]
     assert faults.calls()[0]["exit_code"] != 0 and "Invalid job id" in faults.calls()[0]["stderr"]
 
 
@@ -143,7 +176,10 @@ def test_a_failure_for_the_first_calls_only_then_the_real_command(faults):
     assert answers[2].returncode == 0 and "to start at" in answers[2].stderr
     calls = faults.calls("sbatch")
     assert [(c["outcome"], c["exit_code"], c["faults"]) for c in calls] == [
-        ("failed", 1, [fault]), ("failed", 1, [fault]), ("ran", 0, [])]
+        ("failed", 1, [fault]),
+        ("failed", 1, [fault]),
+        ("ran", 0, []),
+    ]
 
 
 def test_a_failure_matched_on_an_argument_spares_the_other_calls(faults):
@@ -166,7 +202,8 @@ def test_added_arguments_reach_the_real_sbatch_which_rejects_a_real_invalid_part
     assert rejected.returncode != 0 and "invalid partition" in rejected.stderr.lower()
     assert accepted.returncode == 0, accepted.stderr
     assert wait_until(lambda: jobs_commented(comment), timeout=30, message="Slurm has the good job") == [
-        accepted.stdout.strip().split(";")[0]]
+        accepted.stdout.strip().split(";")[0]
+    ]
     assert [c["added_args"] for c in faults.calls("sbatch")] == [["--partition=nope"], []]
 
 
@@ -183,8 +220,15 @@ def test_clear_ends_the_faults_and_keeps_the_calls(faults):
 def test_concurrent_calls_share_a_limited_fault_exactly(faults):
     faults.fail("sbatch", stderr="sbatch: error: busy", exit_code=1, times=3)
     environment = {**os.environ, **faults.env()}
-    processes = [subprocess.Popen(["sbatch", "--test-only", "--wrap", "true"], env=environment,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(8)]
+    processes = [
+        subprocess.Popen(
+            ["sbatch", "--test-only", "--wrap", "true"],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(8)
+    ]
 
     codes = sorted(process.wait(timeout=60) for process in processes)
 

@@ -47,9 +47,12 @@ def prefect(prefect_api_url):
 def cluster(slurm_cluster, tmp_path_factory) -> Cluster:
     """The real cluster through the backend EMG_TEST_CLUSTER_BACKEND names (Slurm's commands by default)."""
     if test_cluster_backend() == "slurmrestd":
-        return RestCluster(url=SLURMRESTD_URL, user=getpass.getuser(),
-                           token_file=str(write_token_file(tmp_path_factory.mktemp("slurmrestd"))),
-                           accounting_grace_s=settings.EMG_SLURM_ACCOUNTING_GRACE_SECONDS)
+        return RestCluster(
+            url=SLURMRESTD_URL,
+            user=getpass.getuser(),
+            token_file=str(write_token_file(tmp_path_factory.mktemp("slurmrestd"))),
+            accounting_grace_s=settings.EMG_SLURM_ACCOUNTING_GRACE_SECONDS,
+        )
     return SlurmCluster(accounting_grace_s=settings.EMG_SLURM_ACCOUNTING_GRACE_SECONDS)
 
 
@@ -110,8 +113,9 @@ class OwnRedisStack:
         self.redis.stop()
 
     def _worker(self, name: str, roles: str, concurrency: int, **env: str) -> ManagedProcess:
-        worker = celery_worker(f"celery-worker-{name}", name, {**self.env, **env}, self.log_dir, roles=roles,
-                               concurrency=concurrency).start()
+        worker = celery_worker(
+            f"celery-worker-{name}", name, {**self.env, **env}, self.log_dir, roles=roles, concurrency=concurrency
+        ).start()
         wait_until(lambda: worker_answers(self.env, name), timeout=60, message=f"Celery worker {name} answers pings")
         return worker
 
@@ -144,10 +148,12 @@ class OwnRedisStack:
 @pytest.fixture(scope="module")
 def own_redis_stack(stack, service_logs):
     own = OwnRedisStack(
-        {**stack.env,
-         # A killed worker's unacknowledged task comes back after this (and a restore sweep): seconds, not minutes.
-         "EMG_CELERY_VISIBILITY_TIMEOUT": "10",
-         "EMG_MAX_SUBMISSIONS_PER_MINUTE": "600"},
+        {
+            **stack.env,
+            # A killed worker's unacknowledged task comes back after this (and a restore sweep): seconds, not minutes.
+            "EMG_CELERY_VISIBILITY_TIMEOUT": "10",
+            "EMG_MAX_SUBMISSIONS_PER_MINUTE": "600",
+        },
         service_logs,
     )
     with stack.paused(keep_runner=True), broker_at(own.url, REDIS_URL=own.url):

@@ -47,14 +47,16 @@ def request_with_flow_run(prefect: SyncPrefectClient, accession: str) -> Analysi
     with transaction.atomic():
         study, _ = Study.objects.get_or_create(accession=accession)
         request = AnalysisRequest.objects.create(study=study)
-        AnalysisRequest.objects.filter(id=request.id).update(flow_run_id=flow_run_id,
-                                                             status=AnalysisRequest.Status.WAITING)
+        AnalysisRequest.objects.filter(id=request.id).update(
+            flow_run_id=flow_run_id, status=AnalysisRequest.Status.WAITING
+        )
         OutboxEvent.objects.filter(request=request).update(dispatched_at=timezone.now())
     request.refresh_from_db()
     set_running(prefect, flow_run_id)
     return request
 
 
-def await_job(flow_run_id: UUID, job: ClusterJob, request: AnalysisRequest | None = None,
-              step: str = "step") -> JobWait:
+def await_job(
+    flow_run_id: UUID, job: ClusterJob, request: AnalysisRequest | None = None, step: str = "step"
+) -> JobWait:
     return JobWait.objects.create(flow_run_id=flow_run_id, step=step, job=job, request=request)

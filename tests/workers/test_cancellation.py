@@ -70,9 +70,14 @@ def test_a_submitted_job_of_a_cancelled_request_is_cancelled_in_slurm(make_recon
 def test_a_job_declared_again_after_running_out_of_memory_is_not_submitted_for_a_cancelled_request(
     make_reconciler, prefect, work_dir
 ):
-    request, job = job_of_request(prefect, work_dir, "oom-then-cancelled",
-                                  'python3 -c "x = bytearray(300 * 1024 * 1024)"', memory_mb=100,
-                                  policy=ResubmitPolicy(memory_factor=4, max_attempts=3))
+    request, job = job_of_request(
+        prefect,
+        work_dir,
+        "oom-then-cancelled",
+        'python3 -c "x = bytearray(300 * 1024 * 1024)"',
+        memory_mb=100,
+        policy=ResubmitPolicy(memory_factor=4, max_attempts=3),
+    )
     tick_until(make_reconciler(), lambda: ClusterJob.objects.get(id=job.id).slurm_job_id, message="submitted")
     # No room on the cluster from now on: the job declared again after its OUT_OF_MEMORY waits, holding no Slurm id.
     reconciler = make_reconciler(max_active_jobs=0)
@@ -128,8 +133,9 @@ def test_the_jobs_of_a_request_cancelled_in_prefects_ui_are_gone_from_the_queue_
 
 def test_a_job_whose_policy_keeps_it_runs_on_when_its_request_is_cancelled(make_reconciler, prefect, work_dir):
     reconciler = make_reconciler()
-    request, job = job_of_request(prefect, work_dir, "kept-for-reuse", "sleep 60",
-                                  policy=ResubmitPolicy(cancel_when_unwanted=False))
+    request, job = job_of_request(
+        prefect, work_dir, "kept-for-reuse", "sleep 60", policy=ResubmitPolicy(cancel_when_unwanted=False)
+    )
     tick_until(reconciler, in_state(job, "RUNNING"), message="the job runs")
     assert request.request_cancel()
 

@@ -106,8 +106,11 @@ def test_celery_worker_killed_while_dispatching_has_the_event_redelivered_and_st
 
     # The very message comes back (after the visibility timeout); the outbox sweep may publish
     # the event again sooner: either way, one flow run.
-    wait_until(lambda: task_id in tasks_received(replacement.log_path.read_text()), timeout=60,
-               message=f"task {task_id} redelivered to the new worker")
+    wait_until(
+        lambda: task_id in tasks_received(replacement.log_path.read_text()),
+        timeout=60,
+        message=f"task {task_id} redelivered to the new worker",
+    )
     wait_until(lambda: own_redis_stack.queued_or_unacked() == 0, timeout=60, message="every delivery done")
     ran_once(prefect, request, stack)
 
@@ -119,8 +122,12 @@ def test_two_beat_processes_never_run_overlapping_ticks_and_submit_each_job_once
     ticks = ReconcileTick.objects.filter(started_at__gte=since, finished_at__isnull=False).order_by("started_at")
 
     # Ten one-second intervals at least, and every job through to its end.
-    wait_until(lambda: ticks.count() >= 10 and all(ClusterJob.objects.get(id=job.id).is_final for job in jobs),
-               timeout=120, interval=0.5, message="ten ticks and all five jobs ended")
+    wait_until(
+        lambda: ticks.count() >= 10 and all(ClusterJob.objects.get(id=job.id).is_final for job in jobs),
+        timeout=120,
+        interval=0.5,
+        message="ten ticks and all five jobs ended",
+    )
 
     assert all(beat.running for beat in own_redis_stack.beats)
     recorded = list(ticks)

@@ -76,13 +76,24 @@ def test_a_prefect_outage_with_a_backlog_never_grows_the_queue_and_ends_in_one_f
         def given_back_to_the_sweep():
             return events.filter(last_error__startswith="dispatch failed").count() == EVENTS
 
-        wait_until(given_back_to_the_sweep, timeout=OUTAGE_SECONDS + 120, interval=1,
-                   message="every event's dispatch retries ran out at least once")
-        published_again = wait_until(lambda: sum(events.values_list("publish_attempts", flat=True)) > EVENTS,
-                                     timeout=60, message="the sweep published events again")
+        wait_until(
+            given_back_to_the_sweep,
+            timeout=OUTAGE_SECONDS + 120,
+            interval=1,
+            message="every event's dispatch retries ran out at least once",
+        )
+        published_again = wait_until(
+            lambda: sum(events.values_list("publish_attempts", flat=True)) > EVENTS,
+            timeout=60,
+            message="the sweep published events again",
+        )
         assert published_again
-        wait_until(lambda: len(sampler.samples) > OUTAGE_SECONDS / 0.2 or False, timeout=OUTAGE_SECONDS + 30,
-                   interval=1, message="the outage lasted")
+        wait_until(
+            lambda: len(sampler.samples) > OUTAGE_SECONDS / 0.2 or False,
+            timeout=OUTAGE_SECONDS + 30,
+            interval=1,
+            message="the outage lasted",
+        )
         outage_worker.stop()
 
     assert not events.filter(dispatched_at__isnull=False).exists()
@@ -92,8 +103,12 @@ def test_a_prefect_outage_with_a_backlog_never_grows_the_queue_and_ends_in_one_f
 
     own_redis_stack.start_worker()
     for request in requests:
-        wait_until(lambda request=request: OutboxEvent.objects.get(request=request).dispatched_at, timeout=180,
-                   interval=0.5, message=f"request #{request.id} dispatched once Prefect answers")
+        wait_until(
+            lambda request=request: OutboxEvent.objects.get(request=request).dispatched_at,
+            timeout=180,
+            interval=0.5,
+            message=f"request #{request.id} dispatched once Prefect answers",
+        )
     for request in requests:
         request.refresh_from_db()
         assert [run.id for run in flow_runs_of(prefect, request)] == [request.flow_run_id]

@@ -35,16 +35,20 @@ def dispatch_log(log_text: str) -> list[tuple[str, str]]:
 @pytest.mark.django_db(transaction=True)
 def test_a_dispatch_worker_process_makes_one_client_and_looks_the_deployment_up_once_for_many_events(stack):
     requests = [new_request(f"PRJEB3100{n}") for n in range(8)]
-    wait_until(lambda: not AnalysisRequest.objects.filter(id__in=[r.id for r in requests],
-                                                         flow_run_id__isnull=True).exists(),
-               timeout=120, message="every request has its flow run")
+    wait_until(
+        lambda: not AnalysisRequest.objects.filter(id__in=[r.id for r in requests], flow_run_id__isnull=True).exists(),
+        timeout=120,
+        message="every request has its flow run",
+    )
 
     records = dispatch_log(stack.worker.log_path.read_text(errors="replace"))
     dispatched = Counter(process for process, message in records if " -> flow run " in message)
     clients = Counter(process for process, message in records if "new Prefect client" in message)
     lookups = Counter(process for process, message in records if ": deployment " in message)
-    ours = {f"request #{r.id} generation 1 -> flow run {r.flow_run_id}" for r in AnalysisRequest.objects.filter(
-        id__in=[r.id for r in requests])}
+    ours = {
+        f"request #{r.id} generation 1 -> flow run {r.flow_run_id}"
+        for r in AnalysisRequest.objects.filter(id__in=[r.id for r in requests])
+    }
     assert ours <= {message for _, message in records}
     # Each process of the worker dispatched several events with the one client it made first.
     assert max(dispatched.values()) >= 2, dispatched

@@ -6,14 +6,24 @@ from workers.reconcile.job_states import escalated_spec
 
 
 def ended(state: JobState) -> JobStatus:
-    return JobStatus(job_id="1", state=state, raw_state=state.value, exit_code=0, signal=None, submit_time=None,
-                     start_time=None, end_time=None, tag=None)
+    return JobStatus(
+        job_id="1",
+        state=state,
+        raw_state=state.value,
+        exit_code=0,
+        signal=None,
+        submit_time=None,
+        start_time=None,
+        end_time=None,
+        tag=None,
+    )
 
 
 def job(memory_mb: int, minutes: int, retries: int = 0) -> ClusterJob:
     spec = JobSpec(name="grows", command=("true",), work_dir="/tmp", memory_mb=memory_mb, time_limit_minutes=minutes)
-    return ClusterJob(spec=spec.to_dict(), policy={"max_attempts": 3, "memory_factor": 4, "time_factor": 4},
-                      retries=retries)
+    return ClusterJob(
+        spec=spec.to_dict(), policy={"max_attempts": 3, "memory_factor": 4, "time_factor": 4}, retries=retries
+    )
 
 
 def test_memory_grows_by_the_policy_factor_up_to_the_partition_nodes_memory():

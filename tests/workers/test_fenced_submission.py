@@ -85,8 +85,11 @@ def test_three_overlapping_ticks_with_a_slow_sbatch_submit_each_declared_job_exa
     assert [error for report in reports for error in report.errors] == []
     assert len(submitted) == len(set(submitted)) == 5
     assert cluster.sbatch_calls == 5
-    tick_until(unlocked(SlurmCluster(accounting_grace_s=30)),
-               lambda: all(ClusterJob.objects.get(id=job.id).is_final for job in jobs), message="all five ended")
+    tick_until(
+        unlocked(SlurmCluster(accounting_grace_s=30)),
+        lambda: all(ClusterJob.objects.get(id=job.id).is_final for job in jobs),
+        message="all five ended",
+    )
     for job in jobs:
         job.refresh_from_db()
         assert (job.state, job.attempts) == (COMPLETED, 1)
@@ -170,8 +173,9 @@ def test_a_claim_superseded_before_its_job_reached_slurm_never_leaves_a_second_j
 
 
 def slurm_state(job_id: str) -> str:
-    return subprocess.run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True,
-                          timeout=30).stdout.strip()
+    return subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
 
 
 class FailsFirstSbatch(SlurmCluster):
@@ -192,8 +196,9 @@ def test_a_transient_sbatch_error_backs_off_then_the_next_attempt_is_submitted_o
 ):
     monkeypatch.setattr(submissions, "FIRST_BACKOFF", timedelta(0))
     job = declare_job(shell_job("transient-error", "true", work_dir))
-    cluster = FailsFirstSbatch(ClusterError("sbatch exited with 1: Socket timed out on send/recv operation"),
-                               accounting_grace_s=30)
+    cluster = FailsFirstSbatch(
+        ClusterError("sbatch exited with 1: Socket timed out on send/recv operation"), accounting_grace_s=30
+    )
     reconciler = unlocked(cluster)
 
     first = reconciler.tick()
@@ -208,15 +213,22 @@ def test_a_transient_sbatch_error_backs_off_then_the_next_attempt_is_submitted_o
     assert slurm_jobs_tagged(job.tag, including=[job.slurm_job_id]) == [job.slurm_job_id]
 
 
-def test_a_job_slurm_refuses_for_good_is_rejected_with_slurms_message_and_the_others_run(
-    make_reconciler, work_dir
-):
+def test_a_job_slurm_refuses_for_good_is_rejected_with_slurms_message_and_the_others_run(make_reconciler, work_dir):
     good = [declare_job(shell_job(f"beside-a-bad-one-{n}", f"echo {n}", work_dir)) for n in range(4)]
-    bad = declare_job(JobSpec(name="bad-partition", command=("true",), work_dir=str(work_dir), memory_mb=100,
-                              time_limit_minutes=1, partition="no-such-partition"))
+    bad = declare_job(
+        JobSpec(
+            name="bad-partition",
+            command=("true",),
+            work_dir=str(work_dir),
+            memory_mb=100,
+            time_limit_minutes=1,
+            partition="no-such-partition",
+        )
+    )
 
-    reports = tick_until(make_reconciler(), lambda: all(ClusterJob.objects.get(id=job.id).is_final
-                                                        for job in [*good, bad]))
+    reports = tick_until(
+        make_reconciler(), lambda: all(ClusterJob.objects.get(id=job.id).is_final for job in [*good, bad])
+    )
 
     bad.refresh_from_db()
     assert bad.state == ClusterJobState.REJECTED and "invalid partition" in bad.submit_error.lower()
@@ -246,15 +258,18 @@ def test_a_live_slurm_job_of_a_superseded_attempt_is_cancelled_and_the_current_o
     assert not ClusterJob.objects.get(id=job.id).is_final
 
 
-@pytest.mark.parametrize(("row", "job_id", "attempt", "orphan"), [
-    (dict(state="RUNNING", attempts=2, slurm_job_id="20"), "10", 1, True),   # a superseded attempt
-    (dict(state="RUNNING", attempts=2, slurm_job_id="20"), "20", 2, False),  # the row's own job
-    (dict(state="RUNNING", attempts=2, slurm_job_id="20"), "21", 2, True),   # a twin of the row's attempt
-    (dict(state="DECLARED", attempts=2, slurm_job_id=""), "21", 2, False),   # its answer may be on its way
-    (dict(state="CANCELLED", attempts=2, slurm_job_id=""), "21", 2, True),   # ended without it
-    (dict(state="REJECTED", attempts=1, slurm_job_id=""), "21", 1, True),
-    (dict(state="DECLARED", attempts=1, slurm_job_id=""), "21", 2, False),   # newer than our read of the row
-])
+@pytest.mark.parametrize(
+    ("row", "job_id", "attempt", "orphan"),
+    [
+        (dict(state="RUNNING", attempts=2, slurm_job_id="20"), "10", 1, True),  # a superseded attempt
+        (dict(state="RUNNING", attempts=2, slurm_job_id="20"), "20", 2, False),  # the row's own job
+        (dict(state="RUNNING", attempts=2, slurm_job_id="20"), "21", 2, True),  # a twin of the row's attempt
+        (dict(state="DECLARED", attempts=2, slurm_job_id=""), "21", 2, False),  # its answer may be on its way
+        (dict(state="CANCELLED", attempts=2, slurm_job_id=""), "21", 2, True),  # ended without it
+        (dict(state="REJECTED", attempts=1, slurm_job_id=""), "21", 1, True),
+        (dict(state="DECLARED", attempts=1, slurm_job_id=""), "21", 2, False),  # newer than our read of the row
+    ],
+)
 def test_which_jobs_are_orphans(row, job_id, attempt, orphan):
     assert orphans.is_orphan(ClusterJob(**row), job_id, attempt) is orphan
 

@@ -52,7 +52,11 @@ def test_twenty_concurrent_declarations_from_separate_processes_give_one_row_and
 
     result = subprocess.run(
         [sys.executable, "-m", "tests.workers.declare_concurrently", json.dumps(spec.to_dict()), "20"],
-        cwd=ROOT, env=django_process_env(), capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=django_process_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads(result.stdout)
@@ -111,8 +115,12 @@ def test_with_a_cap_of_two_six_jobs_never_have_more_than_two_active_and_run_in_d
     reconciler = make_reconciler(max_active_jobs=2)
 
     with ActiveJobSampler(job.fingerprint for job in jobs) as sampler:
-        tick_until(reconciler, lambda: all(ClusterJob.objects.get(id=job.id).is_final for job in jobs),
-                   timeout=120, message="all six capped jobs ended")
+        tick_until(
+            reconciler,
+            lambda: all(ClusterJob.objects.get(id=job.id).is_final for job in jobs),
+            timeout=120,
+            message="all six capped jobs ended",
+        )
 
     for job in jobs:
         job.refresh_from_db()
@@ -217,8 +225,9 @@ def test_job_out_of_memory_is_resubmitted_with_more_memory_and_completes(make_re
 def test_job_out_of_time_is_resubmitted_with_more_time_and_completes(make_reconciler, work_dir):
     # Slurm limits are whole minutes: the first attempt overruns its one minute; the second (which
     # Slurm is asked to give two) finishes at once, so the test waits out one limit, not two.
-    spec = shell_job("overruns-once", "if [ -e overran ]; then exit 0; fi; touch overran; sleep 600", work_dir,
-                     time_limit_minutes=1)
+    spec = shell_job(
+        "overruns-once", "if [ -e overran ]; then exit 0; fi; touch overran; sleep 600", work_dir, time_limit_minutes=1
+    )
 
     job = run_job(make_reconciler(), spec, ResubmitPolicy(time_factor=2), timeout=240)
 
@@ -226,15 +235,23 @@ def test_job_out_of_time_is_resubmitted_with_more_time_and_completes(make_reconc
     assert (job.attempts, job.spec["time_limit_minutes"]) == (2, 2)
     assert "TIMEOUT" in states_seen(job) and len(sbatch_ids(job)) == 2
     first, second = sbatch_ids(job)
-    limits = wait_until(lambda: slurm_time_limits([first, second]), timeout=60,
-                        message="Slurm's accounting has both attempts' time limits")
+    limits = wait_until(
+        lambda: slurm_time_limits([first, second]),
+        timeout=60,
+        message="Slurm's accounting has both attempts' time limits",
+    )
     assert limits == {first: 1, second: 2}  # what Slurm was really asked for
 
 
 def slurm_time_limits(job_ids: list[str]) -> dict[str, int] | None:
     """Each job's time limit in minutes, as Slurm's accounting recorded it; None until it has them all."""
-    output = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,TimelimitRaw", "-j", ",".join(job_ids)],
-                            capture_output=True, text=True, check=True, timeout=30).stdout
+    output = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-o", "JobID,TimelimitRaw", "-j", ",".join(job_ids)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
     found = dict(line.split("|") for line in output.split())
     if set(found) != set(job_ids) or not all(limit.isdigit() for limit in found.values()):
         return None
@@ -269,8 +286,11 @@ def test_cancel_stops_the_flow_run_and_its_own_jobs_but_leaves_a_job_another_liv
     await_job(cancelled.flow_run_id, shared, cancelled, step="shared")
     await_job(other.flow_run_id, shared, other, step="shared")
     reconciler = make_reconciler()
-    tick_until(reconciler, lambda: ClusterJob.objects.filter(state=ClusterJobState.RUNNING).count() == 2,
-               message="both jobs running")
+    tick_until(
+        reconciler,
+        lambda: ClusterJob.objects.filter(state=ClusterJobState.RUNNING).count() == 2,
+        message="both jobs running",
+    )
 
     assert cancelled.request_cancel()
     tick_until(reconciler, job_ended(own.id), message="the cancelled request's own job ended")

@@ -59,17 +59,29 @@ def flooded_stack(stack, service_logs, hung_prefect):
     with stack.paused(), broker_at(url, REDIS_URL=url):
         try:
             processes.append(start_redis(port, service_logs, env, "flood-redis"))
-            processes.append(celery_worker(
-                "flood-celery-worker", node, {**env, "PREFECT_API_URL": hung_prefect,
-                                              "PREFECT_API_REQUEST_TIMEOUT": "600"},
-                service_logs, roles="dispatch").start())
-            processes.append(celery_worker("flood-celery-tick-worker", f"{node}-tick", env, service_logs,
-                                           roles="reconcile", concurrency=1).start())
+            processes.append(
+                celery_worker(
+                    "flood-celery-worker",
+                    node,
+                    {**env, "PREFECT_API_URL": hung_prefect, "PREFECT_API_REQUEST_TIMEOUT": "600"},
+                    service_logs,
+                    roles="dispatch",
+                ).start()
+            )
+            processes.append(
+                celery_worker(
+                    "flood-celery-tick-worker", f"{node}-tick", env, service_logs, roles="reconcile", concurrency=1
+                ).start()
+            )
             for name in (node, f"{node}-tick"):
-                wait_until(lambda name=name: worker_answers(env, name), timeout=60,
-                           message=f"Celery worker {name} answers pings")
-            processes.append(celery_beat("flood-celery-beat", env, service_logs,
-                                         service_logs / "flood-beat.schedule").start())
+                wait_until(
+                    lambda name=name: worker_answers(env, name),
+                    timeout=60,
+                    message=f"Celery worker {name} answers pings",
+                )
+            processes.append(
+                celery_beat("flood-celery-beat", env, service_logs, service_logs / "flood-beat.schedule").start()
+            )
             yield redis.Redis.from_url(url)
         finally:
             for process in reversed(processes):
@@ -81,15 +93,21 @@ def test_ticks_keep_their_interval_and_track_slurm_work_while_dispatch_is_floode
 ):
     study, _ = Study.objects.get_or_create(accession="PRJEB40001")
     requests = [AnalysisRequest.objects.create(study=study) for _ in range(BACKLOG)]
-    wait_until(lambda: flooded_stack.llen(settings.EMG_DISPATCH_QUEUE) >= BACKLOG - 10, timeout=60,
-               message="the saves' events wait in the dispatch queue")
+    wait_until(
+        lambda: flooded_stack.llen(settings.EMG_DISPATCH_QUEUE) >= BACKLOG - 10,
+        timeout=60,
+        message="the saves' events wait in the dispatch queue",
+    )
     since = timezone.now()
     job = declare_job(shell_job("flooded-dispatch", "sleep 2; echo tracked", work_dir))
 
     finished = ReconcileTick.objects.filter(started_at__gte=since, finished_at__isnull=False).order_by("started_at")
-    wait_until(lambda: finished.count() >= TICKS and ClusterJob.objects.get(id=job.id).is_final,
-               timeout=TICKS * MAX_GAP_SECONDS, interval=0.5,
-               message=f"{TICKS} ticks and the declared job tracked to its end")
+    wait_until(
+        lambda: finished.count() >= TICKS and ClusterJob.objects.get(id=job.id).is_final,
+        timeout=TICKS * MAX_GAP_SECONDS,
+        interval=0.5,
+        message=f"{TICKS} ticks and the declared job tracked to its end",
+    )
 
     starts = [tick.started_at for tick in finished]
     gaps = [(later - earlier).total_seconds() for earlier, later in pairwise(starts)]
@@ -110,30 +128,49 @@ def second_instance(stack, service_logs):
     url = f"redis://127.0.0.1:{port}/0"
     database = settings.DATABASES["default"]
     other_name = f"{database['NAME']}_other"
-    admin = psycopg.connect(f"postgresql://{database['USER']}@{database['HOST']}:{database['PORT']}/postgres",
-                            autocommit=True)
+    admin = psycopg.connect(
+        f"postgresql://{database['USER']}@{database['HOST']}:{database['PORT']}/postgres", autocommit=True
+    )
     admin.execute(f'CREATE DATABASE "{other_name}"')
     env = {name: value for name, value in stack.env.items() if name != "EMG_INSTANCE_NAMESPACE"}
-    env.update(REDIS_URL=url, CELERY_BROKER_URL=url,
-               DATABASE_URL=f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{other_name}",
-               # It never reaches our Prefect: nothing of ours may be dispatched by it.
-               PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api")
+    env.update(
+        REDIS_URL=url,
+        CELERY_BROKER_URL=url,
+        DATABASE_URL=f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{other_name}",
+        # It never reaches our Prefect: nothing of ours may be dispatched by it.
+        PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api",
+    )
     processes: list[ManagedProcess] = []
     with stack.paused(), broker_at(url, REDIS_URL=url):
         try:
             processes.append(start_redis(port, service_logs, env, "two-instances-redis"))
-            migrate = subprocess.run([sys.executable, "manage.py", "migrate", "--no-input"], cwd=ROOT, env=env,
-                                     capture_output=True, text=True, timeout=300)
+            migrate = subprocess.run(
+                [sys.executable, "manage.py", "migrate", "--no-input"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert migrate.returncode == 0, migrate.stderr[-2000:]
             node = f"other-instance-{os.getpid()}"
             processes.append(celery_worker("other-instance-worker", node, env, service_logs, roles="dispatch").start())
-            processes.append(celery_worker("other-instance-tick-worker", f"{node}-tick", env, service_logs,
-                                           roles="reconcile", concurrency=1).start())
+            processes.append(
+                celery_worker(
+                    "other-instance-tick-worker", f"{node}-tick", env, service_logs, roles="reconcile", concurrency=1
+                ).start()
+            )
             for name in (node, f"{node}-tick"):
-                wait_until(lambda name=name: worker_answers(env, name), timeout=60,
-                           message=f"Celery worker {name} answers pings")
-            processes.append(celery_beat("other-instance-beat", env, service_logs,
-                                         service_logs / "other-instance-beat.schedule").start())
+                wait_until(
+                    lambda name=name: worker_answers(env, name),
+                    timeout=60,
+                    message=f"Celery worker {name} answers pings",
+                )
+            processes.append(
+                celery_beat(
+                    "other-instance-beat", env, service_logs, service_logs / "other-instance-beat.schedule"
+                ).start()
+            )
             yield SimpleNamespace(redis=redis.Redis.from_url(url), database=other_name, env=env)
         finally:
             for process in reversed(processes):
@@ -144,21 +181,29 @@ def second_instance(stack, service_logs):
 
 def ticks_in(database: str) -> int:
     settings_of_ours = settings.DATABASES["default"]
-    with psycopg.connect(f"postgresql://{settings_of_ours['USER']}@{settings_of_ours['HOST']}:"
-                         f"{settings_of_ours['PORT']}/{database}") as connection:
+    with psycopg.connect(
+        f"postgresql://{settings_of_ours['USER']}@{settings_of_ours['HOST']}:{settings_of_ours['PORT']}/{database}"
+    ) as connection:
         return connection.execute("SELECT count(*) FROM emg_reconciletick WHERE finished_at IS NOT NULL").fetchone()[0]
 
 
 def test_two_instances_on_one_redis_never_take_each_others_tasks(second_instance):
-    saved = [AnalysisRequest.objects.create(study=Study.objects.get_or_create(accession="PRJEB40002")[0])
-             for _ in range(5)]
+    saved = [
+        AnalysisRequest.objects.create(study=Study.objects.get_or_create(accession="PRJEB40002")[0]) for _ in range(5)
+    ]
     client = second_instance.redis
-    wait_until(lambda: client.llen(settings.EMG_DISPATCH_QUEUE) == len(saved), timeout=30,
-               message="our events wait in our dispatch queue")
+    wait_until(
+        lambda: client.llen(settings.EMG_DISPATCH_QUEUE) == len(saved),
+        timeout=30,
+        message="our events wait in our dispatch queue",
+    )
     # The other instance ticks and sweeps all the while, on queues, a lock and a schedule of its own.
     ticked_before = ticks_in(second_instance.database)
-    wait_until(lambda: ticks_in(second_instance.database) >= ticked_before + 5, timeout=60,
-               message="the other instance's beat and tick worker run")
+    wait_until(
+        lambda: ticks_in(second_instance.database) >= ticked_before + 5,
+        timeout=60,
+        message="the other instance's beat and tick worker run",
+    )
 
     assert client.llen(settings.EMG_DISPATCH_QUEUE) == len(saved)
     assert client.hlen(UNACKED_KEY) == 0  # none of ours was delivered to a worker

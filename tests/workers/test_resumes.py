@@ -31,25 +31,43 @@ def test_fifty_jobs_ending_in_one_tick_are_resumed_ten_per_tick_oldest_first_non
 ):
     go = work_dir / "go"
     # Every job waits for the same file, so all fifty end within a moment of each other.
-    jobs = [declare_job(shell_job(f"storm-{n}", f"while [ ! -e {go} ]; do sleep 0.2; done; echo {n}", work_dir,
-                                  memory_mb=20)) for n in range(STORM)]
+    jobs = [
+        declare_job(
+            shell_job(f"storm-{n}", f"while [ ! -e {go} ]; do sleep 0.2; done; echo {n}", work_dir, memory_mb=20)
+        )
+        for n in range(STORM)
+    ]
     runs = [new_flow_run(prefect) for _ in jobs]
     for run, job in zip(runs, jobs):
         await_job(run, job)
     reconciler = make_reconciler(resumes_per_tick=RESUMES_PER_TICK)
-    tick_until(reconciler, lambda: ClusterJob.objects.filter(state=ClusterJobState.RUNNING).count() == STORM,
-               timeout=180, message="all fifty jobs running")
+    tick_until(
+        reconciler,
+        lambda: ClusterJob.objects.filter(state=ClusterJobState.RUNNING).count() == STORM,
+        timeout=180,
+        message="all fifty jobs running",
+    )
     for run in runs:
         suspend(prefect, run, key="jobs-wait-1")
 
     go.touch()
-    submitted = [SubmittedJob(job.slurm_job_id, job.submit_time, job.log_path)
-                 for job in ClusterJob.objects.order_by("id")]
-    wait_until(lambda: all(status.state.is_final for status in cluster.query(submitted).values()), timeout=60,
-               interval=0.5, message="Slurm has all fifty jobs ended")
+    submitted = [
+        SubmittedJob(job.slurm_job_id, job.submit_time, job.log_path) for job in ClusterJob.objects.order_by("id")
+    ]
+    wait_until(
+        lambda: all(status.state.is_final for status in cluster.query(submitted).values()),
+        timeout=60,
+        interval=0.5,
+        message="Slurm has all fifty jobs ended",
+    )
     with RecordedLogs("workers", "emg", "flows") as logs:
-        reports = tick_until(reconciler, lambda: not JobWait.objects.filter(released_at__isnull=True).exists(),
-                             timeout=60, interval=0.2, message="every wait released")
+        reports = tick_until(
+            reconciler,
+            lambda: not JobWait.objects.filter(released_at__isnull=True).exists(),
+            timeout=60,
+            interval=0.2,
+            message="every wait released",
+        )
 
     assert len(reports[0].changed) == STORM  # the first tick saw all of them end
     assert [len(report.resumed) for report in reports] == [RESUMES_PER_TICK] * (STORM // RESUMES_PER_TICK)
@@ -105,8 +123,13 @@ class StrugglingPrefect:
                         self.send_header("Content-Length", "0")
                         self.end_headers()
                         return
-                answer = httpx.request(self.command, f"{proxy.upstream}{path}", content=body, timeout=30,
-                                       headers={"Content-Type": self.headers.get("Content-Type", "application/json")})
+                answer = httpx.request(
+                    self.command,
+                    f"{proxy.upstream}{path}",
+                    content=body,
+                    timeout=30,
+                    headers={"Content-Type": self.headers.get("Content-Type", "application/json")},
+                )
                 self.send_response(answer.status_code)
                 self.send_header("Content-Type", answer.headers.get("Content-Type", "application/json"))
                 self.send_header("Content-Length", str(len(answer.content)))
@@ -157,8 +180,12 @@ def test_resumes_per_tick_grow_while_prefect_accepts_them_and_halve_when_it_refu
         assert struggling.resumes_seen - seen <= 4  # it stopped asking once refused: one call per thread at most
 
         struggling.refusing = False
-        reports = tick_until(reconciler, lambda: not JobWait.objects.filter(released_at__isnull=True).exists(),
-                             timeout=60, message="every wait released once Prefect accepts again")
+        reports = tick_until(
+            reconciler,
+            lambda: not JobWait.objects.filter(released_at__isnull=True).exists(),
+            timeout=60,
+            message="every wait released once Prefect accepts again",
+        )
     assert [len(report.resumed) for report in reports] == [8, 16, 2]
     resumed = [run for report in reports for run in report.resumed]
     assert len(set(resumed)) == len(resumed) == len(runs) - sum(growing)

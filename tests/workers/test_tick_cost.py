@@ -27,21 +27,44 @@ pytestmark = pytest.mark.django_db
 
 def submitted_rows(count: int, **fields) -> list[ClusterJob]:
     spec = JobSpec(name="tick-cost", command=("true",), work_dir="/tmp", memory_mb=10, time_limit_minutes=1)
-    return ClusterJob.objects.bulk_create([
-        ClusterJob(name=spec.name, fingerprint=uuid.uuid4().hex, spec=spec.to_dict(), state=ClusterJobState.SUBMITTED,
-                   slurm_job_id=str(900000 + n), attempts=1, submission_started_at=timezone.now(), **fields)
-        for n in range(count)
-    ])
+    return ClusterJob.objects.bulk_create(
+        [
+            ClusterJob(
+                name=spec.name,
+                fingerprint=uuid.uuid4().hex,
+                spec=spec.to_dict(),
+                state=ClusterJobState.SUBMITTED,
+                slurm_job_id=str(900000 + n),
+                attempts=1,
+                submission_started_at=timezone.now(),
+                **fields,
+            )
+            for n in range(count)
+        ]
+    )
 
 
 def status(state: JobState, exit_code: int | None = None, signal: int | None = None) -> JobStatus:
-    return JobStatus(job_id="", state=state, raw_state=state.value, exit_code=exit_code, signal=signal,
-                     submit_time=None, start_time=None, end_time=None, tag=None)
+    return JobStatus(
+        job_id="",
+        state=state,
+        raw_state=state.value,
+        exit_code=exit_code,
+        signal=signal,
+        submit_time=None,
+        start_time=None,
+        end_time=None,
+        tag=None,
+    )
 
 
 def job_updates(queries) -> list[str]:
-    return [query["sql"] for query in queries if query["sql"].startswith('UPDATE "emg_clusterjob"')
-            or query["sql"].lstrip().startswith("UPDATE emg_clusterjob")]
+    return [
+        query["sql"]
+        for query in queries
+        if query["sql"].startswith('UPDATE "emg_clusterjob"')
+        or query["sql"].lstrip().startswith("UPDATE emg_clusterjob")
+    ]
 
 
 def test_statuses_of_many_jobs_are_recorded_in_one_statement_each_guarded_as_it_was_read():
@@ -51,8 +74,9 @@ def test_statuses_of_many_jobs_are_recorded_in_one_statement_each_guarded_as_it_
     ended = status(JobState.FAILED, exit_code=3, signal=0)
 
     with CaptureQueriesContext(connection) as queries:
-        applied = jobs.record_statuses([(row, ended if n % 2 else status(JobState.PENDING))
-                                        for n, row in enumerate(rows)])
+        applied = jobs.record_statuses(
+            [(row, ended if n % 2 else status(JobState.PENDING)) for n, row in enumerate(rows)]
+        )
 
     assert len(queries) == 1
     assert applied == {row.id for row in rows} - {moved_on.id}
@@ -79,18 +103,37 @@ def held_jobs(cluster, work_dir):
     made = []
 
     def submit(count: int) -> list[ClusterJob]:
-        spec = JobSpec(name="tick-cost-held", command=("true",), work_dir=str(work_dir), memory_mb=10,
-                       time_limit_minutes=1, extra_options=("--hold",))
+        spec = JobSpec(
+            name="tick-cost-held",
+            command=("true",),
+            work_dir=str(work_dir),
+            memory_mb=10,
+            time_limit_minutes=1,
+            extra_options=("--hold",),
+        )
         submitted = [cluster.submit(spec, f"tick-cost-{uuid.uuid4().hex[:12]}") for _ in range(count)]
         made.extend(job.job_id for job in submitted)
-        wait_until(lambda: {status.state for status in cluster.query(submitted).values()} == {JobState.PENDING},
-                   timeout=120, message="Slurm's accounting has every held job")
-        return ClusterJob.objects.bulk_create([
-            ClusterJob(name=spec.name, fingerprint=uuid.uuid4().hex, spec=spec.to_dict(),
-                       state=ClusterJobState.SUBMITTED, slurm_job_id=job.job_id, submit_time=job.submit_time,
-                       log_path=job.log_path, attempts=1, state_checked_at=timezone.now())
-            for job in submitted
-        ])
+        wait_until(
+            lambda: {status.state for status in cluster.query(submitted).values()} == {JobState.PENDING},
+            timeout=120,
+            message="Slurm's accounting has every held job",
+        )
+        return ClusterJob.objects.bulk_create(
+            [
+                ClusterJob(
+                    name=spec.name,
+                    fingerprint=uuid.uuid4().hex,
+                    spec=spec.to_dict(),
+                    state=ClusterJobState.SUBMITTED,
+                    slurm_job_id=job.job_id,
+                    submit_time=job.submit_time,
+                    log_path=job.log_path,
+                    attempts=1,
+                    state_checked_at=timezone.now(),
+                )
+                for job in submitted
+            ]
+        )
 
     yield submit
     for job_id in made:
@@ -144,13 +187,15 @@ def test_old_history_of_ended_requests_is_pruned_and_what_a_live_request_may_nee
     ended_long_ago, ended_recently = ended_request(study), ended_request(study)
     live = AnalysisRequest.objects.create(study=study)
     for request, released_at in ((ended_long_ago, long_ago), (ended_recently, recently), (live, long_ago)):
-        JobWait.objects.create(flow_run_id=uuid.uuid4(), step="assemble", job=job, request=request,
-                               released_at=released_at)
+        JobWait.objects.create(
+            flow_run_id=uuid.uuid4(), step="assemble", job=job, request=request, released_at=released_at
+        )
         OutboxEvent.objects.filter(request=request).update(dispatched_at=released_at)
     superseded = OutboxEvent.objects.get(request=live)
     AnalysisRequest.objects.filter(id=live.id).update(generation=2)  # run again: generation 1 is history
-    OutboxEvent.objects.create(id=uuid.uuid4(), request=live, generation=2, topic=superseded.topic,
-                               dispatched_at=long_ago)
+    OutboxEvent.objects.create(
+        id=uuid.uuid4(), request=live, generation=2, topic=superseded.topic, dispatched_at=long_ago
+    )
 
     report = TickReport()
     prune_history(None, report)

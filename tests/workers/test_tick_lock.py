@@ -35,8 +35,9 @@ def holder():
     """Another process holding the tick lock, as a ticking worker does."""
     database = connection.settings_dict
     dsn = f"postgresql://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}"
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, dsn, str(lock_key(NAMESPACE))],
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, dsn, str(lock_key(NAMESPACE))], stdout=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline().strip() == "held"
     yield process
     process.kill()

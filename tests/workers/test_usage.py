@@ -15,8 +15,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
 
 # A fixed amount of work on one CPU (about two seconds of it on an idle core) with about 60 MB held,
 # then a second at rest: one thread of the two CPUs asked for, so under half of them.
-BUSY = ("python3 -c \"import time; block = bytearray(60 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096]); "
-        "[sum(range(10_000_000)) for _ in range(6)]; time.sleep(1)\"")
+BUSY = (
+    "python3 -c \"import time; block = bytearray(60 * 1024 * 1024); block[::4096] = b'x' * len(block[::4096]); "
+    '[sum(range(10_000_000)) for _ in range(6)]; time.sleep(1)"'
+)
 
 
 def test_an_ended_jobs_cpu_memory_and_wall_time_are_recorded_against_what_it_asked(make_reconciler, work_dir):
@@ -24,8 +26,12 @@ def test_an_ended_jobs_cpu_memory_and_wall_time_are_recorded_against_what_it_ask
     job = run_job(reconciler, shell_job("usage-busy", BUSY, work_dir, memory_mb=200, cpus=2, time_limit_minutes=5))
     assert job.state == "COMPLETED", job.history
 
-    tick_until(reconciler, lambda: ClusterJob.objects.get(id=job.id).usage is not None, timeout=120,
-               message="the job's usage was read from accounting")
+    tick_until(
+        reconciler,
+        lambda: ClusterJob.objects.get(id=job.id).usage is not None,
+        timeout=120,
+        message="the job's usage was read from accounting",
+    )
     job.refresh_from_db()
     usage = job.usage
     assert usage["cpus"] == 2 and usage["requested_memory_mb"] == 200 and usage["time_limit_s"] == 300
@@ -47,9 +53,16 @@ def test_a_job_accounting_has_no_record_of_is_recorded_unavailable_and_not_asked
     reconciler = make_reconciler()
     ended = timezone.now() - USAGE_SETTLE - timedelta(minutes=1)
     # A Slurm id far beyond any this cluster has given: sacct knows nothing of it.
-    job = ClusterJob.objects.create(name="purged", fingerprint=uuid.uuid4().hex, spec={}, state="COMPLETED",
-                                    slurm_job_id="987654321", submit_time=ended - timedelta(minutes=5), ended_at=ended,
-                                    attempts=1)
+    job = ClusterJob.objects.create(
+        name="purged",
+        fingerprint=uuid.uuid4().hex,
+        spec={},
+        state="COMPLETED",
+        slurm_job_id="987654321",
+        submit_time=ended - timedelta(minutes=5),
+        ended_at=ended,
+        attempts=1,
+    )
 
     calls = reconciler.cluster.calls["sacct"]
     reconciler.tick()

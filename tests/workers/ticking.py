@@ -33,12 +33,18 @@ def shell_job(name: str, script: str, work_dir: Path, **resources) -> JobSpec:
     """A small bash job; 100 MB unless told otherwise, so dozens fit on the node beside other sessions' jobs."""
     resources.setdefault("memory_mb", 100)
     resources.setdefault("time_limit_minutes", 5)
-    return JobSpec(name=name, command=("bash", "-c", script), work_dir=str(work_dir),
-                   partition=settings.EMG_SLURM_PARTITION, **resources)
+    return JobSpec(
+        name=name,
+        command=("bash", "-c", script),
+        work_dir=str(work_dir),
+        partition=settings.EMG_SLURM_PARTITION,
+        **resources,
+    )
 
 
-def tick_until(reconciler: Reconciler, done: Callable[[], object], *, timeout: float = 90, interval: float = 0.5,
-               message: str = "") -> list[TickReport]:
+def tick_until(
+    reconciler: Reconciler, done: Callable[[], object], *, timeout: float = 90, interval: float = 0.5, message: str = ""
+) -> list[TickReport]:
     """Tick until `done()` holds; every tick's report, which must carry no error."""
     reports: list[TickReport] = []
 
@@ -56,8 +62,13 @@ def job_ended(job_id: int) -> Callable[[], bool]:
     return lambda: ClusterJob.objects.get(id=job_id).is_final
 
 
-def run_job(reconciler: Reconciler, spec: JobSpec, policy: ResubmitPolicy = ResubmitPolicy(),
-            inputs: Iterable[str] = (), timeout: float = 90) -> ClusterJob:
+def run_job(
+    reconciler: Reconciler,
+    spec: JobSpec,
+    policy: ResubmitPolicy = ResubmitPolicy(),
+    inputs: Iterable[str] = (),
+    timeout: float = 90,
+) -> ClusterJob:
     """Declare the job and tick until it has ended: the row as it ended."""
     job = declare_job(spec, inputs, policy)
     tick_until(reconciler, job_ended(job.id), timeout=timeout, message=f"job {spec.name} ended")

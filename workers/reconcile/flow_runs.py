@@ -72,7 +72,7 @@ def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict
     if not ready:
         return
     pace = reconciler.resume_pace
-    chosen = ready[:pace.budget]  # the rest go to later ticks, oldest wait first
+    chosen = ready[: pace.budget]  # the rest go to later ticks, oldest wait first
     throttled = threading.Event()
 
     def resume(flow_run_id: UUID):
@@ -126,16 +126,18 @@ def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], run
             elif run.state.type == StateType.COMPLETED:
                 # Marked Completed by hand, or a flow that returned without ending its request: it
                 # has no outcome, so it runs again (and finds its jobs again).
-                rerun(reconciler, request, run.state, f"flow run completed while the request is {request.status}",
-                      report)
+                rerun(
+                    reconciler, request, run.state, f"flow run completed while the request is {request.status}", report
+                )
             elif run.state.type == StateType.CANCELLING:
                 # Cancelled in Prefect's UI (the runner stops the process and sets Cancelled); a run with
                 # no process (suspended) would stay Cancelling for good: it is Cancelled by force.
                 if requests.cancel(request, "flow run cancelled in Prefect"):
                     report.cancelled.append(request.id)
                 if now - run.state.timestamp > reconciler.zombie_after:
-                    reconciler.prefect.set_flow_run_state(flow_run_id, Cancelled(message="cancelled in Prefect"),
-                                                          force=True)
+                    reconciler.prefect.set_flow_run_state(
+                        flow_run_id, Cancelled(message="cancelled in Prefect"), force=True
+                    )
             elif run.state.type in RECOVERABLE_STATE_TYPES and request.deferred_until is not None:
                 schedule_deferred(reconciler, request, report)
             elif run.state.type in RECOVERABLE_STATE_TYPES:
@@ -157,18 +159,26 @@ def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], run
     silent = {}
     if suspects:
         beating = runs_with_recent_heartbeat(reconciler.prefect, list(suspects), since=since)
-        silent = {flow_run_id: (request, state, "flow run stopped sending heartbeats and its runner holds no process")
-                  for flow_run_id, (request, state) in suspects.items() if flow_run_id not in beating}
-    silent.update({flow_run_id: (request, state, "flow run stuck Pending (its runner died before starting it)")
-                   for flow_run_id, (request, state) in stuck_pending.items()})
+        silent = {
+            flow_run_id: (request, state, "flow run stopped sending heartbeats and its runner holds no process")
+            for flow_run_id, (request, state) in suspects.items()
+            if flow_run_id not in beating
+        }
+    silent.update(
+        {
+            flow_run_id: (request, state, "flow run stuck Pending (its runner died before starting it)")
+            for flow_run_id, (request, state) in stuck_pending.items()
+        }
+    )
     if not silent:
         return
     leased = leases.fresh(list(silent), since)
     report.leased += sorted(leased, key=str)
     for flow_run_id, (request, state, why) in silent.items():
         if flow_run_id in leased:
-            logger.info("flow run %s of request #%s is silent but its runner still holds its process", flow_run_id,
-                        request.id)
+            logger.info(
+                "flow run %s of request #%s is silent but its runner still holds its process", flow_run_id, request.id
+            )
             continue
         try:
             rerun_dead(reconciler, flow_run_id, request, state, since, why, report)
@@ -177,8 +187,9 @@ def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], run
             report.errors.append(f"recover request #{request.id}: {error}")
 
 
-def rerun_dead(reconciler, flow_run_id: UUID, request: AnalysisRequest, state: State, since: datetime, why: str,
-               report) -> None:
+def rerun_dead(
+    reconciler, flow_run_id: UUID, request: AnalysisRequest, state: State, since: datetime, why: str, report
+) -> None:
     """A silent run (Running with no heartbeat, or stuck Pending) is re-run only once its process is
     confirmed gone: its lease revoked (no runner renewed it since `since`) in the transaction that
     counts the re-run, so a runner renewing meanwhile keeps its run and costs the request nothing."""
@@ -196,8 +207,9 @@ def rerun(reconciler, request: AnalysisRequest, state: State, why: str, report) 
         return
     if not requests.count_rerun(request, why):
         return  # another tick re-ran it, or the request moved on
-    reconciler.prefect.set_flow_run_state(request.flow_run_id, Scheduled(message=f"re-run by the reconciler: {why}"),
-                                          force=True)
+    reconciler.prefect.set_flow_run_state(
+        request.flow_run_id, Scheduled(message=f"re-run by the reconciler: {why}"), force=True
+    )
     logger.warning("re-running flow run %s of request #%s: %s", request.flow_run_id, request.id, why)
     report.rerun.append(request.flow_run_id)
 
@@ -233,8 +245,7 @@ def schedule_deferred(reconciler, request: AnalysisRequest, report) -> None:
         Scheduled(scheduled_time=request.deferred_until, message=f"deferred by the flow: {request.status_reason}"),
         force=True,
     )
-    logger.info("flow run %s of request #%s deferred until %s", request.flow_run_id, request.id,
-                request.deferred_until)
+    logger.info("flow run %s of request #%s deferred until %s", request.flow_run_id, request.id, request.deferred_until)
     report.deferred.append(request.flow_run_id)
 
 

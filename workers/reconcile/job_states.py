@@ -43,8 +43,7 @@ def refresh_job_states(reconciler, report) -> None:
                 raw = unreadable[job.slurm_job_id]
                 jobs.note_unreadable(job, raw, now)
                 report.unreadable[job.slurm_job_id] = raw
-                logger.error("Slurm job %s (%s): cannot read its state %r; polling on", job.slurm_job_id,
-                             job.name, raw)
+                logger.error("Slurm job %s (%s): cannot read its state %r; polling on", job.slurm_job_id, job.name, raw)
                 continue
             record_one(reconciler, job, statuses[job.slurm_job_id], now, report, plain_changes)
         except Exception as error:  # one bad job never stops the others
@@ -53,15 +52,15 @@ def refresh_job_states(reconciler, report) -> None:
     jobs.record_statuses(plain_changes, now)
 
 
-def record_one(reconciler, job: ClusterJob, status: JobStatus, now, report,
-               plain_changes: list[tuple[ClusterJob, JobStatus]]) -> bool:
+def record_one(
+    reconciler, job: ClusterJob, status: JobStatus, now, report, plain_changes: list[tuple[ClusterJob, JobStatus]]
+) -> bool:
     """Record the job's new state: a resubmission at once, a plain change appended to
     `plain_changes` (recorded with the others in one statement). False when it has not changed."""
     if status.state == JobState.SUBMITTED and job.state != ClusterJobState.SUBMITTED:
         # Slurm has reported this job before: a record missing now is a gap in its answer
         # (accounting lag, a cut-off output), not news.
-        logger.warning("Slurm's answer has no record of job %s (last %s); left as it was", job.slurm_job_id,
-                       job.state)
+        logger.warning("Slurm's answer has no record of job %s (last %s); left as it was", job.slurm_job_id, job.state)
         return False
     if status.state == JobState.LOST:
         confirmed = confirm_lost(reconciler, job, status, report)
@@ -71,8 +70,11 @@ def record_one(reconciler, job: ClusterJob, status: JobStatus, now, report,
     if status.state == job.state and status.raw_state == job.raw_state and not job.unreadable_state:
         return False
     report.changed[job.slurm_job_id] = status.state.value
-    retry = None if job.cancel_requested_at else escalated_spec(
-        job, status, lambda: reconciler.partition_limits(job.spec.get("partition")))  # given up: never again
+    retry = (
+        None
+        if job.cancel_requested_at
+        else escalated_spec(job, status, lambda: reconciler.partition_limits(job.spec.get("partition")))
+    )  # given up: never again
     if retry is None:
         plain_changes.append((job, status))
     else:
@@ -103,14 +105,20 @@ def confirm_lost(reconciler, job: ClusterJob, status: JobStatus, report) -> JobS
     The status to record, or None to leave the job as it is this tick (the look-up failed).
     """
     try:
-        found = [record for record in reconciler.cluster.find_by_tag(
-            job.tag, spec_name=job.spec["name"], since=job.submission_started_at) if record.job_id == job.slurm_job_id]
+        found = [
+            record
+            for record in reconciler.cluster.find_by_tag(
+                job.tag, spec_name=job.spec["name"], since=job.submission_started_at
+            )
+            if record.job_id == job.slurm_job_id
+        ]
     except (ClusterError, ValueError) as error:
         report.errors.append(f"Slurm job {job.slurm_job_id} seems lost; its tag could not be looked up: {error}")
         return None
     if found:
-        report.errors.append(f"Slurm job {job.slurm_job_id} was missing from the batched answer; "
-                             f"found by its tag, {found[0].state}")
+        report.errors.append(
+            f"Slurm job {job.slurm_job_id} was missing from the batched answer; found by its tag, {found[0].state}"
+        )
         return found[0]
     return status
 
@@ -129,14 +137,19 @@ def escalated_spec(job: ClusterJob, status: JobStatus, partition_limits=lambda: 
     # Read only when a limit matters: a steady tick asks Slurm nothing but the states.
     limits = partition_limits() if status.state.retry_with in ("memory", "time") else None
     if status.state.retry_with == "memory":
-        cap = min(policy.max_memory_mb, limits.max_memory_mb) if limits and limits.max_memory_mb else policy.max_memory_mb
+        cap = (
+            min(policy.max_memory_mb, limits.max_memory_mb) if limits and limits.max_memory_mb else policy.max_memory_mb
+        )
         memory = min(int(spec.memory_mb * policy.memory_factor), cap)
         if memory <= spec.memory_mb:
             return None
         return dataclasses.replace(spec, memory_mb=memory), f"{status.state}: again with {memory} MB"
     if status.state.retry_with == "time":
-        cap = (min(policy.max_time_minutes, limits.max_time_minutes) if limits and limits.max_time_minutes
-               else policy.max_time_minutes)
+        cap = (
+            min(policy.max_time_minutes, limits.max_time_minutes)
+            if limits and limits.max_time_minutes
+            else policy.max_time_minutes
+        )
         minutes = min(int(spec.time_limit_minutes * policy.time_factor), cap)
         if minutes <= spec.time_limit_minutes:
             return None

@@ -47,8 +47,16 @@ def cancel_orphans(reconciler, report) -> None:
             report.errors.append(f"orphan Slurm job {job_id} (row #{row_id}, attempt {attempt}): {error}")
             continue
         report.orphans_cancelled.append(job_id)
-        logger.error("cancelled Slurm job %s: attempt %s of job #%s, which no row owns (the row is %s, attempt %s, "
-                     "Slurm job %r)", job_id, attempt, row_id, row.state, row.attempts, row.slurm_job_id)
+        logger.error(
+            "cancelled Slurm job %s: attempt %s of job #%s, which no row owns (the row is %s, attempt %s, "
+            "Slurm job %r)",
+            job_id,
+            attempt,
+            row_id,
+            row.state,
+            row.attempts,
+            row.slurm_job_id,
+        )
 
 
 def is_orphan(row: ClusterJob, job_id: str, attempt: int) -> bool:

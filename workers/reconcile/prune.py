@@ -40,6 +40,6 @@ def prune_history(reconciler, report) -> None:
 
 
 def delete_a_batch(rows: QuerySet[Any]) -> int:
-    batch = rows.order_by().values("id")[:settings.EMG_PRUNE_BATCH]
+    batch = rows.order_by().values("id")[: settings.EMG_PRUNE_BATCH]
     deleted, _ = rows.model.objects.filter(id__in=batch).delete()
     return deleted

@@ -28,9 +28,11 @@ UNWANTED = "no live request waits for it any more"
 
 
 def reap_unwanted_jobs(reconciler, report) -> None:
-    unwanted = (ClusterJob.objects.wanted()
-                .filter(Exists(JobWait.objects.filter(job=OuterRef("pk"))))
-                .exclude(Exists(waits.live_waits(job=OuterRef("pk")))))
+    unwanted = (
+        ClusterJob.objects.wanted()
+        .filter(Exists(JobWait.objects.filter(job=OuterRef("pk"))))
+        .exclude(Exists(waits.live_waits(job=OuterRef("pk"))))
+    )
     for job in unwanted:
         if not ResubmitPolicy.from_dict(job.policy).cancel_when_unwanted:
             continue
@@ -69,6 +71,7 @@ def stop(reconciler, job: ClusterJob, report) -> None:
         return
     if claim_is_stale(job, timezone.now(), reconciler.claim_lease):
         # Not in Slurm, and its sbatch has returned: a late answer finds its claim gone and cancels its job.
-        if jobs.cancel_unsubmitted(job, f"cancelled before submission (its claimed attempt never reached Slurm): "
-                                        f"{UNWANTED}"):
+        if jobs.cancel_unsubmitted(
+            job, f"cancelled before submission (its claimed attempt never reached Slurm): {UNWANTED}"
+        ):
             report.claims_superseded += 1

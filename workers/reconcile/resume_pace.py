@@ -40,8 +40,10 @@ class ResumePace:
         """What this tick's resumes met, and how long they took, decides the next tick's budget."""
         if throttled or seconds > 2 * self.target_seconds:
             self.budget = max(1, self.budget // 2)
-            logger.warning("Prefect %s; next tick resumes at most %s",
-                           "refused resumes under load" if throttled else f"took {seconds:.1f}s to resume {issued}",
-                           self.budget)
+            logger.warning(
+                "Prefect %s; next tick resumes at most %s",
+                "refused resumes under load" if throttled else f"took {seconds:.1f}s to resume {issued}",
+                self.budget,
+            )
         elif issued >= self.budget and self.budget < self.ceiling and seconds <= self.target_seconds:
             self.budget = min(self.ceiling, self.budget * 2)

@@ -39,9 +39,15 @@ def submit_declared_jobs(reconciler, report) -> None:
         return
     # An identical job given up but not yet ended still works in the directory both are named by:
     # its successor waits for it to end.
-    blocked = set(ClusterJob.objects.filter(id__in=[job.id for job in declared]).filter(Exists(
-        ClusterJob.objects.live().filter(fingerprint=OuterRef("fingerprint"), cancel_requested_at__isnull=False)
-    )).values_list("id", flat=True))
+    blocked = set(
+        ClusterJob.objects.filter(id__in=[job.id for job in declared])
+        .filter(
+            Exists(
+                ClusterJob.objects.live().filter(fingerprint=OuterRef("fingerprint"), cancel_requested_at__isnull=False)
+            )
+        )
+        .values_list("id", flat=True)
+    )
     recent = ClusterJob.objects.filter(submission_started_at__gte=now - timedelta(minutes=1)).count()
     try:
         active = reconciler.cluster.count_active()
@@ -136,8 +142,9 @@ def sbatch(reconciler, claim: jobs.Claim, job: ClusterJob, report) -> None:
     except (ClusterError, ValueError) as error:
         retry_at = timezone.now() + backoff(job)
         jobs.note_submit_error(claim, str(error), retry_at)
-        report.errors.append(f"sbatch for job #{job.id} ({job.name}) failed, retried after {retry_at:%H:%M:%S}: "
-                             f"{error}")
+        report.errors.append(
+            f"sbatch for job #{job.id} ({job.name}) failed, retried after {retry_at:%H:%M:%S}: {error}"
+        )
         return
     if jobs.record_submission(claim, submitted):
         report.submitted.append(submitted.job_id)
@@ -150,8 +157,10 @@ def sbatch(reconciler, claim: jobs.Claim, job: ClusterJob, report) -> None:
     if ClusterJob.objects.filter(id=job.id, slurm_job_id=submitted.job_id).exists():
         logger.info("job #%s: a late sbatch answer for %s, already adopted by tag", job.id, claim.tag)
         return
-    report.errors.append(f"job #{job.id}: claim {claim.tag} was superseded while sbatch ran; "
-                         f"cancelled the Slurm job {submitted.job_id} it queued")
+    report.errors.append(
+        f"job #{job.id}: claim {claim.tag} was superseded while sbatch ran; "
+        f"cancelled the Slurm job {submitted.job_id} it queued"
+    )
     reconciler.cluster.cancel(submitted.job_id)
 
 
@@ -162,4 +171,4 @@ def backoff(job: ClusterJob) -> timedelta:
             errors_in_a_row += 1
         elif entry.get("state") != jobs.CLAIMED:
             break
-    return min(FIRST_BACKOFF * (2 ** errors_in_a_row), MAX_BACKOFF)
+    return min(FIRST_BACKOFF * (2**errors_in_a_row), MAX_BACKOFF)

@@ -49,10 +49,15 @@ def run_tick():
             report = Reconciler.from_settings(cluster, prefect, lock=lock).tick()
         duration = time.monotonic() - started
         calls = slurm_calls(cluster) - calls_before
-        summary = {**report_summary(report), "duration_seconds": round(duration, 3), "slurm_calls": dict(calls),
-                   "totals": running_totals(previous_totals(tick.id), report, calls)}
-        ReconcileTick.objects.filter(id=tick.id).update(finished_at=timezone.now(), report=summary,
-                                                        job_states_read_at=report.job_states_read_at)
+        summary = {
+            **report_summary(report),
+            "duration_seconds": round(duration, 3),
+            "slurm_calls": dict(calls),
+            "totals": running_totals(previous_totals(tick.id), report, calls),
+        }
+        ReconcileTick.objects.filter(id=tick.id).update(
+            finished_at=timezone.now(), report=summary, job_states_read_at=report.job_states_read_at
+        )
         ReconcileTick.objects.filter(id__lte=tick.id - ReconcileTick.KEEP).delete()
         return report
 
@@ -64,8 +69,12 @@ def slurm_calls(cluster) -> Counter:
 
 def previous_totals(tick_id: int) -> dict:
     """The running totals of the last tick that finished before this one (ticks never overlap)."""
-    report = (ReconcileTick.objects.filter(id__lt=tick_id, finished_at__isnull=False).order_by("-id")
-              .values_list("report", flat=True).first())
+    report = (
+        ReconcileTick.objects.filter(id__lt=tick_id, finished_at__isnull=False)
+        .order_by("-id")
+        .values_list("report", flat=True)
+        .first()
+    )
     totals = report.get("totals") if isinstance(report, dict) else None
     return totals if isinstance(totals, dict) else {}
 

@@ -27,9 +27,13 @@ UNAVAILABLE = "unavailable"
 
 def record_usage(reconciler, report) -> None:
     now = timezone.now()
-    ended = list(ClusterJob.objects.filter(state__in=FINAL_JOB_STATES, usage__isnull=True, submit_time__isnull=False,
-                                           ended_at__gte=now - USAGE_WINDOW)
-                 .exclude(slurm_job_id="").order_by("ended_at")[:USAGE_BATCH])
+    ended = list(
+        ClusterJob.objects.filter(
+            state__in=FINAL_JOB_STATES, usage__isnull=True, submit_time__isnull=False, ended_at__gte=now - USAGE_WINDOW
+        )
+        .exclude(slurm_job_id="")
+        .order_by("ended_at")[:USAGE_BATCH]
+    )
     usage_of = getattr(reconciler.cluster, "usage", None)
     if not ended or usage_of is None:
         return

@@ -46,8 +46,9 @@ def flow_run_states(flow_run_ids: list) -> tuple[dict, str]:
         with get_client(sync_client=True) as client:
             for start in range(0, len(flow_run_ids), PREFECT_PAGE_SIZE):
                 page = flow_run_ids[start : start + PREFECT_PAGE_SIZE]
-                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)),
-                                             limit=len(page))
+                runs = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=page)), limit=len(page)
+                )
                 states.update({run.id: run.state.name if run.state else "-" for run in runs})
     except Exception as error:  # the table is still worth printing without Prefect
         return states, f"Prefect API did not answer ({type(error).__name__}); flow run states unknown"
@@ -67,24 +68,50 @@ class Command(BaseCommand):
             with_study.filter(status__in=AnalysisRequest.FINAL_STATUSES).order_by("-finished_at", "-id")[:ended]
         )
         states, prefect_note = flow_run_states([r.flow_run_id for r in requests if r.flow_run_id])
-        self.section("Requests", ["id", "study", "status", "step", "gen", "flow run", "Prefect", "age", "reason"], [
-            [r.id, r.study.accession, r.status, r.current_step, r.generation, r.flow_run_id,
-             states.get(r.flow_run_id), age(r.created_at, now), r.status_reason[:60]]
-            for r in requests
-        ])
+        self.section(
+            "Requests",
+            ["id", "study", "status", "step", "gen", "flow run", "Prefect", "age", "reason"],
+            [
+                [
+                    r.id,
+                    r.study.accession,
+                    r.status,
+                    r.current_step,
+                    r.generation,
+                    r.flow_run_id,
+                    states.get(r.flow_run_id),
+                    age(r.created_at, now),
+                    r.status_reason[:60],
+                ]
+                for r in requests
+            ],
+        )
         if prefect_note:
             self.stdout.write(self.style.WARNING(prefect_note))
 
         jobs = list(ClusterJob.objects.live().order_by("created_at").prefetch_related("waits")) + list(
-            ClusterJob.objects.filter(state__in=FINAL_JOB_STATES).order_by("-ended_at", "-id")
+            ClusterJob.objects.filter(state__in=FINAL_JOB_STATES)
+            .order_by("-ended_at", "-id")
             .prefetch_related("waits")[:ended]
         )
         read_at = ReconcileTick.job_states_last_read_at()
-        self.section("Cluster jobs", ["id", "name", "Slurm id", "state", "exit", "attempts", "checked", "requests"], [
-            [j.id, j.name, j.slurm_job_id, j.state, j.exit_code, j.attempts, age(last_checked(j, read_at), now),
-             ",".join(f"#{w.request_id}" for w in j.waits.all() if w.request_id)]
-            for j in jobs
-        ])
+        self.section(
+            "Cluster jobs",
+            ["id", "name", "Slurm id", "state", "exit", "attempts", "checked", "requests"],
+            [
+                [
+                    j.id,
+                    j.name,
+                    j.slurm_job_id,
+                    j.state,
+                    j.exit_code,
+                    j.attempts,
+                    age(last_checked(j, read_at), now),
+                    ",".join(f"#{w.request_id}" for w in j.waits.all() if w.request_id),
+                ]
+                for j in jobs
+            ],
+        )
 
         stuck = self.stuck(now)
         self.stdout.write("\nStuck")
@@ -106,36 +133,53 @@ class Command(BaseCommand):
         last_tick = ReconcileTick.objects.order_by("-started_at").first()
         if last_tick is None or last_tick.started_at < stale:
             since = f"for {age(last_tick.started_at, now)}" if last_tick else "yet"
-            lines.append(f"the reconciler has not ticked {since} (every {interval.total_seconds():g}s expected): "
-                         f"is Celery beat running?")
+            lines.append(
+                f"the reconciler has not ticked {since} (every {interval.total_seconds():g}s expected): "
+                f"is Celery beat running?"
+            )
 
-        for event in OutboxEvent.objects.filter(dispatched_at__isnull=True, created_at__lt=grace).order_by("created_at"):
-            lines.append(f"event {event.id} (request #{event.request_id}, generation {event.generation}) not dispatched "
-                         f"after {age(event.created_at, now)}, published {event.publish_attempts} time(s)"
-                         + (f": {event.last_error[:100]}" if event.last_error else ""))
+        for event in OutboxEvent.objects.filter(dispatched_at__isnull=True, created_at__lt=grace).order_by(
+            "created_at"
+        ):
+            lines.append(
+                f"event {event.id} (request #{event.request_id}, generation {event.generation}) not dispatched "
+                f"after {age(event.created_at, now)}, published {event.publish_attempts} time(s)"
+                + (f": {event.last_error[:100]}" if event.last_error else "")
+            )
 
         read_at = ReconcileTick.job_states_last_read_at()
         if read_at is None or read_at < stale:  # a recent tick read every awaited job: none is stale
             for job in ClusterJob.objects.awaited().filter(Q(state_checked_at__lt=stale) | Q(state_checked_at=None)):
-                lines.append(f"job #{job.id} (Slurm {job.slurm_job_id or '-'}, {job.state}) not checked for "
-                             f"{age(last_checked(job, read_at), now)}")
+                lines.append(
+                    f"job #{job.id} (Slurm {job.slurm_job_id or '-'}, {job.state}) not checked for "
+                    f"{age(last_checked(job, read_at), now)}"
+                )
 
         for job in ClusterJob.objects.live().exclude(unreadable_state=""):
-            lines.append(f"job #{job.id} (Slurm {job.slurm_job_id}, last read {job.state}): Slurm reports "
-                         f"{job.unreadable_state!r}, which we cannot read, for {age(job.unreadable_since, now)}; "
-                         f"still polled, never cancelled for it")
+            lines.append(
+                f"job #{job.id} (Slurm {job.slurm_job_id}, last read {job.state}): Slurm reports "
+                f"{job.unreadable_state!r}, which we cannot read, for {age(job.unreadable_since, now)}; "
+                f"still polled, never cancelled for it"
+            )
         for job in ClusterJob.objects.declared().exclude(submit_error=""):
-            lines.append(f"job #{job.id} ({job.name}): sbatch failed, retried after "
-                         f"{job.next_submit_at:%Y-%m-%d %H:%M:%S}: {job.submit_error[:200]}")
+            lines.append(
+                f"job #{job.id} ({job.name}): sbatch failed, retried after "
+                f"{job.next_submit_at:%Y-%m-%d %H:%M:%S}: {job.submit_error[:200]}"
+            )
 
         live_wait = JobWait.objects.filter(request=OuterRef("pk"), released_at__isnull=True).exclude(
-            job__state__in=FINAL_JOB_STATES)
+            job__state__in=FINAL_JOB_STATES
+        )
         waiting = AnalysisRequest.objects.filter(status=AnalysisRequest.Status.WAITING, updated_at__lt=stale)
         for request in waiting.exclude(Exists(live_wait)):
-            lines.append(f"request #{request.id} WAITING for {age(request.updated_at, now)} with no live job "
-                         f"(flow run {request.flow_run_id})")
+            lines.append(
+                f"request #{request.id} WAITING for {age(request.updated_at, now)} with no live job "
+                f"(flow run {request.flow_run_id})"
+            )
 
         for request in AnalysisRequest.objects.unfinished().filter(cancel_requested_at__lt=stale):
-            lines.append(f"request #{request.id} still {request.status} {age(request.cancel_requested_at, now)} "
-                         f"after its cancellation was requested")
+            lines.append(
+                f"request #{request.id} still {request.status} {age(request.cancel_requested_at, now)} "
+                f"after its cancellation was requested"
+            )
         return lines

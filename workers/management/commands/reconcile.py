@@ -24,8 +24,9 @@ class Command(BaseCommand):
     help = "Run one reconciler tick now (the same code, and the same lock, as Celery beat's)."
 
     def add_arguments(self, parser):
-        parser.add_argument("--once", action="store_true", required=True,
-                            help="one tick, then exit (beat runs the periodic ones)")
+        parser.add_argument(
+            "--once", action="store_true", required=True, help="one tick, then exit (beat runs the periodic ones)"
+        )
 
     def handle(self, *args, **options):
         report = run_tick()

@@ -17,13 +17,21 @@ class Command(BaseCommand):
     help = "Re-publish undispatched outbox events to the broker, showing progress."
 
     def add_arguments(self, parser):
-        parser.add_argument("--older-than", type=float, default=0, metavar="SECONDS",
-                            help="only events created at least this long ago (default: all)")
+        parser.add_argument(
+            "--older-than",
+            type=float,
+            default=0,
+            metavar="SECONDS",
+            help="only events created at least this long ago (default: all)",
+        )
 
     def handle(self, *args, older_than: float, **options):
         cutoff = timezone.now() - timedelta(seconds=older_than)
-        events = list(OutboxEvent.objects.filter(dispatched_at__isnull=True, created_at__lte=cutoff)
-                      .order_by("created_at").values_list("id", "request_id", "generation"))
+        events = list(
+            OutboxEvent.objects.filter(dispatched_at__isnull=True, created_at__lte=cutoff)
+            .order_by("created_at")
+            .values_list("id", "request_id", "generation")
+        )
         if not events:
             self.stdout.write("no undispatched events")
             return
@@ -32,8 +40,9 @@ class Command(BaseCommand):
             published = publish(event_id)
             failed += not published
             outcome = "published" if published else self.style.ERROR("NOT published (see the log)")
-            self.stdout.write(f"[{number}/{len(events)}] event {event_id} request #{request_id} "
-                              f"generation {generation}: {outcome}")
+            self.stdout.write(
+                f"[{number}/{len(events)}] event {event_id} request #{request_id} generation {generation}: {outcome}"
+            )
         self.stdout.write(f"published {len(events) - failed} of {len(events)} event(s)")
         if failed:
             raise CommandError(f"{failed} event(s) could not be published; is the broker up?")

@@ -62,15 +62,16 @@ def own_postgres(service_logs):
     postgres.stop()
 
 
-def test_an_idle_connection_is_replaced_after_a_server_restart_and_a_transaction_is_not_replayed(own_postgres):
+def product_process(script: str, own_postgres: OwnPostgres) -> subprocess.Popen:
+    """A Python process of the product's settings on our PostgreSQL, talking through its stdio."""
     env = {
         "PATH": "/usr/bin:/bin",
         "DJANGO_SETTINGS_MODULE": "emg.settings",
         "DATABASE_URL": own_postgres.url(),
         "EMG_VAR_DIR": str(own_postgres.root),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-c", IDLE_THROUGH_RESTART],
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
         env=env,
         cwd=ROOT,
         text=True,
@@ -78,6 +79,10 @@ def test_an_idle_connection_is_replaced_after_a_server_restart_and_a_transaction
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def test_an_idle_connection_is_replaced_after_a_server_restart_and_a_transaction_is_not_replayed(own_postgres):
+    process = product_process(IDLE_THROUGH_RESTART, own_postgres)
     try:
         before = process.stdout.readline().split()
         assert before[:1] == ["before"], process.stderr.read()
@@ -119,21 +124,7 @@ print("connected", round(time.monotonic() - started, 1), flush=True)
 
 
 def test_a_process_that_was_connected_waits_for_a_server_that_is_restarting(own_postgres):
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "DJANGO_SETTINGS_MODULE": "emg.settings",
-        "DATABASE_URL": own_postgres.url(),
-        "EMG_VAR_DIR": str(own_postgres.root),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-c", NEW_WRAPPER_WHILE_DOWN],
-        env=env,
-        cwd=ROOT,
-        text=True,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    process = product_process(NEW_WRAPPER_WHILE_DOWN, own_postgres)
     try:
         assert process.stdout.readline().strip() == "ready", process.stderr.read()
         own_postgres._pg_ctl("-m", "fast", "stop")
@@ -180,20 +171,7 @@ def test_a_process_whose_first_connection_meets_a_server_going_down_waits_for_it
         return False
 
     wait_until(refuses_as_shutting_down, timeout=30, message="the server refuses new sessions: shutting down")
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "DJANGO_SETTINGS_MODULE": "emg.settings",
-        "DATABASE_URL": own_postgres.url(),
-        "EMG_VAR_DIR": str(own_postgres.root),
-    }
-    process = subprocess.Popen(
-        [sys.executable, "-c", FIRST_CONNECTION],
-        env=env,
-        cwd=ROOT,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    process = product_process(FIRST_CONNECTION, own_postgres)
     try:
         time.sleep(2)  # the process is refused all this while; it must still be waiting, not failed
         assert process.poll() is None, process.stderr.read()

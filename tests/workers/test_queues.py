@@ -48,39 +48,49 @@ def hung_prefect():
         yield f"http://127.0.0.1:{listener.getsockname()[1]}/api"
 
 
+def start_workers_and_beat(
+    processes: list[ManagedProcess],
+    label: str,
+    env: dict[str, str],
+    log_dir,
+    dispatch_env: dict[str, str] | None = None,
+) -> None:
+    """A dispatch worker (with `dispatch_env` on top), a tick worker and a beat on `env`'s broker,
+    appended to `processes` as they start, so the caller stops whatever did."""
+    node = f"{label}-{os.getpid()}"
+    processes.append(
+        celery_worker(
+            f"{label}-celery-worker", node, {**env, **(dispatch_env or {})}, log_dir, roles="dispatch"
+        ).start()
+    )
+    processes.append(
+        celery_worker(
+            f"{label}-celery-tick-worker", f"{node}-tick", env, log_dir, roles="reconcile", concurrency=1
+        ).start()
+    )
+    for name in (node, f"{node}-tick"):
+        wait_until(
+            lambda name=name: worker_answers(env, name), timeout=60, message=f"Celery worker {name} answers pings"
+        )
+    processes.append(celery_beat(f"{label}-celery-beat", env, log_dir, log_dir / f"{label}-beat.schedule").start())
+
+
 @pytest.fixture
 def flooded_stack(stack, service_logs, hung_prefect):
     """Our Redis, a dispatch worker talking to the hung Prefect, a tick worker and a beat talking to the real one."""
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
     env = {**stack.env, "REDIS_URL": url, "CELERY_BROKER_URL": url}
-    node = f"flood-{os.getpid()}"
     processes: list[ManagedProcess] = []
     with stack.paused(), broker_at(url, REDIS_URL=url):
         try:
             processes.append(start_redis(port, service_logs, env, "flood-redis"))
-            processes.append(
-                celery_worker(
-                    "flood-celery-worker",
-                    node,
-                    {**env, "PREFECT_API_URL": hung_prefect, "PREFECT_API_REQUEST_TIMEOUT": "600"},
-                    service_logs,
-                    roles="dispatch",
-                ).start()
-            )
-            processes.append(
-                celery_worker(
-                    "flood-celery-tick-worker", f"{node}-tick", env, service_logs, roles="reconcile", concurrency=1
-                ).start()
-            )
-            for name in (node, f"{node}-tick"):
-                wait_until(
-                    lambda name=name: worker_answers(env, name),
-                    timeout=60,
-                    message=f"Celery worker {name} answers pings",
-                )
-            processes.append(
-                celery_beat("flood-celery-beat", env, service_logs, service_logs / "flood-beat.schedule").start()
+            start_workers_and_beat(
+                processes,
+                "flood",
+                env,
+                service_logs,
+                dispatch_env={"PREFECT_API_URL": hung_prefect, "PREFECT_API_REQUEST_TIMEOUT": "600"},
             )
             yield redis.Redis.from_url(url)
         finally:
@@ -153,24 +163,7 @@ def second_instance(stack, service_logs):
                 timeout=300,
             )
             assert migrate.returncode == 0, migrate.stderr[-2000:]
-            node = f"other-instance-{os.getpid()}"
-            processes.append(celery_worker("other-instance-worker", node, env, service_logs, roles="dispatch").start())
-            processes.append(
-                celery_worker(
-                    "other-instance-tick-worker", f"{node}-tick", env, service_logs, roles="reconcile", concurrency=1
-                ).start()
-            )
-            for name in (node, f"{node}-tick"):
-                wait_until(
-                    lambda name=name: worker_answers(env, name),
-                    timeout=60,
-                    message=f"Celery worker {name} answers pings",
-                )
-            processes.append(
-                celery_beat(
-                    "other-instance-beat", env, service_logs, service_logs / "other-instance-beat.schedule"
-                ).start()
-            )
+            start_workers_and_beat(processes, "other-instance", env, service_logs)
             yield SimpleNamespace(redis=redis.Redis.from_url(url), database=other_name, env=env)
         finally:
             for process in reversed(processes):

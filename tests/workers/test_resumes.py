@@ -18,7 +18,9 @@ from flows.cluster_jobs import declare_job
 from slurm_adapter import SubmittedJob
 from tests.workers.flow_runs import await_job, new_flow_run, set_running, state_type, suspend
 from tests.workers.ticking import RecordedLogs, job_ended, shell_job, tick_until
+from workers.reconcile.flow_runs import tend_flow_runs
 from workers.reconcile.resume_pace import ResumePace
+from workers.reconciler import TickReport
 
 pytestmark = [pytest.mark.slurm, pytest.mark.django_db(transaction=True)]
 
@@ -151,18 +153,12 @@ class StrugglingPrefect:
         self.server.server_close()
 
 
-def ended_job(work_dir, n: int) -> ClusterJob:
-    job = declare_job(shell_job(f"ended-{n}", "true", work_dir))
-    ClusterJob.objects.filter(id=job.id).update(state=ClusterJobState.COMPLETED, slurm_job_id=str(800000 + n))
-    return job
-
-
 def test_resumes_per_tick_grow_while_prefect_accepts_them_and_halve_when_it_refuses(
     make_reconciler, prefect, prefect_api_url, work_dir
 ):
     runs = [new_flow_run(prefect) for _ in range(40)]
     for n, run in enumerate(runs):
-        await_job(run, ended_job(work_dir, n))
+        await_job(run, job_in(work_dir, n, ClusterJobState.COMPLETED))
         suspend(prefect, run, key="jobs-wait-1")
 
     with StrugglingPrefect(prefect_api_url) as struggling, SyncPrefectClient(struggling.url) as through_proxy:
@@ -202,3 +198,62 @@ def test_resumes_that_prefect_answers_slowly_stop_the_budget_growing_and_very_sl
     assert pace.budget == 40
     pace.settle(issued=7, throttled=False, seconds=1)
     assert pace.budget == 40  # fewer were ready than it allowed: nothing learnt
+
+
+class RecordingPrefect:
+    """The session's Prefect client, with the flow runs each read brought back counted."""
+
+    def __init__(self, client: SyncPrefectClient):
+        self.client = client
+        self.runs_read = 0
+        self.counts = 0
+
+    def read_flow_runs(self, **kwargs):
+        runs = self.client.read_flow_runs(**kwargs)
+        self.runs_read += len(runs)
+        return runs
+
+    def count_flow_runs(self, **kwargs):
+        self.counts += 1
+        return self.client.count_flow_runs(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def job_in(work_dir, n: int, state: str) -> ClusterJob:
+    """A job of its own (its command differs: a name alone is not a job's identity) in `state`."""
+    job = declare_job(shell_job(f"{state.lower()}-{n}", f"echo {n}", work_dir))
+    ClusterJob.objects.filter(id=job.id).update(state=state, slurm_job_id=str(810000 + n))
+    return job
+
+
+def test_a_tick_reads_from_prefect_only_the_runs_it_may_resume_and_counts_the_waiting_rest(
+    make_reconciler, prefect, work_dir
+):
+    waiting = [new_flow_run(prefect) for _ in range(30)]
+    ready = [new_flow_run(prefect) for _ in range(2)]
+    for n, run in enumerate(waiting):
+        await_job(run, job_in(work_dir, n, ClusterJobState.RUNNING))
+    for n, run in enumerate(ready, start=100):
+        await_job(run, job_in(work_dir, n, ClusterJobState.COMPLETED))
+    for run in waiting + ready:
+        suspend(prefect, run, key="jobs-wait-1")
+    reconciler = make_reconciler()
+    recording = reconciler.prefect = RecordingPrefect(prefect)
+
+    report = TickReport()
+    tend_flow_runs(reconciler, report)
+
+    assert sorted(report.resumed, key=str) == sorted(ready, key=str) and not report.errors
+    assert recording.runs_read == len(ready)  # none of the thirty waiting runs was read
+    assert recording.counts == 1
+    assert JobWait.objects.filter(flow_run_id__in=waiting, released_at__isnull=True).count() == len(waiting)
+
+    # A waiting run deleted from Prefect: the count falls short, and the waiting runs are read whole.
+    prefect.delete_flow_run(waiting[0])
+    report = TickReport()
+    tend_flow_runs(reconciler, report)
+    assert recording.runs_read == len(ready) + len(waiting) - 1 and not report.errors
+    assert JobWait.objects.get(flow_run_id=waiting[0]).released_at is not None  # its run is gone
+    assert JobWait.objects.filter(flow_run_id__in=waiting[1:], released_at__isnull=True).count() == len(waiting) - 1

@@ -1,10 +1,12 @@
 """Resuming suspended flow runs whose jobs have ended, and re-running broken ones.
 
-Reads the Prefect state of every flow run with an open wait or an unfinished request in one call
-per 200 runs. Resumes the suspended runs whose awaited jobs have all ended, oldest wait first, as
-many a tick as Prefect accepts (workers.reconcile.resume_pace; the rest go to later ticks): Prefect
-accepts the resume of a paused run once, so that transition is Prefect's own compare-and-set, and
-the waits are released after it.
+Asks Prefect only about the runs it may act on: resume candidates (all their jobs ended) read whole,
+the other runs with an open wait or an unfinished request read only if they are in a state other
+than Paused or Scheduled, and the rest counted, not read (read_runs_worth_reading).
+Resumes the suspended runs whose awaited jobs have all ended, oldest wait first, as many a tick as
+Prefect accepts (workers.reconcile.resume_pace; the rest go to later ticks): Prefect accepts the
+resume of a paused run once, so that transition is Prefect's own compare-and-set, and the waits
+are released after it.
 Re-runs in place any run that crashed, failed, went silent while Running (no heartbeat, and no
 live process its runner vouches for: emg.leases) or stayed Pending, at
 most `max_flow_reruns` times per request generation (a run that deferred its request is scheduled
@@ -23,7 +25,7 @@ from uuid import UUID
 import httpx
 from django.db import transaction
 from django.utils import timezone
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import State, StateType
 from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 from prefect.states import Cancelled, Scheduled
@@ -36,6 +38,13 @@ from workers.reconcile.resume_pace import is_throttling
 logger = logging.getLogger(__name__)
 
 PREFECT_FILTER_CHUNK = 200
+# A count, or a read that returns few of the runs it names, carries few records back: many more
+# ids fit in one call.
+PREFECT_COUNT_CHUNK = 2000
+# A run in one of these is waiting as it should (suspended on its jobs, or scheduled to run): the
+# tick reads it only when it may act on it (a resume candidate), and otherwise only counts it.
+QUIET_STATE_TYPES = {StateType.PAUSED, StateType.SCHEDULED}
+QUIET = object()
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 # The most events one `POST /events/filter` may ask for (the API refuses more).
 EVENTS_PAGE_LIMIT = 50
@@ -53,7 +62,9 @@ def tend_flow_runs(reconciler, report) -> None:
         request.flow_run_id: request
         for request in AnalysisRequest.objects.unfinished().filter(flow_run_id__isnull=False)
     }
-    runs = read_flow_runs(reconciler.prefect, list(waits_by_run.keys() | requests_by_run.keys()))
+    candidates = [run for run, run_waits in waits_by_run.items() if all(wait.job.is_final for wait in run_waits)]
+    others = list((waits_by_run.keys() | requests_by_run.keys()) - set(candidates))
+    runs = read_runs_worth_reading(reconciler.prefect, candidates, others)
     # A lease no runner renewed for ten zombie thresholds vouches for nothing (its runner died).
     leases.forget_stale(timezone.now() - 10 * reconciler.zombie_after)
     resume_ready(reconciler, waits_by_run, runs, report)
@@ -64,6 +75,8 @@ def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict
     ready = []
     for flow_run_id, run_waits in waits_by_run.items():
         run = runs.get(flow_run_id)
+        if run is QUIET:
+            continue  # paused on jobs that have not all ended, or scheduled: nothing to do yet
         if run is None or run.state.type in ENDED_STATE_TYPES:
             report.released += waits.release([wait.id for wait in run_waits])
             continue
@@ -118,6 +131,8 @@ def recover_broken(reconciler, requests_by_run: dict[UUID, AnalysisRequest], run
     stuck_pending = {}
     for flow_run_id, request in requests_by_run.items():
         run = runs.get(flow_run_id)
+        if run is QUIET:
+            continue  # waiting as it should
         if request.cancel_requested_at is not None:
             continue  # workers.reconcile.cancellations has it
         try:
@@ -249,12 +264,62 @@ def schedule_deferred(reconciler, request: AnalysisRequest, report) -> None:
     report.deferred.append(request.flow_run_id)
 
 
-def read_flow_runs(prefect, flow_run_ids: list[UUID]) -> dict:
+def read_flow_runs(
+    prefect, flow_run_ids: list[UUID], state: FlowRunFilterState | None = None, ids_per_call: int = PREFECT_FILTER_CHUNK
+) -> dict:
+    """The runs among these (in `state`, if given), by id: one call per `ids_per_call` ids, and more
+    only where a page (at most 200 runs) came back full."""
     runs = {}
-    for start in range(0, len(flow_run_ids), PREFECT_FILTER_CHUNK):
-        chunk = flow_run_ids[start : start + PREFECT_FILTER_CHUNK]
-        found = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)), limit=len(chunk))
-        runs.update({run.id: run for run in found})
+    for start in range(0, len(flow_run_ids), ids_per_call):
+        chunk = flow_run_ids[start : start + ids_per_call]
+        offset = 0
+        while True:
+            page = prefect.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk), state=state),
+                limit=PREFECT_FILTER_CHUNK,
+                offset=offset,
+            )
+            runs.update({run.id: run for run in page})
+            if len(page) < PREFECT_FILTER_CHUNK:
+                break
+            offset += len(page)
+    return runs
+
+
+def read_runs_worth_reading(prefect, candidates: list[UUID], others: list[UUID]) -> dict:
+    """What the tick needs to know of these runs, asking Prefect for as little as it can.
+
+    Resume candidates (every job they wait for has ended) are read whole. Of the others, only runs
+    in a state the tick acts on: a run Paused on unfinished jobs, or Scheduled, is what nearly every
+    waiting run is, and comes back as QUIET, confirmed by one count (not read). Should the count
+    fall short (a run was deleted, or changed state between the two calls), they are read whole.
+    """
+    runs = read_flow_runs(prefect, candidates)
+    if not others:
+        return runs
+    acting = read_flow_runs(
+        prefect,
+        others,
+        FlowRunFilterState(type=FlowRunFilterStateType(not_any_=sorted(QUIET_STATE_TYPES))),
+        ids_per_call=PREFECT_COUNT_CHUNK,
+    )
+    runs.update(acting)
+    quiet = [flow_run_id for flow_run_id in others if flow_run_id not in acting]
+    if not quiet:
+        return runs
+    counted = sum(
+        prefect.count_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=quiet[start : start + PREFECT_COUNT_CHUNK]),
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=sorted(QUIET_STATE_TYPES))),
+            )
+        )
+        for start in range(0, len(quiet), PREFECT_COUNT_CHUNK)
+    )
+    if counted == len(quiet):
+        runs.update(dict.fromkeys(quiet, QUIET))
+    else:
+        runs.update(read_flow_runs(prefect, quiet))
     return runs
 
 

@@ -35,7 +35,9 @@ def test_an_ended_jobs_cpu_memory_and_wall_time_are_recorded_against_what_it_ask
     job.refresh_from_db()
     usage = job.usage
     assert usage["cpus"] == 2 and usage["requested_memory_mb"] == 200 and usage["time_limit_s"] == 300
-    assert usage["elapsed_s"] >= 1 and 0.5 <= usage["cpu_s"] <= usage["elapsed_s"] * 2
+    # Some CPU time, and no more than two CPUs' worth: how much of the loop's second a loaded
+    # machine gave it varies (0.3 s was seen beside a full test suite).
+    assert usage["elapsed_s"] >= 1 and 0 < usage["cpu_s"] <= usage["elapsed_s"] * 2
     assert 50 <= usage["max_rss_mb"] <= 200  # the batch step's peak: the 60 MB it held
     found = efficiency(usage)
     assert found is not None and found.cpu is not None and found.cpu < 0.5  # one of two CPUs, part of the time

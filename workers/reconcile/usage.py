@@ -2,7 +2,7 @@
 
 One `sacct` call per tick, and only in ticks where some recently ended job has no usage recorded
 yet. Accounting may lag the job's end (slurmdbd), and a step's peak memory comes later than the
-job's state: a job whose answer has no peak memory yet is asked about again for USAGE_SETTLE, then
+job's state: a job whose answer has no peak (or requested) memory yet is asked about again for USAGE_SETTLE, then
 recorded with what there is; one accounting has no record of by then (purged, or never run) is
 recorded as unavailable, so it is not asked about in every tick. Jobs that ended more than
 USAGE_WINDOW ago are not asked about.
@@ -45,6 +45,8 @@ def record_usage(reconciler, report) -> None:
             if settled:
                 jobs.record_usage(job, {UNAVAILABLE: f"Slurm's accounting has no record of job {job.slurm_job_id}"})
             continue
-        if usage.max_rss_mb is None and not settled:
+        # Accounting fills a record in over seconds: a step's peak memory, and (seen under load on
+        # 22.05) the allocation's requested memory, may be missing at first. Asked again until then.
+        if (usage.max_rss_mb is None or usage.requested_memory_mb is None) and not settled:
             continue
         jobs.record_usage(job, usage.to_dict())

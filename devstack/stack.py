@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from devstack.processes import ManagedProcess, python_module, venv_script, wait_until
+from devstack.processes import ManagedProcess, WaitTimeout, python_module, venv_script, wait_until
 from flows.deployments import ANALYSIS_DEPLOYMENT
 
 
@@ -208,13 +208,47 @@ class Stack:
         url = f"{self.env['PREFECT_API_URL']}/deployments/name/{ANALYSIS_DEPLOYMENT}"
         return httpx.get(url, timeout=5).status_code == 200
 
-    def wait_for_worker(self, worker_name: str | None = None) -> None:
+    def worker_process(self, worker_name: str | None = None) -> ManagedProcess:
         node = worker_name or self.worker_name
-        wait_until(
-            lambda: worker_answers(self.env, node, self.label or "emg-stack"),
-            timeout=60,
-            message=f"Celery worker {node} answers pings",
-        )
+        nodes = {self.worker_name: self.worker, f"{self.worker_name}-tick": self.tick_worker}
+        nodes.update({f"{self.worker_name}-{number}": worker for number, worker in enumerate(self.more_workers, 2)})
+        return nodes[node]
+
+    def wait_for_worker(self, worker_name: str | None = None, timeout: float = 60) -> None:
+        """Until the worker answers a ping; at the deadline, fail with the end of its log (a CI run's
+        output is often all there is to read of a worker that went quiet)."""
+        node = worker_name or self.worker_name
+        try:
+            wait_until(
+                lambda: worker_answers(self.env, node, self.label or "emg-stack"),
+                timeout=timeout,
+                message=f"Celery worker {node} answers pings",
+            )
+        except WaitTimeout as error:
+            process = self.worker_process(node)
+            state = "running" if process.running else "exited"
+            raise WaitTimeout(
+                f"{error}\n--- {process.name} ({state}), its last lines ---\n{process.log_tail(40)}"
+            ) from None
+
+    def revive_if_unresponsive(self, worker_name: str | None = None, after: float = 45) -> str | None:
+        """What a liveness probe does: a worker that answers no ping for `after` seconds is killed and
+        started again. Returns None if it answered, else the end of its log from before the restart."""
+        try:
+            self.wait_for_worker(worker_name, timeout=after)
+            return None
+        except WaitTimeout as error:
+            process = self.worker_process(worker_name)
+            self.held_down.add(process.name)  # the supervisor must not start it a second time
+            try:
+                process.kill()
+                if process.process is not None:
+                    process.process.wait(timeout=30)
+                process.start()
+            finally:
+                self.held_down.discard(process.name)
+            self.wait_for_worker(worker_name)
+            return str(error)
 
     def start_another_worker(self, roles: str = "dispatch") -> ManagedProcess:
         """One more Celery worker, consuming the queues of `roles` as the stack's own worker of them does."""

@@ -57,6 +57,16 @@ def html_table(rows, headers: list[str] | None = None) -> str:
     return format_html("<table>{}<tbody>{}</tbody></table>", head, body)
 
 
+def history_html(history) -> str:
+    """A state history (emg.history entries) as a table, oldest first."""
+    # ISO times to the second, in UTC like the rest of the record.
+    rows = [
+        (entry.get("at", "")[:19].replace("T", " "), entry.get("state", ""), entry.get("detail", ""))
+        for entry in history
+    ]
+    return html_table(rows, ["at", "state", "detail"])
+
+
 def duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -262,7 +272,16 @@ class JobWaitInline(admin.TabularInline):
     model = JobWait
     extra = 0
     can_delete = False
-    fields = ["step", "job_link", "job_state", "slurm_job_id", "suspensions", "created_at", "released_at"]
+    fields = [
+        "step",
+        "job_link",
+        "job_state",
+        "slurm_job_id",
+        "suspensions",
+        "created_at",
+        "released_at",
+        "history_table",
+    ]
     readonly_fields = fields  # type: ignore[assignment]  # the stubs type fields wider than readonly_fields
 
     def get_queryset(self, request):
@@ -282,6 +301,10 @@ class JobWaitInline(admin.TabularInline):
     @admin.display(description="Slurm id")
     def slurm_job_id(self, wait: JobWait):
         return wait.job.slurm_job_id or "-"
+
+    @admin.display(description="history")
+    def history_table(self, wait: JobWait):
+        return history_html(wait.history)
 
 
 @admin.register(AnalysisRequest)
@@ -582,12 +605,7 @@ class ClusterJobAdmin(GuardedActionsAdmin):
 
     @admin.display(description="state history")
     def history_table(self, job: ClusterJob):
-        # ISO times to the second, in UTC like the rest of the record.
-        rows = [
-            (entry.get("at", "")[:19].replace("T", " "), entry.get("state", ""), entry.get("detail", ""))
-            for entry in job.history
-        ]
-        return html_table(rows, ["at", "state", "detail"])
+        return history_html(job.history)
 
     @admin.display(description=f"last {LOG_TAIL_LINES} lines")
     def log_tail(self, job: ClusterJob):
@@ -678,10 +696,23 @@ class JobWaitAdmin(admin.ModelAdmin):
     list_select_related = ["job", "request__study"]
     list_filter = [("released_at", admin.EmptyFieldListFilter)]
     search_fields = ["request__study__accession", "job__slurm_job_id"]
-    readonly_fields = ["flow_run_id", "step", "job", "request", "suspensions", "created_at", "released_at"]
+    readonly_fields = [
+        "flow_run_id",
+        "step",
+        "job",
+        "request",
+        "suspensions",
+        "created_at",
+        "released_at",
+        "history_table",
+    ]
 
     def has_add_permission(self, request):
         return False
+
+    @admin.display(description="history")
+    def history_table(self, wait: JobWait):
+        return history_html(wait.history)
 
 
 @admin.register(OutboxEvent)

@@ -138,6 +138,9 @@ TRANSITION_OWNED_JOB_FIELDS = frozenset(
     }
 )
 
+# Columns only emg.waits writes: whether the wait is open, its rounds, and the history of both.
+TRANSITION_OWNED_WAIT_FIELDS = frozenset({"released_at", "suspensions", "history"})
+
 
 def editable_columns(instance: models.Model, owned: frozenset[str]) -> list[str]:
     return [field.name for field in instance._meta.concrete_fields if not field.primary_key and field.name not in owned]
@@ -497,6 +500,10 @@ class JobWait(models.Model):
     suspensions = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     released_at = models.DateTimeField(null=True, blank=True)
+    # Every opening, release and re-opening, appended by emg.waits in the statement that made it. A
+    # database default too: the column came after the others, and a writer that predates it (a raw
+    # INSERT, a process of the previous release during a deploy) must still be able to add a row.
+    history = models.JSONField(default=list, db_default=[], blank=True)
 
     class Meta:
         ordering = ["created_at", "id"]
@@ -509,6 +516,12 @@ class JobWait(models.Model):
 
     def __str__(self) -> str:
         return f"{self.flow_run_id} waits at {self.step} for job #{self.job_id}"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not self._state.adding and "update_fields" not in kwargs:
+            # Opening and releasing happen only through emg.waits (compare-and-set); a save never rewrites them.
+            kwargs["update_fields"] = editable_columns(self, TRANSITION_OWNED_WAIT_FIELDS)
+        super().save(*args, **kwargs)
 
 
 class ReconcileTick(models.Model):

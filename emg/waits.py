@@ -1,18 +1,29 @@
 """Every change of a JobWait: opened by the flow that waits, released once its jobs have ended.
 
-`released_at` is the wait's state. Releasing is conditional on the wait being open, so of two
-ticks (or a tick and the flow itself) that see the same jobs end, one releases it; re-opening is
-done only by the flow run that owns the wait, just before it suspends again.
+`released_at` is the wait's state and `suspensions` its round. Like emg.jobs and emg.requests, each
+change is a compare-and-set that appends its history entry in the same statement, and says whether
+it applied: of two ticks (or a tick and the flow itself) that see the same jobs end, one releases
+the wait and one "released" entry is written; of two processes of one flow run (one taken for a
+zombie and re-run) that re-open it from the same read, one opens the round. Nothing else writes a
+wait's `released_at`, `suspensions` or `history` (tests/test_transition_owners.py checks).
 """
 
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from django.db import transaction
-from django.db.models import F, Max, Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
+from emg.history import AppendToHistory, HistoryEntry
 from emg.models import AnalysisRequest, ClusterJob, JobWait
+
+OPENED = "opened"
+RELEASED = "released"
+REOPENED = "reopened"
+# Who releases a wait: a reconciler tick (it resumed the run, or the run is gone) or the flow run
+# itself (it found its jobs ended before suspending).
+Releaser = Literal["tick", "flow"]
 
 
 def attach(flow_run_id: UUID, step: str, job_id: int, request_id: int | None) -> JobWait | None:
@@ -28,8 +39,11 @@ def attach(flow_run_id: UUID, step: str, job_id: int, request_id: int | None) ->
         job = ClusterJob.objects.select_for_update().filter(id=job_id).first()
         if job is None or job.cancel_requested_at is not None:
             return None
+        opened = HistoryEntry(OPENED, f"waits at {step} for job #{job_id}", timezone.now())
         wait, _ = JobWait.objects.get_or_create(
-            flow_run_id=flow_run_id, step=step, defaults={"job_id": job_id, "request_id": request_id}
+            flow_run_id=flow_run_id,
+            step=step,
+            defaults={"job_id": job_id, "request_id": request_id, "history": [opened.to_json()]},
         )
         return wait
 
@@ -46,20 +60,49 @@ def job_is_wanted(job_id: int) -> bool:
     return live_waits(job_id=job_id).exists()
 
 
-def release(wait_ids: list[int]) -> int:
-    """Release the open waits among these; how many this call released."""
-    return JobWait.objects.filter(id__in=wait_ids, released_at__isnull=True).update(released_at=timezone.now())
+def _release(rows: "QuerySet[JobWait]", by: Releaser, why: str) -> int:
+    now = timezone.now()
+    entry = HistoryEntry(RELEASED, f"by the {by}: {why}", now)
+    released: int = rows.filter(released_at__isnull=True).update(released_at=now, history=AppendToHistory(entry))
+    return released
 
 
-def release_for_run(flow_run_id: UUID, job_ids: list[int]) -> int:
-    return JobWait.objects.filter(flow_run_id=flow_run_id, job_id__in=job_ids, released_at__isnull=True).update(
-        released_at=timezone.now()
-    )
+def release(wait_ids: list[int], by: Releaser, why: str) -> int:
+    """Release the open waits among these; how many this call released (a wait released meanwhile
+    is left as it is, its history unchanged)."""
+    return _release(JobWait.objects.filter(id__in=wait_ids), by, why)
 
 
-def open_round(flow_run_id: UUID, job_ids: list[int]) -> int:
-    """Open the run's waits for these jobs for one more suspension; the round's number."""
-    waits = JobWait.objects.filter(flow_run_id=flow_run_id, job_id__in=job_ids)
-    waits.update(suspensions=F("suspensions") + 1, released_at=None)
-    round_number: int = waits.aggregate(round=Max("suspensions"))["round"]
+def release_for_run(flow_run_id: UUID, job_ids: list[int], by: Releaser, why: str) -> int:
+    """Release the run's open waits for these jobs; how many this call released."""
+    return _release(JobWait.objects.filter(flow_run_id=flow_run_id, job_id__in=job_ids), by, why)
+
+
+def rounds_read(flow_run_id: UUID, job_ids: list[int]) -> dict[int, int]:
+    """The run's waits for these jobs as they are now, each wait's id to its suspension count:
+    what `open_round` is given, and guarded on."""
+    rows = JobWait.objects.filter(flow_run_id=flow_run_id, job_id__in=job_ids).values_list("id", "suspensions")
+    return dict(rows)
+
+
+def open_round(read: dict[int, int]) -> int | None:
+    """Open the waits read (`rounds_read`) for one more suspension, all of them or none: the round's
+    number, or None if any has been re-opened since it was read (by another process of the same
+    flow run), and the caller must read again. A released wait is opened again: the flow re-runs
+    from the top on every resume, and may have to wait once more."""
+    if not read:
+        raise ValueError("no wait to open: a flow waits only for jobs it required (flows.cluster_jobs.require_job)")
+    round_number = max(read.values()) + 1
+    entry = HistoryEntry(REOPENED, f"round {round_number}", timezone.now())
+    as_read = Q()
+    for wait_id, suspensions in read.items():
+        as_read |= Q(id=wait_id, suspensions=suspensions)
+    with transaction.atomic():
+        opened: int = JobWait.objects.filter(as_read).update(
+            suspensions=F("suspensions") + 1, released_at=None, history=AppendToHistory(entry)
+        )
+        if opened != len(read):
+            # Part of the read moved on: the rows that did not are left as they were, not half-opened.
+            transaction.set_rollback(True)
+            return None
     return round_number

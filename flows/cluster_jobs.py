@@ -192,9 +192,14 @@ def wait_for_jobs(job_ids: list[int]) -> list[ClusterJob]:
         close_old_connections()
         jobs = list(ClusterJob.objects.filter(id__in=job_ids).order_by("id"))
         if all(job.is_final for job in jobs):
-            waits.release_for_run(flow_run_id, job_ids)
+            waits.release_for_run(flow_run_id, job_ids, "flow", "its jobs had ended when it looked")
             return jobs
-        round_number = waits.open_round(flow_run_id, job_ids)
+        round_number = waits.open_round(waits.rounds_read(flow_run_id, job_ids))
+        if round_number is None:
+            # Another process of this flow run (one taken for a zombie) opened a round since our
+            # read: look at the jobs again and take a round of our own, never share its key.
+            logger.info("waits for cluster jobs %s re-opened meanwhile; reading them again", job_ids)
+            continue
         key = f"jobs-{job_ids[0]}-n{len(job_ids)}-wait-{round_number}"
         logger.info("suspending until cluster jobs %s end (key %s)", job_ids, key)
         # A long-lived process must not keep a connection the database may drop while we wait.

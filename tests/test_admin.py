@@ -136,6 +136,29 @@ def test_job_page_shows_history_log_tail_script_resources_and_input_hashes(admin
     assert reverse("admin:emg_analysisrequest_change", args=[rows["request"].id]) in page
 
 
+def test_a_waits_history_is_shown_on_its_page_and_in_its_requests_waits(admin_client, tmp_path):
+    from emg import waits
+
+    request = make_request(accession="PRJEB11112", flow_run_id=uuid.uuid4())
+    job = make_job(tmp_path, name="emg-waited-for", state="RUNNING")
+    wait = waits.attach(request.flow_run_id, "assembly", job.id, request.id)
+    assert wait is not None
+    assert waits.open_round(waits.rounds_read(request.flow_run_id, [job.id])) == 1
+    assert waits.release([wait.id], "tick", "its flow run was resumed") == 1
+
+    for url in (
+        reverse("admin:emg_jobwait_change", args=[wait.id]),
+        reverse("admin:emg_analysisrequest_change", args=[request.id]),
+    ):
+        page = admin_client.get(url).content.decode()
+        rows = re.findall(r"<tr><td>[^<]*</td><td>(opened|reopened|released)</td><td>([^<]*)</td></tr>", page)
+        assert rows == [
+            ("opened", f"waits at assembly for job #{job.id}"),
+            ("reopened", "round 1"),
+            ("released", "by the tick: its flow run was resumed"),
+        ], url
+
+
 def test_request_pages_link_to_the_prefect_flow_run_and_the_jobs(admin_client, rows, settings):
     settings.PREFECT_UI_URL = "http://prefect.example:4200"
     request = rows["request"]

@@ -78,7 +78,8 @@ def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict
         if run is QUIET:
             continue  # paused on jobs that have not all ended, or scheduled: nothing to do yet
         if run is None or run.state.type in ENDED_STATE_TYPES:
-            report.released += waits.release([wait.id for wait in run_waits])
+            why = "its flow run is gone" if run is None else f"its flow run has ended ({run.state.type.value})"
+            report.released += waits.release([wait.id for wait in run_waits], "tick", why)
             continue
         if run.state.type == StateType.PAUSED and all(wait.job.is_final for wait in run_waits):
             ready.append((flow_run_id, run_waits))
@@ -120,7 +121,7 @@ def resume_ready(reconciler, waits_by_run: dict[UUID, list[JobWait]], runs: dict
             # Resumed by someone else, or already moving on: normal, not an error.
             logger.info("resume of %s not accepted: %s", flow_run_id, outcome.details)
             continue
-        waits.release([wait.id for wait in run_waits])
+        waits.release([wait.id for wait in run_waits], "tick", "its jobs have ended and its flow run was resumed")
         report.resumed.append(flow_run_id)
     pace.settle(issued=len(chosen), throttled=throttled.is_set(), seconds=seconds)
 

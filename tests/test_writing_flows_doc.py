@@ -43,8 +43,8 @@ def test_the_runnable_examples_run_and_their_tests_pass(prefect_api_url, setting
         if runnable:
             # Padded with newlines, so a traceback names the doc's own line.
             exec(compile("\n" * (line - 1) + code, str(DOC), "exec"), namespace)
-    tests = {name: value for name, value in namespace.items() if name.startswith("test_") and callable(value)}
+    tests = [value for name, value in namespace.items() if name.startswith("test_") and callable(value)]
     assert tests, "the doc's runnable examples define no test"
     fixtures = {"settings": settings, "tmp_path": tmp_path}
-    for name, test in tests.items():
+    for test in tests:
         test(**{parameter: fixtures[parameter] for parameter in inspect.signature(test).parameters})

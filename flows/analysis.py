@@ -3,7 +3,8 @@
 It re-runs from the top at every resume, so each step is done once per generation and found
 again: the row is validated first (before anything is fetched or submitted), the ENA fetch is
 stored on the request (a resume reads the stored rows, and never asks ENA again), the samplesheet
-is a file named by its content, and each cluster job is found again through `require_job`.
+is a file named by its content, and each cluster step is one call (`flows.steps.run_cluster_job`)
+that finds its job again.
 
 Each job works in its own directory, named by its fingerprint (`flows.cluster_jobs.JOB_DIR`), and
 a request reads only its own jobs' declared outputs, verified against their recorded sha256.

@@ -3,7 +3,8 @@
 It re-runs from the top at every resume, so each step is done once per generation and found
 again: the row is validated first (before anything is fetched or submitted), the ENA fetch is
 stored on the request (a resume reads the stored rows, and never asks ENA again), the samplesheet
-is a file named by its content, and each cluster job is found again through `require_job`.
+is a file named by its content, and each cluster step is one call (`flows.steps.run_cluster_job`)
+that finds its job again.
 
 Each job works in its own directory, named by its fingerprint (`flows.cluster_jobs.JOB_DIR`), and
 a request reads only its own jobs' declared outputs, verified against their recorded sha256.
@@ -29,23 +30,16 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from emg import requests  # noqa: E402
-from emg.models import Analysis, AnalysisRequest, Assembly, ClusterJob, ClusterJobState, Run  # noqa: E402
+from emg.models import Analysis, AnalysisRequest, Assembly, ClusterJob, Run  # noqa: E402
 from emg.pipeline_options import option_arguments, resolved_options  # noqa: E402
 from emg.policies import ResubmitPolicy, Reuse  # noqa: E402
-from flows.cluster_jobs import (  # noqa: E402
-    JOB_DIR,
-    RESULTS,
-    OutputsMissing,
-    manifest_problems,
-    record_manifest,
-    require_job,
-    wait_for_jobs,
-)
+from flows.cluster_jobs import JOB_DIR, RESULTS  # noqa: E402
 from flows.deployments import ANALYSIS_FLOW_NAME  # noqa: E402
 from flows.ena import EnaError, EnaUnavailable, UnknownStudy, fetch_read_runs, fetch_study  # noqa: E402
 from flows.nextflow_trace import parse_trace, summarise  # noqa: E402
+from flows.steps import ClusterStep, ClusterStepFailed, run_cluster_job  # noqa: E402
 from flows.study_records import content_addressed, ensure_samplesheet, store_study_and_runs  # noqa: E402
-from slurm_adapter import JobSpec, tail_log  # noqa: E402
+from slurm_adapter import JobSpec  # noqa: E402
 
 logger = logging.getLogger(__name__)
 Status = AnalysisRequest.Status
@@ -116,31 +110,23 @@ def invalid_request_reason(request: AnalysisRequest) -> str:
     return ""
 
 
-def cluster_step(
-    request: AnalysisRequest, step: str, spec: JobSpec, *, inputs=(), policy: ResubmitPolicy, outputs=()
-) -> ClusterJob:
-    """Declare the step's job (once per flow run), wait for it suspended, and return it ended, its outputs verified."""
-    set_status(request, Status.RUNNING, step=step)
-    job_id = require_job(
-        step, spec, inputs=list(map(str, inputs)), policy=policy, request_id=request.id, outputs=list(outputs)
-    )
-    declared = ClusterJob.objects.get(id=job_id)
-    if not declared.is_final:  # a re-run past an ended job neither waits nor describes it again
-        publish_job_artifact(declared, step)
-        set_status(request, Status.WAITING, step=step)
-    [job] = wait_for_jobs([job_id])
-    set_status(request, Status.RUNNING, step=step)
-    if job.state != ClusterJobState.COMPLETED:
-        log_tail = tail_log(job.log_path, 8) if job.log_path else ""
-        raise StepFailed(f"{step} failed: {job.outcome}" + (f"\nlast log lines:\n{log_tail}" if log_tail else ""))
+def cluster_step(request: AnalysisRequest, step: ClusterStep) -> ClusterJob:
+    """The step's job, ended and verified (flows.steps.run_cluster_job), the request's status following it:
+    RUNNING at the step, WAITING while the flow run is suspended on the job (its artifact published)."""
+    set_status(request, Status.RUNNING, step=step.name)
+
+    def waiting(pending: dict[str, ClusterJob]) -> None:
+        for name, job in pending.items():
+            publish_job_artifact(job, name)
+        set_status(request, Status.WAITING, step=step.name)
+
     try:
-        record_manifest(job)
-    except OutputsMissing as error:
-        raise StepFailed(f"{step}: {error}") from error
-    problems = manifest_problems(job)
-    if problems:
-        raise StepFailed(f"{step}: the outputs of cluster job #{job.id} changed after it ended: {'; '.join(problems)}")
-    job.refresh_from_db()
+        job = run_cluster_job(step, request_id=request.id, on_wait=waiting)
+    except ClusterStepFailed:
+        set_status(request, Status.RUNNING, step=step.name)  # it has ended: the flow fails the request next
+        raise
+    # Not in a `finally`: suspending raises (Prefect's Pause) through here, and the request stays WAITING.
+    set_status(request, Status.RUNNING, step=step.name)
     return job
 
 
@@ -254,7 +240,7 @@ def assemble(request: AnalysisRequest, runs) -> Assembly:
         partition=settings.EMG_SLURM_PARTITION,
     )
     job = cluster_step(
-        request, "assembly", spec, inputs=[samplesheet], policy=ASSEMBLY_POLICY, outputs=ASSEMBLY_OUTPUTS
+        request, ClusterStep("assembly", spec, inputs=[samplesheet], policy=ASSEMBLY_POLICY, outputs=ASSEMBLY_OUTPUTS)
     )
     outdir = Path(job.output_dir)
     stats = read_json(outdir / "assembly_stats.json")
@@ -285,7 +271,9 @@ def analyse(request: AnalysisRequest, assembly: Assembly) -> Analysis:
         memory_mb=settings.EMG_PIPELINE_MEMORY_MB,
         partition=settings.EMG_SLURM_PARTITION,
     )
-    job = cluster_step(request, "analysis", spec, inputs=[contigs], policy=ANALYSIS_POLICY, outputs=ANALYSIS_OUTPUTS)
+    job = cluster_step(
+        request, ClusterStep("analysis", spec, inputs=[contigs], policy=ANALYSIS_POLICY, outputs=ANALYSIS_OUTPUTS)
+    )
     outdir = Path(job.output_dir)
     store_trace(job, outdir)
     analysis, _ = Analysis.objects.update_or_create(
@@ -321,7 +309,7 @@ def move_results(request: AnalysisRequest, jobs: dict[str, ClusterJob]) -> Path:
         memory_mb=256,
         partition=settings.EMG_DATAMOVER_PARTITION,
     )
-    cluster_step(request, "data move", spec, policy=DATAMOVE_POLICY)
+    cluster_step(request, ClusterStep("data move", spec, policy=DATAMOVE_POLICY))
     return destination
 
 
@@ -360,7 +348,7 @@ def analyse_study(request_id: int, generation: int = 1) -> str:
             Assembly.objects.filter(id=assembly.id).update(analysis_skipped_reason=reason)
             logger.info("request #%s: %s", request_id, reason)
         destination = move_results(request, jobs)
-    except StepFailed as failure:
+    except (StepFailed, ClusterStepFailed) as failure:
         logger.warning("request #%s failed: %s", request_id, failure)
         set_status(
             request, Status.FAILED, step=AnalysisRequest.objects.get(id=request_id).current_step, reason=str(failure)

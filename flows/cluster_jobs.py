@@ -7,6 +7,7 @@ the reconciler has seen all the jobs end and resumes it.
 """
 
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -179,11 +180,25 @@ def require_job(
     return wait.job_id
 
 
-def wait_for_jobs(job_ids: list[int]) -> list[ClusterJob]:
-    """Return the jobs once all have ended; until then, suspend this flow run.
+def suspend_key(job_ids: Iterable[int], round_number: int) -> str:
+    """The key of one round of waiting for this set of jobs: the same for the same set (in any order)
+    and round, and another for any other set or round.
 
-    Each suspension uses a new deterministic key (the wait's suspension count), so a re-run
-    never collides with an earlier suspension and never skips a wait it still needs. The
+    Prefect fires a pause key once per flow run: a suspension under a key the run used before is
+    refused and the flow carries on as if resumed, without its jobs. Hence the whole set (its ids
+    hashed: a fan-in of many jobs would not fit in a key) and the round are in the key.
+    """
+    ids = sorted(set(job_ids))
+    digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
+    return f"jobs-{ids[0]}-n{len(ids)}-{digest}-wait-{round_number}"
+
+
+def wait_for_jobs(job_ids: list[int]) -> list[ClusterJob]:
+    """Return the jobs once all have ended; until then, suspend this flow run (once for all of them).
+
+    Each suspension uses a new deterministic key (`suspend_key`: the set of jobs and the waits'
+    suspension count), so a re-run never collides with an earlier suspension and never skips a wait
+    it still needs. The
     jobs are checked just before suspending; one that ends after that check is caught by the
     reconciler, which resumes only runs that are actually suspended.
     """
@@ -200,7 +215,7 @@ def wait_for_jobs(job_ids: list[int]) -> list[ClusterJob]:
             # read: look at the jobs again and take a round of our own, never share its key.
             logger.info("waits for cluster jobs %s re-opened meanwhile; reading them again", job_ids)
             continue
-        key = f"jobs-{job_ids[0]}-n{len(job_ids)}-wait-{round_number}"
+        key = suspend_key(job_ids, round_number)
         logger.info("suspending until cluster jobs %s end (key %s)", job_ids, key)
         # A long-lived process must not keep a connection the database may drop while we wait.
         close_old_connections()

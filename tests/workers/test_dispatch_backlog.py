@@ -15,10 +15,11 @@ import pytest
 import redis
 from django.conf import settings
 from django.utils import timezone
+from prefect.exceptions import ObjectNotFound
 
 from devstack.processes import wait_until
 from devstack.services import free_port
-from emg.models import OutboxEvent, ReconcileTick
+from emg.models import AnalysisRequest, OutboxEvent, ReconcileTick
 from emg.outbox import DISPATCH_TASK_NAME
 from tests.e2e.requests import new_request
 from tests.workers.test_celery_services import flow_runs_of
@@ -65,8 +66,28 @@ class BrokerSampler:
         self._thread.join(timeout=10)
 
 
+@pytest.fixture
+def runs_never_run(stack, prefect):
+    """The session runner is stopped while this test makes its flow runs (thousands at full size:
+    their flow processes would load the machine long after the test), and the runs it made are
+    deleted before the runner starts again. Yields the list to add the test's requests to."""
+    requests: list[AnalysisRequest] = []
+    stack.runner.stop()
+    try:
+        yield requests
+    finally:
+        for request in requests:
+            for run in flow_runs_of(prefect, request):
+                try:
+                    prefect.delete_flow_run(run.id)
+                except ObjectNotFound:
+                    pass
+        stack.runner.start()
+        wait_until(stack.deployment_served, timeout=120, interval=0.5, message="the runner serves again")
+
+
 def test_a_prefect_outage_with_a_backlog_never_grows_the_queue_and_ends_in_one_flow_run_each(
-    own_redis_stack, stack, prefect
+    own_redis_stack, prefect, runs_never_run
 ):
     for worker in own_redis_stack.workers:
         worker.stop()
@@ -75,6 +96,7 @@ def test_a_prefect_outage_with_a_backlog_never_grows_the_queue_and_ends_in_one_f
 
     with BrokerSampler(own_redis_stack) as sampler:
         requests = [new_request(f"PRJEB3{n:04d}") for n in range(100, 100 + EVENTS)]
+        runs_never_run.extend(requests)
         events = OutboxEvent.objects.filter(request__in=requests)
         outage_started = timezone.now()
 

@@ -114,8 +114,9 @@ def test_the_analysis_flow_names_only_the_steps_whose_order_is_known():
     named = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id == "cluster_step" and isinstance(node.args[1], ast.Constant):
-                named.add(node.args[1].value)
+            # A cluster step's name is the step its request shows: cluster_step(request, ClusterStep("assembly", ...)).
+            if node.func.id == "ClusterStep" and isinstance(node.args[0], ast.Constant):
+                named.add(node.args[0].value)
             if node.func.id == "set_status":
                 named |= {
                     kw.value.value for kw in node.keywords if kw.arg == "step" and isinstance(kw.value, ast.Constant)

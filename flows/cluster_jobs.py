@@ -198,9 +198,8 @@ def wait_for_jobs(job_ids: list[int]) -> list[ClusterJob]:
 
     Each suspension uses a new deterministic key (`suspend_key`: the set of jobs and the waits'
     suspension count), so a re-run never collides with an earlier suspension and never skips a wait
-    it still needs. The
-    jobs are checked just before suspending; one that ends after that check is caught by the
-    reconciler, which resumes only runs that are actually suspended.
+    it still needs. The jobs are checked just before suspending; one that ends after that check is
+    caught by the reconciler, which resumes only runs that are actually suspended.
     """
     flow_run_id = current_flow_run_id()
     while True:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from typing import Any
 
+from .arrays import ArrayTask
 from .cluster import Cluster, ClusterError, JobStatus, PartitionLimits, SubmissionRejected, SubmittedJob
 from .local import LocalCluster
 from .logs import tail_log
@@ -19,6 +20,7 @@ from .status import parse_exit_code, parse_sacct
 from .usage import JobUsage, parse_usage
 
 __all__ = [
+    "ArrayTask",
     "Cluster",
     "ClusterError",
     "JobSpec",

@@ -75,6 +75,8 @@ class SubmissionRejected(ClusterError):
 @runtime_checkable
 class Cluster(Protocol):
     name: str
+    # Whether it has `submit_array` (arrays.py): one submission for many jobs of one shape.
+    supports_arrays: bool
 
     def submit(self, spec: JobSpec, tag: str) -> SubmittedJob: ...
 

@@ -34,6 +34,8 @@ _ID = re.compile(re.escape(_ID_PREFIX) + "[0-9a-f]{16}")
 
 class LocalCluster:
     name = "local"
+    # No scheduler, so nothing to save by one submission: the reconciler submits each job singly.
+    supports_arrays = False
 
     def __init__(self, root_dir: str) -> None:
         self.root = Path(root_dir)

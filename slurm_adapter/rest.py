@@ -33,6 +33,16 @@ from typing import Any
 import httpx
 
 from . import logs
+from .arrays import (
+    ARRAY_NAME,
+    ArrayTask,
+    array_range,
+    confirm_pending,
+    expand_task_ids,
+    pending_in_accounting,
+    task_id,
+    write_array_files,
+)
 from .cluster import (
     ClusterError,
     JobStatus,
@@ -44,7 +54,7 @@ from .cluster import (
 )
 from .files import log_path, write_script
 from .rest_api import SUPPORTED_VERSIONS, Dialect, check_version
-from .slurm import Pacer, check_job_id, chunks, is_permanent_sbatch_error, job_name, placeholder
+from .slurm import Pacer, check_job_id, chunks, is_permanent_sbatch_error, job_name, placeholder, selection_ids
 from .spec import JobSpec, validate_tag
 from .states import JobState
 from .status import CLOCK_SKEW, group_by_id, pick_record
@@ -131,7 +141,7 @@ def _since_param(since: datetime, now: datetime) -> str:
 
 def _kind(method: str, path: str) -> str:
     """What calls counts: the endpoint without version or job id ("GET /slurmdb/jobs")."""
-    return f"{method} {re.sub(r'/[0-9]+$', '/{id}', re.sub(r'/v0[.]0[.][0-9]+', '', path))}"
+    return f"{method} {re.sub(r'/[0-9]+(_[0-9]+)?$', '/{id}', re.sub(r'/v0[.]0[.][0-9]+', '', path))}"
 
 
 # slurmrestd 22.05 answers a job query that matches nothing with this "error".
@@ -331,8 +341,40 @@ class RestCluster:
             output=output,
         )
         submit_time = datetime.now(UTC)
+        job_id = self._post_job(body)
+        return SubmittedJob(job_id, submit_time, log_path(spec.work_dir, tag, job_id))
+
+    supports_arrays = True
+
+    def submit_array(
+        self, tasks: Sequence[ArrayTask], *, array_tag: str, files_dir: str, max_running: int | None = None
+    ) -> list[SubmittedJob]:
+        """One POST for all `tasks`, as the CLI backend's submit_array: each task's record, in order."""
+        validate_tag(array_tag)
+        dialect = self.dialect
+        script_path = write_array_files(tasks, array_tag, files_dir)
+        output = str(Path(files_dir.replace("%", "%%"), "%a.log"))
+        body = dialect.submission(
+            tasks[0].spec,
+            script_path.read_text(encoding="utf-8"),
+            name=job_name(array_tag, ARRAY_NAME),
+            comment=job_comment(array_tag),
+            output=output,
+            work_dir=files_dir,
+            array=array_range(len(tasks), max_running),
+        )
+        submit_time = datetime.now(UTC)
+        array_id = self._post_job(body)
+        return [
+            SubmittedJob(
+                task_id(array_id, index), submit_time, log_path(task.spec.work_dir, task.tag, task_id(array_id, index))
+            )
+            for index, task in enumerate(tasks)
+        ]
+
+    def _post_job(self, body: dict[str, Any]) -> str:
         try:
-            answer = self._request("POST", f"/slurm/{dialect.version}/job/submit", json=body, idempotent=False)
+            answer = self._request("POST", f"/slurm/{self.dialect.version}/job/submit", json=body, idempotent=False)
         except ClusterError as error:
             if is_permanent_sbatch_error(str(error)):
                 raise SubmissionRejected(str(error)) from error
@@ -340,7 +382,7 @@ class RestCluster:
         job_id = answer.get("job_id")
         if isinstance(job_id, bool) or not isinstance(job_id, int):
             raise ClusterError(f"slurmrestd's submission answer has no job id: {sorted(answer)}")
-        return SubmittedJob(str(job_id), submit_time, log_path(spec.work_dir, tag, str(job_id)))
+        return str(job_id)
 
     def query(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobStatus]:
         wanted = {check_job_id(j.job_id): j for j in jobs}
@@ -351,7 +393,7 @@ class RestCluster:
         since = min(min(j.submit_time for j in wanted.values()) - CLOCK_SKEW, now)
         accounted = group_by_id(
             record
-            for chunk in chunks(list(wanted), MAX_IDS_PER_REQUEST)
+            for chunk in chunks(selection_ids(list(wanted)), MAX_IDS_PER_REQUEST)
             for record in self._accounting({"step": ",".join(chunk), "start_time": _since_param(since, now)})
         )
         result: dict[str, JobStatus] = {}
@@ -365,8 +407,12 @@ class RestCluster:
             else:
                 overdue.append(job)
         unsure_exit = [r for r in result.values() if r.state.is_final and r.exit_code is None and r.raw_state]
-        if overdue or unsure_exit:
+        pending_tasks = pending_in_accounting(result)
+        if overdue or unsure_exit or pending_tasks:
             controller = group_by_id(self._controller_jobs())
+            for job_id in pending_tasks:
+                record = pick_record(controller.get(job_id, ()), wanted[job_id].submit_time)
+                result[job_id] = confirm_pending(result[job_id], controller, record)
             for job in overdue:
                 record = pick_record(controller.get(job.job_id, ()), job.submit_time)
                 result[job.job_id] = record or placeholder(job, JobState.LOST)
@@ -448,7 +494,7 @@ class RestCluster:
             found = []
             for job in jobs if isinstance(jobs, list) else ():
                 try:
-                    found.append(self.dialect.controller_record(job))
+                    found.extend(self._records([job], self.dialect.controller_record, None))
                 except ValueError:
                     continue
             return found
@@ -472,4 +518,9 @@ class RestCluster:
                     (j.get("comment") or {}).get("job") if isinstance(j.get("comment"), dict) else None,
                 )
             ]
-        return [read(job) for job in jobs]
+        # An array's pending remainder is one record: one of its own for each of its tasks.
+        return [
+            replace(record, job_id=job_id) if job_id != record.job_id else record
+            for record in (read(job) for job in jobs)
+            for job_id in expand_task_ids(record.job_id)
+        ]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .arrays import parse_indices, task_id
 from .cluster import JobStatus, PartitionLimits, tag_from_comment
 from .spec import DEFAULT_PATH, JobSpec
 from .states import JobState, map_slurm_state
@@ -122,18 +123,31 @@ class Dialect:
         return self.version in NEW_VERSIONS
 
     # --- requests -------------------------------------------------------------------------
-    def submission(self, spec: JobSpec, script: str, *, name: str, comment: str, output: str) -> dict[str, Any]:
+    def submission(
+        self,
+        spec: JobSpec,
+        script: str,
+        *,
+        name: str,
+        comment: str,
+        output: str,
+        work_dir: str | None = None,
+        array: str | None = None,
+    ) -> dict[str, Any]:
         """The body of POST /slurm/<version>/job/submit. The job's environment is PATH alone, as
-        sbatch --export=NONE gives it: the script itself exports the spec's allowlist."""
+        sbatch --export=NONE gives it: the script itself exports the spec's allowlist. `array`
+        (sbatch's --array value) makes it a job array, run in `work_dir` (else the spec's)."""
         job: dict[str, Any] = {
             "name": name,
             "comment": comment,
             "requeue": False,
-            "current_working_directory": spec.work_dir,
+            "current_working_directory": work_dir or spec.work_dir,
             "standard_output": output,
             "standard_error": output,
             "cpus_per_task": spec.cpus,
         }
+        if array is not None:
+            job["array"] = array
         if not self.new:
             job["no_requeue"] = True  # 22.05 ignores requeue=false; this it honours (measured)
         if spec.partition:
@@ -176,8 +190,10 @@ class Dialect:
         raw_times = job.get("time")
         times: Mapping[str, Any] = raw_times if isinstance(raw_times, dict) else {}
         comment = job.get("comment")
+        raw_array = job.get("array")
+        array: Mapping[str, Any] = raw_array if isinstance(raw_array, dict) else {}
         return JobStatus(
-            job_id=_job_id(job.get("job_id")),
+            job_id=_array_aware_id(job.get("job_id"), array.get("job_id"), array.get("task_id"), array.get("task")),
             state=state,
             raw_state=raw_state,
             exit_code=exit_code,
@@ -198,7 +214,9 @@ class Dialect:
             exit_code, signal = exit_code_object(raw_exit) if isinstance(raw_exit, dict) else wait_status(raw_exit)
         comment = job.get("comment")
         return JobStatus(
-            job_id=_job_id(job.get("job_id")),
+            job_id=_array_aware_id(
+                job.get("job_id"), job.get("array_job_id"), job.get("array_task_id"), job.get("array_task_string")
+            ),
             state=state,
             raw_state=raw_state,
             exit_code=exit_code,
@@ -252,3 +270,19 @@ def _job_id(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
         raise ValueError(f"unreadable job id {value!r}")
     return str(value)
+
+
+def _array_aware_id(raw_id: Any, array_id: Any, index: Any, pending: Any) -> str:
+    """The id as sacct's JobID prints it: "123" for a job, "123_4" for an array task, and
+    "123_[5,6,7]" for an array's pending remainder (its tasks as Slurm's range string or, in
+    accounting, a hex bitmap such as "0xE"), which the reader expands into one record per task."""
+    job_id = _job_id(raw_id)
+    array = number(array_id)
+    if not array:
+        return job_id
+    task = number(index)
+    if task is not None:
+        return task_id(str(array), task)
+    if isinstance(pending, str) and pending:
+        return f"{array}_[{','.join(str(i) for i in parse_indices(pending))}]"
+    return job_id

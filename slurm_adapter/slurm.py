@@ -13,8 +13,19 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from . import logs
+from .arrays import (
+    ARRAY_NAME,
+    ArrayTask,
+    array_range,
+    confirm_pending,
+    pending_in_accounting,
+    split_task_id,
+    task_id,
+    write_array_files,
+)
 from .cluster import (
     ClusterError,
     JobStatus,
@@ -141,9 +152,16 @@ def _lines_of(output: str, tag: str) -> str:
 
 
 def check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not job_id.isdigit():
+    """A job's id ("123") or an array task's ("123_4"); anything else is refused."""
+    if not isinstance(job_id, str) or not (job_id.isdigit() or split_task_id(job_id) is not None):
         raise ValueError(f"not a Slurm job id: {job_id!r}")
     return job_id
+
+
+def selection_ids(job_ids: Sequence[str]) -> list[str]:
+    """The ids to select these jobs by: an array task by its array ("123" for "123_4"), whose every
+    task (the pending ones too, as one record) one selection returns; each id once, in order."""
+    return list(dict.fromkeys(split[0] if (split := split_task_id(j)) else j for j in job_ids))
 
 
 def chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -233,33 +251,68 @@ class SlurmCluster:
         script = write_script(spec, tag, ".sbatch")
         # sbatch expands %-patterns in --output; "%%" is a literal '%'.
         output = log_path(spec.work_dir.replace("%", "%%"), tag, "%j")
+        submit_time = datetime.now(UTC)
+        job_id = self._sbatch(spec, tag, spec.name, spec.work_dir, output, script, [])
+        return SubmittedJob(job_id, submit_time, log_path(spec.work_dir, tag, job_id))
+
+    supports_arrays = True
+
+    def submit_array(
+        self, tasks: Sequence[ArrayTask], *, array_tag: str, files_dir: str, max_running: int | None = None
+    ) -> list[SubmittedJob]:
+        """One sbatch for all `tasks` (one shape: arrays.shape), as the array `--array=0-(n-1)[%max_running]`
+        tagged `array_tag`; each task's record, in order, its id "<array>_<index>" and its own log."""
+        validate_tag(array_tag)
+        script = write_array_files(tasks, array_tag, files_dir)
+        # What the array script prints before it has opened the task's own log (nothing, unless it fails).
+        output = str(Path(files_dir.replace("%", "%%"), "%a.log"))
+        shared = tasks[0].spec
+        submit_time = datetime.now(UTC)
+        array_id = self._sbatch(
+            shared,
+            array_tag,
+            ARRAY_NAME,
+            files_dir,
+            output,
+            script,
+            [f"--array={array_range(len(tasks), max_running)}"],
+        )
+        return [
+            SubmittedJob(
+                task_id(array_id, index), submit_time, log_path(task.spec.work_dir, task.tag, task_id(array_id, index))
+            )
+            for index, task in enumerate(tasks)
+        ]
+
+    def _sbatch(
+        self, spec: JobSpec, tag: str, name: str, work_dir: str, output: str, script: Path, own: list[str]
+    ) -> str:
         argv = [
             "sbatch",
             "--parsable",
             "--export=NONE",
-            f"--job-name={job_name(tag, spec.name)}",
+            f"--job-name={job_name(tag, name)}",
             f"--comment={job_comment(tag)}",
             # The reconciler owns retries: a job Slurm requeued itself would run again under one attempt.
             "--no-requeue",
-            f"--chdir={spec.work_dir}",
+            f"--chdir={work_dir}",
             f"--output={output}",
             f"--error={output}",
             f"--time={spec.time_limit_minutes}",
             f"--mem={spec.memory_mb}M",
             f"--cpus-per-task={spec.cpus}",
+            *own,
         ]
         if spec.partition:
             argv.append(f"--partition={spec.partition}")
         argv += [*spec.extra_options, str(script)]
-        submit_time = datetime.now(UTC)
         try:
-            output = self._run(argv)
+            answer = self._run(argv)
         except ClusterError as error:
             if is_permanent_sbatch_error(str(error)):
                 raise SubmissionRejected(str(error)) from error
             raise
-        job_id = parse_sbatch_output(output)
-        return SubmittedJob(job_id, submit_time, log_path(spec.work_dir, tag, job_id))
+        return parse_sbatch_output(answer)
 
     def query(self, jobs: Sequence[SubmittedJob]) -> dict[str, JobStatus]:
         wanted = {check_job_id(j.job_id): j for j in jobs}
@@ -271,7 +324,7 @@ class SlurmCluster:
         since = min(min(j.submit_time for j in wanted.values()) - CLOCK_SKEW, now)
         accounted = group_by_id(
             record
-            for chunk in chunks(list(wanted), MAX_IDS_PER_CALL)
+            for chunk in chunks(selection_ids(list(wanted)), MAX_IDS_PER_CALL)
             for record in self._sacct(["-S", _slurm_time(since), "-E", "now", "-j", ",".join(chunk)])
         )
         result: dict[str, JobStatus] = {}
@@ -284,11 +337,16 @@ class SlurmCluster:
                 result[job_id] = placeholder(job, JobState.SUBMITTED)
             else:
                 overdue.append(job)
-        if overdue:
-            queued = group_by_id(self._squeue(["-j", ",".join(j.job_id for j in overdue)]))
+        pending_tasks = pending_in_accounting(result)
+        if overdue or pending_tasks:
+            asked = [j.job_id for j in overdue] + pending_tasks
+            queued = group_by_id(self._squeue(["-j", ",".join(selection_ids(asked))]))
             for job in overdue:
                 record = pick_record(queued.get(job.job_id, ()), job.submit_time)
                 result[job.job_id] = record or placeholder(job, JobState.LOST)
+            for job_id in pending_tasks:
+                record = pick_record(queued.get(job_id, ()), wanted[job_id].submit_time)
+                result[job_id] = confirm_pending(result[job_id], queued, record)
         return result
 
     def find_by_tag(self, tag: str, *, spec_name: str | None = None, since: datetime | None = None) -> list[JobStatus]:
@@ -315,7 +373,7 @@ class SlurmCluster:
         reuses ids). A job accounting has not recorded yet is left out."""
         if not jobs:
             return {}
-        ids = [check_job_id(job.job_id) for job in jobs]
+        ids = selection_ids([check_job_id(job.job_id) for job in jobs])
         since = min(min(job.submit_time for job in jobs) - CLOCK_SKEW, datetime.now(UTC))
         found: dict[str, JobUsage] = {}
         for chunk in chunks(ids, MAX_IDS_PER_CALL):
@@ -344,7 +402,8 @@ class SlurmCluster:
         )
 
     def count_active(self) -> int:
-        output = self._run(["squeue", "--noheader", "--all", "--me", "-o", "%T|%k"])
+        # --array: one line per array task, pending ones included, so each task counts once.
+        output = self._run(["squeue", "--noheader", "--all", "--me", "--array", "-o", "%T|%k"])
         active = (JobState.PENDING, JobState.RUNNING)
         count = 0
         for line in output.splitlines():

@@ -10,8 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from .arrays import is_task_id
+
 # sacct --parsable2 --noheader (no -X: the steps carry MaxRSS) -o these, in this order.
-USAGE_FIELDS = ("JobIDRaw", "ElapsedRaw", "TotalCPU", "MaxRSS", "AllocCPUS", "ReqMem", "TimelimitRaw")
+# JobID, not JobIDRaw: an array task's lines are "123_4" and "123_4.batch".
+USAGE_FIELDS = ("JobID", "ElapsedRaw", "TotalCPU", "MaxRSS", "AllocCPUS", "ReqMem", "TimelimitRaw")
 
 _UNITS = {"": 1 / 1024, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
 
@@ -64,7 +67,7 @@ def parse_usage(output: str) -> dict[str, JobUsage]:
             continue
         raw_id = parts[0]
         job_id, _, step = raw_id.partition(".")
-        if not job_id.isdigit():
+        if not (job_id.isdigit() or is_task_id(job_id)):
             continue
         if not step:
             jobs[job_id] = parts

@@ -118,11 +118,19 @@ def test_invalid_tag_rejected(cluster, spec) -> None:
 
 
 @pytest.mark.slow
-def test_timeout(cluster, spec, tag, wait_until, wait_final) -> None:
-    job = cluster.submit(spec("sleep", "600", time_limit_minutes=1), tag)
-    status = wait_final(cluster, job, timeout=150)
-    assert status.state is JobState.TIMEOUT
-    assert status.state.retry_with == "time"
+@pytest.mark.slurm
+def test_a_job_over_its_time_limit_ends_timeout_and_asks_for_more_time_on_every_backend(
+    slurm_cluster, slurmrestd_cluster, local_cluster, spec, tag, wait_final
+) -> None:
+    # A time limit is a whole minute: one job on each backend, submitted together, share the wait.
+    clusters = {"s": slurm_cluster, "r": slurmrestd_cluster, "l": local_cluster}
+    jobs = {
+        name: cluster.submit(spec("sleep", "600", time_limit_minutes=1), f"{tag}-{name}")
+        for name, cluster in clusters.items()
+    }
+    for name, cluster in clusters.items():
+        status = wait_final(cluster, jobs[name], timeout=150)
+        assert (status.state, status.state.retry_with) == (JobState.TIMEOUT, "time"), type(cluster).__name__
 
 
 def test_local_job_survives_its_orchestrator(local_cluster, spec, tag, wait_until) -> None:

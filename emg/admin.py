@@ -21,7 +21,18 @@ from django.utils.http import urlencode
 
 from emg import timeline as timelines
 from emg.efficiency import efficiency, largest_task, percent, summarise, task_shares
-from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, ReconcileTick, Study
+from emg.models import (
+    AnalysisRequest,
+    ClusterJob,
+    JobWait,
+    OutboxEvent,
+    ReconcileTick,
+    RunQC,
+    Study,
+    StudyQC,
+    StudyReport,
+    TendedRun,
+)
 from emg.pipeline_options import OPTIONS
 from slurm_adapter import JobSpec, tail_log
 from slurm_adapter.spec import build_script
@@ -264,8 +275,52 @@ class PipelineOptionsField(forms.JSONField):
 
 @admin.register(Study)
 class StudyAdmin(admin.ModelAdmin):
-    list_display = ["accession", "title", "created_at"]
+    list_display = ["accession", "title", "process_on_create", "created_at"]
+    list_filter = ["process_on_create"]
     search_fields = ["accession", "title"]
+
+
+class RunQCInline(admin.TabularInline):
+    model = RunQC
+    fields = ("run", "passed", "failed_because", "reads", "bases", "mean_quality", "q30_percent", "gc_percent", "job")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(StudyReport)
+class StudyReportAdmin(admin.ModelAdmin):
+    """Adding one asks for its study to be processed (flows.process_study); the flow fills it in."""
+
+    list_display = ["study", "requested_at", "finished_at", "request", "qc"]
+    list_filter = ["finished_at"]
+    search_fields = ["study__accession"]
+    autocomplete_fields = ["study"]
+
+    def get_readonly_fields(self, request, obj=None):
+        # The study is chosen when the report is asked for; everything else is the flow's.
+        written_by_the_flow = ["requested_at", "flow_run_id", "request", "qc", "finished_at", "summary"]
+        return ["study", *written_by_the_flow] if obj else written_by_the_flow
+
+
+@admin.register(StudyQC)
+class StudyQCAdmin(admin.ModelAdmin):
+    """Written by the QC flow only (emg.qc): operators read it here."""
+
+    list_display = ["study", "fetched_at", "finished_at", "runs_passed", "total_reads", "flow_run_id"]
+    list_filter = ["finished_at"]
+    search_fields = ["study__accession"]
+    readonly_fields = [field.name for field in StudyQC._meta.fields]
+    inlines = [RunQCInline]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
 
 
 class JobWaitInline(admin.TabularInline):
@@ -719,28 +774,69 @@ class JobWaitAdmin(admin.ModelAdmin):
 class OutboxEventAdmin(admin.ModelAdmin):
     list_display = [
         "id",
-        "topic",
-        "request",
-        "generation",
+        "trigger",
+        "changed_object",
+        "run_key",
         "created_at",
         "published_at",
         "publish_attempts",
         "dispatched_at",
     ]
-    list_select_related = ["request__study"]
-    list_filter = ["topic", ("dispatched_at", admin.EmptyFieldListFilter)]
-    search_fields = ["request__study__accession"]
+    list_select_related = ["content_type"]
+    list_filter = ["trigger", ("dispatched_at", admin.EmptyFieldListFilter)]
+    search_fields = ["trigger", "run_key"]
     readonly_fields = [
         "id",
-        "topic",
-        "request",
-        "generation",
+        "trigger",
+        "changed_object",
+        "run_key",
+        "parameters",
         "created_at",
         "published_at",
         "publish_attempts",
         "dispatched_at",
+        "flow_run",
         "last_error",
     ]
+    exclude = ["content_type", "object_id", "flow_run_id"]
+
+    @admin.display(description="object")
+    def changed_object(self, event: OutboxEvent):
+        """The row whose change the event announces: linked if the admin shows its model."""
+        model = event.content_type.model_class()
+        label = f"{event.content_type.name} #{event.object_id}"
+        if model is None or not self.admin_site.is_registered(model):
+            return label
+        url = reverse(f"admin:{model._meta.app_label}_{model._meta.model_name}_change", args=[event.object_id])
+        return format_html('<a href="{}">{}</a>', url, label)
+
+    @admin.display(description="flow run")
+    def flow_run(self, event: OutboxEvent):
+        if event.flow_run_id is None:
+            return "-"
+        return format_html('<a href="{}">{}</a>', flow_run_url(event.flow_run_id), event.flow_run_id)
+
+    def has_add_permission(self, request):
+        return False
+
+
+@admin.register(TendedRun)
+class TendedRunAdmin(admin.ModelAdmin):
+    """The flow runs without a request that the reconciler re-runs when they crash (emg.tended_runs)."""
+
+    list_display = ["flow_run", "started_by", "reruns", "created_at", "ended_at", "outcome"]
+    list_filter = [("ended_at", admin.EmptyFieldListFilter)]
+    search_fields = ["started_by", "outcome"]
+    readonly_fields = ["flow_run", "started_by", "reruns", "created_at", "ended_at", "outcome", "history_table"]
+    exclude = ["flow_run_id", "history"]
+
+    @admin.display(description="flow run")
+    def flow_run(self, tended: TendedRun):
+        return format_html('<a href="{}">{}</a>', flow_run_url(tended.flow_run_id), tended.flow_run_id)
+
+    @admin.display(description="history")
+    def history_table(self, tended: TendedRun):
+        return history_html(tended.history)
 
     def has_add_permission(self, request):
         return False

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.conf import settings
 
 
 class EmgConfig(AppConfig):
@@ -6,4 +7,8 @@ class EmgConfig(AppConfig):
     verbose_name = "EMG orchestration"
 
     def ready(self) -> None:
-        from emg import signals  # noqa: F401  (connects the receivers)
+        from emg import triggers
+
+        # By name, from the settings: the flows' packages declare their triggers, and emg imports
+        # none of them itself (.importlinter).
+        triggers.import_trigger_modules(settings.EMG_TRIGGER_MODULES)

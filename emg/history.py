@@ -28,6 +28,11 @@ class HistoryEntry:
         return {**asdict(self), "state": str(self.state), "at": self.at.isoformat()}
 
 
+def entry(state: str, detail: str, now: datetime | None = None) -> HistoryEntry:
+    """The entry of a change made at `now` (now, if not given), its detail cut to what a history keeps."""
+    return HistoryEntry(state, detail[:2000], now or timezone.now())
+
+
 class AppendToHistory(Func):
     """`history || '[entry]'` on PostgreSQL, `json_insert(history, '$[#]', entry, ...)` on SQLite."""
 

@@ -53,6 +53,9 @@ class Claim:
     at: datetime
     tag: str
     spec: dict[str, Any]
+    # The job array this attempt goes into, and its index there ("" / None: submitted on its own).
+    array_tag: str = ""
+    array_index: int | None = None
 
 
 def _claimed_row(claim: Claim) -> QuerySet[ClusterJob]:
@@ -83,15 +86,30 @@ def _apply(
     return apply_transition(rows, f"cluster job #{job_id}", step, entries, logger, **changes)
 
 
-def _claim_from(job: ClusterJob, attempt: int, at: datetime) -> Claim:
-    return Claim(job_id=job.id, attempt=attempt, at=at, tag=job_tag(job.fingerprint, job.id, attempt), spec=job.spec)
+def _claim_from(
+    job: ClusterJob, attempt: int, at: datetime, array_tag: str = "", array_index: int | None = None
+) -> Claim:
+    return Claim(
+        job_id=job.id,
+        attempt=attempt,
+        at=at,
+        tag=job_tag(job.fingerprint, job.id, attempt),
+        spec=job.spec,
+        array_tag=array_tag,
+        array_index=array_index,
+    )
 
 
 # --- submission ----------------------------------------------------------------------------------
 
 
-def claim(job: ClusterJob, now: datetime | None = None) -> Claim | None:
-    """Claim the next attempt of a declared, unclaimed job: only the winner may run sbatch."""
+def claim(
+    job: ClusterJob, now: datetime | None = None, *, array_tag: str = "", array_index: int | None = None
+) -> Claim | None:
+    """Claim the next attempt of a declared, unclaimed job: only the winner may run sbatch.
+
+    With `array_tag`, the attempt is claimed as task `array_index` of that job array (recorded on
+    the row, so that a claim whose answer was lost is looked up by the array's tag)."""
     now = now or timezone.now()
     if job.state != ClusterJobState.DECLARED or job.submission_started_at is not None or job.cancel_requested_at:
         return None
@@ -103,10 +121,21 @@ def claim(job: ClusterJob, now: datetime | None = None) -> Claim | None:
         submission_started_at__isnull=True,
         cancel_requested_at__isnull=True,
     )
-    entry = HistoryEntry(CLAIMED, f"attempt {attempt}: submitting", now)
-    if not _apply(rows, job.id, "claim", entry, attempts=attempt, submission_started_at=now, next_submit_at=None):
+    detail = f"attempt {attempt}: submitting" + (f" as task {array_index} of array {array_tag}" if array_tag else "")
+    entry = HistoryEntry(CLAIMED, detail, now)
+    if not _apply(
+        rows,
+        job.id,
+        "claim",
+        entry,
+        attempts=attempt,
+        submission_started_at=now,
+        next_submit_at=None,
+        array_tag=array_tag,
+        array_index=array_index if array_tag else None,
+    ):
         return None
-    return _claim_from(job, attempt, now)
+    return _claim_from(job, attempt, now, array_tag, array_index if array_tag else None)
 
 
 def reclaim(job: ClusterJob, why: str, now: datetime | None = None) -> Claim | None:
@@ -117,7 +146,18 @@ def reclaim(job: ClusterJob, why: str, now: datetime | None = None) -> Claim | N
     attempt = job.attempts + 1
     entry = HistoryEntry(CLAIMED, f"attempt {attempt}: submitting again ({why})", now)
     rows = _as_read(job).filter(cancel_requested_at__isnull=True)
-    if not _apply(rows, job.id, "reclaim", entry, attempts=attempt, submission_started_at=now, next_submit_at=None):
+    # The next attempt goes to Slurm on its own, whether or not the superseded one was an array's task.
+    if not _apply(
+        rows,
+        job.id,
+        "reclaim",
+        entry,
+        attempts=attempt,
+        submission_started_at=now,
+        next_submit_at=None,
+        array_tag="",
+        array_index=None,
+    ):
         return None
     return _claim_from(job, attempt, now)
 
@@ -249,6 +289,8 @@ def declare_again(job: ClusterJob, status: JobStatus, spec: JobSpec, reason: str
         state_checked_at=now,
         unreadable_state="",
         unreadable_since=None,
+        array_tag="",
+        array_index=None,
     ):
         return False
     logger.warning("job %s (Slurm %s) %s", job.name, job.slurm_job_id, reason)

@@ -1,5 +1,7 @@
 from datetime import datetime
 
+from django.contrib.contenttypes.fields import GenericForeignKey, GenericRelation
+from django.contrib.contenttypes.models import ContentType
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
@@ -33,6 +35,15 @@ def job_tag(fingerprint: str, job_id: int, attempt: int) -> str:
     return f"{fingerprint[:16]}-{job_id}-{attempt}"
 
 
+ARRAY_TAG_PREFIX = "array-"
+
+
+def array_tag(first_job_id: int, attempt: int) -> str:
+    """Names one job array in Slurm (its tasks have one --comment and --job-name): by the first
+    claim that went into it, which applied once, so no other array ever has this tag."""
+    return f"{ARRAY_TAG_PREFIX}{first_job_id}-{attempt}"
+
+
 class JsonType(models.Func):
     """The JSON type of a value ('object', 'array', ...): jsonb_typeof on PostgreSQL, json_type on SQLite."""
 
@@ -46,6 +57,10 @@ class JsonType(models.Func):
 class Study(models.Model):
     accession = models.CharField(max_length=MAX_ACCESSION_LENGTH, unique=True, validators=[validate_study_accession])
     title = models.CharField(max_length=500, blank=True)
+    # Flagged for processing: a study created with it runs raw-reads QC (flows.triggers, flows.read_qc).
+    process_on_create = models.BooleanField(
+        default=False, help_text="when the study is created, fetch its runs from ENA and QC their raw reads"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -135,6 +150,8 @@ TRANSITION_OWNED_JOB_FIELDS = frozenset(
         "manifest_recorded_at",
         "cancel_requested_at",
         "usage",
+        "array_tag",
+        "array_index",
     }
 )
 
@@ -190,6 +207,9 @@ class AnalysisRequest(models.Model):
     # A database default too: the column came after the others, and a writer that predates it
     # (a raw INSERT, a bulk loader) must still be able to add a row.
     deferrals = models.PositiveIntegerField(default=0, db_default=0)
+
+    # Its outbox events (emg.triggers), for joins: OutboxEvent.objects.filter(request__status=...).
+    events = GenericRelation("OutboxEvent", related_query_name="request")
 
     objects = AnalysisRequestQuerySet.as_manager()
 
@@ -270,38 +290,56 @@ class AnalysisRequest(models.Model):
             super().save(*args, **kwargs)
 
 
+class OutboxEventQuerySet(models.QuerySet):
+    def of(self, *rows: models.Model) -> "OutboxEventQuerySet":
+        """The events of these rows (of one model), of whichever trigger."""
+        if not rows:
+            return self.none()
+        content_type = ContentType.objects.get_for_model(type(rows[0]))
+        return self.filter(content_type=content_type, object_id__in=[row.pk for row in rows])
+
+
 class OutboxEvent(models.Model):
-    """An event written in the same transaction as the change it announces.
+    """An event written in the same transaction as the change it announces (emg.triggers).
 
     It is published to Redis after commit; if that fails, or the consumer dies, the sweep
-    publishes it again. `dispatched_at` is set once, by the consumer that started the flow run.
+    publishes it again. `dispatched_at` is set once, by the consumer that started the flow run
+    (or found the event superseded), with the run in `flow_run_id`.
     """
 
-    class Topic(models.TextChoices):
-        RUN_ANALYSIS = "analysis_request.run", "Run an analysis request"
-
     id = models.UUIDField(primary_key=True)
-    topic = models.CharField(max_length=64, choices=Topic.choices)
-    request = models.ForeignKey(AnalysisRequest, on_delete=models.CASCADE, related_name="events")
-    generation = models.PositiveIntegerField()
+    # The name of the trigger (emg.triggers) that wrote it, and the row whose change it announces.
+    trigger = models.CharField(max_length=100)
+    content_type = models.ForeignKey(ContentType, on_delete=models.PROTECT, related_name="+")
+    object_id = models.PositiveBigIntegerField()
+    changed = GenericForeignKey("content_type", "object_id")
+    # Names the one flow run this event makes (with the trigger, its Prefect idempotency key).
+    run_key = models.CharField(max_length=200)
+    # The run's parameters, as they were when the change was made.
+    parameters = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
     published_at = models.DateTimeField(null=True, blank=True)
     publish_attempts = models.PositiveIntegerField(default=0)
     dispatched_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    flow_run_id = models.UUIDField(null=True, blank=True)
     last_error = models.TextField(blank=True)
+
+    objects = OutboxEventQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at"]
         constraints = [
-            models.UniqueConstraint(fields=["topic", "request", "generation"], name="one_event_per_request_generation"),
+            models.UniqueConstraint(fields=["trigger", "run_key"], name="one_event_per_run_key"),
         ]
-        # The outbox sweep reads the undispatched events at every beat.
         indexes = [
-            models.Index(fields=["created_at"], condition=Q(dispatched_at__isnull=True), name="outbox_undispatched")
+            # The outbox sweep reads the undispatched events at every beat.
+            models.Index(fields=["created_at"], condition=Q(dispatched_at__isnull=True), name="outbox_undispatched"),
+            # A row's events (the admin, GenericRelation joins).
+            models.Index(fields=["content_type", "object_id"], name="outbox_event_object"),
         ]
 
     def __str__(self) -> str:
-        return f"{self.topic} #{self.request_id} gen {self.generation}"
+        return f"{self.trigger} {self.run_key}"
 
 
 class ClusterJobQuerySet(models.QuerySet):
@@ -366,6 +404,10 @@ class ClusterJob(models.Model):
     log_path = models.CharField(max_length=1024, blank=True)
     exit_code = models.IntegerField(null=True, blank=True)
     signal = models.IntegerField(null=True, blank=True)
+    # The job array the current attempt was claimed into (its tag, in --comment and --job-name, and
+    # this job's index in it: Slurm's "<array id>_<index>"), or "" / None when submitted on its own.
+    array_tag = models.CharField(max_length=64, blank=True)
+    array_index = models.PositiveIntegerField(null=True, blank=True)
     # Submissions to Slurm; each has its own tag. A claim whose answer was lost and whose tag
     # Slurm does not know is superseded by the next attempt, never submitted twice.
     attempts = models.PositiveIntegerField(default=0)
@@ -524,6 +566,158 @@ class JobWait(models.Model):
         super().save(*args, **kwargs)
 
 
+# Columns only emg.children writes: where the child run stands, and the parent's wait on it.
+TRANSITION_OWNED_CHILD_FIELDS = frozenset(
+    {
+        "state",
+        "child_flow_run_id",
+        "claimed_at",
+        "outcome",
+        "cancel_requested_at",
+        "ended_at",
+        "suspensions",
+        "released_at",
+        "history",
+    }
+)
+
+
+class ChildRunState(models.TextChoices):
+    # The row is written; no Prefect run yet.
+    DECLARED = "DECLARED", "Declared"
+    # A process of the parent has claimed its creation (the Prefect run may or may not exist yet).
+    CREATING = "CREATING", "Creating"
+    # Its Prefect run exists (child_flow_run_id) and has not ended.
+    RUNNING = "RUNNING", "Running"
+    # Ended, as Prefect's final state type says.
+    COMPLETED = "COMPLETED", "Completed"
+    FAILED = "FAILED", "Failed"
+    CANCELLED = "CANCELLED", "Cancelled"
+    CRASHED = "CRASHED", "Crashed"
+
+
+FINAL_CHILD_STATES = [
+    ChildRunState.COMPLETED,
+    ChildRunState.FAILED,
+    ChildRunState.CANCELLED,
+    ChildRunState.CRASHED,
+]
+
+
+class ChildRunQuerySet(models.QuerySet):
+    def live(self):
+        return self.exclude(state__in=FINAL_CHILD_STATES)
+
+
+class ChildRun(models.Model):
+    """A parent flow run's child: a run of another deployment, started by flows.child_flows
+    (one per parent run and key), that the parent waits for suspended, holding no process.
+
+    Its state moves only through emg.children (compare-and-set). `suspensions` and `released_at`
+    are the parent's wait on it, as JobWait's are on a job: open while the parent may still be
+    waiting, with a round per suspension.
+    """
+
+    parent_flow_run_id = models.UUIDField()
+    key = models.CharField(max_length=200)
+    deployment = models.CharField(max_length=200)
+    parameters = models.JSONField(default=dict, blank=True)
+    # Prefect's idempotency key of the child run: one run per (instance, parent run, key), however
+    # many processes of the parent create it.
+    idempotency_key = models.CharField(max_length=400, unique=True)
+    # The request the parent runs for, if any: cancelling it cancels the children.
+    request = models.ForeignKey(
+        AnalysisRequest, on_delete=models.CASCADE, null=True, blank=True, related_name="child_runs"
+    )
+    state = models.CharField(max_length=16, choices=ChildRunState.choices, default=ChildRunState.DECLARED)
+    child_flow_run_id = models.UUIDField(null=True, blank=True, unique=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    # The final Prefect state's name and message.
+    outcome = models.TextField(blank=True)
+    # Given up (its parent was cancelled, or its request ended): the reconciler cancels its run.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    suspensions = models.PositiveIntegerField(default=0)
+    released_at = models.DateTimeField(null=True, blank=True)
+    history = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ChildRunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [models.UniqueConstraint(fields=["parent_flow_run_id", "key"], name="one_child_per_parent_key")]
+        # Every tick reads the live children and the open waits on them.
+        indexes = [
+            models.Index(
+                fields=["state"],
+                condition=~Q(state__in=["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]),
+                name="child_run_live",
+            ),
+            models.Index(fields=["created_at"], condition=Q(released_at__isnull=True), name="child_run_open"),
+        ]
+
+    def __str__(self) -> str:
+        return f"child {self.key} of {self.parent_flow_run_id} ({self.state})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_CHILD_STATES
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not self._state.adding and "update_fields" not in kwargs:
+            # Its state and the wait on it change only through emg.children; a save never rewrites them.
+            kwargs["update_fields"] = editable_columns(self, TRANSITION_OWNED_CHILD_FIELDS)
+        super().save(*args, **kwargs)
+
+
+# Columns only emg.tended_runs writes: a tended run's re-runs and its end.
+TRANSITION_OWNED_TENDED_FIELDS = frozenset({"reruns", "ended_at", "outcome", "history"})
+
+
+class TendedRunQuerySet(models.QuerySet):
+    def live(self):
+        return self.filter(ended_at__isnull=True)
+
+
+class TendedRun(models.Model):
+    """A flow run the reconciler looks after until it ends: re-run in place when it crashes or falls
+    silent (a runner killed, a process frozen), at most EMG_MAX_FLOW_RERUNS times.
+
+    Made for every run a trigger starts (workers.dispatch) and every child run (flows.child_flows),
+    whatever its flow: a run with no AnalysisRequest (the QC, a parent flow, a child) has the
+    recovery a request's run has. A request's own run is tended by its request (emg.requests,
+    workers.reconcile.flow_runs), and its row here stays open until the request ends. Its re-runs
+    and its end move only through emg.tended_runs (compare-and-set).
+    """
+
+    flow_run_id = models.UUIDField(unique=True)
+    # What started it, for people: "trigger study-created-qc (run key 7)", "child qc of <run>".
+    started_by = models.CharField(max_length=300)
+    reruns = models.PositiveIntegerField(default=0)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    outcome = models.TextField(blank=True)
+    history = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = TendedRunQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        # Every tick reads the live ones.
+        indexes = [models.Index(fields=["created_at"], condition=Q(ended_at__isnull=True), name="tended_run_live")]
+
+    def __str__(self) -> str:
+        return f"flow run {self.flow_run_id} ({self.started_by})"
+
+    def save(self, *args, **kwargs):
+        if self.pk is not None and not self._state.adding and "update_fields" not in kwargs:
+            kwargs["update_fields"] = editable_columns(self, TRANSITION_OWNED_TENDED_FIELDS)
+        super().save(*args, **kwargs)
+
+
 class ReconcileTick(models.Model):
     """One reconciler tick: when it ran, where, and what it did (for operators, and to prove ticks never overlap)."""
 
@@ -613,3 +807,71 @@ class FlowRunLease(models.Model):
 
     def __str__(self) -> str:
         return f"{self.flow_run_id} runs as pid {self.pid} on {self.host}"
+
+
+class StudyQC(models.Model):
+    """One raw-reads QC run of a study (flows.read_qc): the runs it covers, fixed at its first fetch
+    from ENA (so every resume QCs the same runs), and once all are done, the study's summary."""
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="qc_runs")
+    flow_run_id = models.UUIDField()
+    run_accessions = models.JSONField(default=list)
+    fetched_at = models.DateTimeField(auto_now_add=True)
+    runs_passed = models.PositiveIntegerField(null=True, blank=True)
+    total_reads = models.PositiveBigIntegerField(null=True, blank=True)
+    total_bases = models.PositiveBigIntegerField(null=True, blank=True)
+    summary = models.JSONField(default=dict, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "study QC"
+        verbose_name_plural = "study QC"
+        constraints = [models.UniqueConstraint(fields=["study", "flow_run_id"], name="one_qc_per_study_flow_run")]
+
+    def __str__(self) -> str:
+        done = f"{self.runs_passed}/{len(self.run_accessions)} runs passed" if self.finished_at else "in progress"
+        return f"QC of {self.study}: {done}"
+
+
+class RunQC(models.Model):
+    """What the QC job of one run measured, and whether the run passed the thresholds in force."""
+
+    study_qc = models.ForeignKey(StudyQC, on_delete=models.CASCADE, related_name="runs")
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="qc")
+    job = models.ForeignKey(ClusterJob, on_delete=models.PROTECT, related_name="run_qc")
+    reads = models.PositiveBigIntegerField()
+    bases = models.PositiveBigIntegerField()
+    mean_quality = models.FloatField()
+    q30_percent = models.FloatField()
+    gc_percent = models.FloatField()
+    passed = models.BooleanField()
+    failed_because = models.TextField(blank=True)
+    summary = models.JSONField(default=dict)
+
+    class Meta:
+        verbose_name = "run QC"
+        verbose_name_plural = "run QC"
+        constraints = [models.UniqueConstraint(fields=["study_qc", "run"], name="one_qc_per_run_and_study_qc")]
+
+    def __str__(self) -> str:
+        return f"QC of {self.run}: {'passed' if self.passed else 'failed'}"
+
+
+class StudyReport(models.Model):
+    """A study processed end to end (flows.process_study): created to ask for it, filled in by the
+    flow, which runs the study's raw-reads QC and its analysis request as child flows."""
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="reports")
+    requested_at = models.DateTimeField(auto_now_add=True)
+    # Written by emg.study_reports only, each once: the flow run, the request its first pass made,
+    # the QC its child made, and the report itself when both children have ended.
+    flow_run_id = models.UUIDField(null=True, blank=True)
+    request = models.OneToOneField(
+        AnalysisRequest, on_delete=models.SET_NULL, null=True, blank=True, related_name="study_report"
+    )
+    qc = models.ForeignKey(StudyQC, on_delete=models.SET_NULL, null=True, blank=True, related_name="reports")
+    finished_at = models.DateTimeField(null=True, blank=True)
+    summary = models.JSONField(default=dict, blank=True)
+
+    def __str__(self) -> str:
+        return f"report on {self.study} ({'finished' if self.finished_at else 'in progress'})"

@@ -8,20 +8,27 @@ import logging
 import time
 import uuid
 from functools import cache
+from typing import TYPE_CHECKING
 
 import redis
 from celery import Celery
 from django.conf import settings
-from django.db import transaction
+from django.contrib.contenttypes.models import ContentType
+from django.db import models, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from emg.models import AnalysisRequest, OutboxEvent
+from emg.models import OutboxEvent
+
+if TYPE_CHECKING:
+    from emg.triggers import Trigger
 
 logger = logging.getLogger(__name__)
 
 # The contract between this producer and the consumer in workers.tasks.
 DISPATCH_TASK_NAME = "emg.dispatch_event"
+# One event per run key of a trigger (OutboxEvent's unique constraint).
+UNIQUE_KEY = ("trigger", "run_key")
 
 
 @cache
@@ -56,24 +63,41 @@ def settle(event_id: uuid.UUID | str) -> None:
     _redis().zrem(in_flight_key(), str(event_id))
 
 
-def record_run_event(request: AnalysisRequest, *, new_request: bool = False) -> OutboxEvent | None:
-    """Write the run event for the request's current generation; None if it already exists.
+def record(trigger: "Trigger", instance: models.Model) -> OutboxEvent | None:
+    """Write the trigger's event for `instance`, in the caller's transaction; None if its run key
+    has one already.
 
-    `new_request`: the request's row was inserted in this very transaction, so no event of it can
-    exist yet, and one INSERT does (get_or_create's look-up and savepoint are three more round
-    trips inside the save).
+    One statement, `INSERT ... ON CONFLICT DO NOTHING RETURNING`, whether or not the key is new:
+    `get_or_create`'s look-up and savepoint were three more round trips inside the save, and a
+    plain INSERT of a key that exists would abort the saving transaction.
     """
-    if new_request:
-        return OutboxEvent.objects.create(
-            id=uuid.uuid4(), topic=OutboxEvent.Topic.RUN_ANALYSIS, request=request, generation=request.generation
-        )
-    event, created = OutboxEvent.objects.get_or_create(
-        topic=OutboxEvent.Topic.RUN_ANALYSIS,
-        request=request,
-        generation=request.generation,
-        defaults={"id": uuid.uuid4()},
+    event = OutboxEvent(
+        id=uuid.uuid4(),
+        trigger=trigger.name,
+        content_type=ContentType.objects.get_for_model(type(instance)),
+        object_id=instance.pk,
+        run_key=trigger.run_key(instance),
+        parameters=trigger.parameters(instance),
+        created_at=timezone.now(),
     )
-    return event if created else None
+    connection = transaction.get_connection()
+    fields = OutboxEvent._meta.concrete_fields
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    placeholders = ", ".join(["%s"] * len(fields))
+    values = [field.get_db_prep_save(getattr(event, field.attname), connection) for field in fields]
+    columns_of = {field.name: field.column for field in fields}
+    conflict = ", ".join(connection.ops.quote_name(columns_of[name]) for name in UNIQUE_KEY)
+    table = connection.ops.quote_name(OutboxEvent._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"INSERT INTO {table} ({columns}) VALUES ({placeholders}) ON CONFLICT ({conflict}) DO NOTHING RETURNING 1",
+            values,
+        )
+        written = cursor.fetchone() is not None
+    if not written:
+        return None
+    event._state.adding = False
+    return event
 
 
 def publish_after_commit(event: OutboxEvent) -> None:

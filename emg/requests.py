@@ -17,6 +17,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from emg import triggers
 from emg.history import HistoryEntry, apply_transition
 from emg.models import AnalysisRequest
 
@@ -216,8 +217,6 @@ def request_cancel(request: AnalysisRequest) -> bool:
 
 def rerun(request: AnalysisRequest) -> None:
     """Start the next generation of an ended request: a new event in the same transaction, so a new flow run."""
-    from emg.outbox import publish_after_commit, record_run_event
-
     if request.status in UNFINISHED:
         raise ValidationError(f"request #{request.id} is still {request.status}; only an ended request can be re-run")
     now = timezone.now()
@@ -241,6 +240,5 @@ def rerun(request: AnalysisRequest) -> None:
         if not applied:
             raise ValidationError(f"request #{request.id} changed meanwhile; look again before re-running it")
         request.refresh_from_db()
-        event = record_run_event(request)
-        if event is not None:
-            publish_after_commit(event)
+        # Changed by an UPDATE, which sends no post_save: its triggers are told as a save would.
+        triggers.saved(request)

@@ -3,9 +3,11 @@
 import getpass
 import os
 import re
+import warnings
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("EMG_VAR_DIR", BASE_DIR / "var"))
@@ -19,9 +21,49 @@ def _env_float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "insecure-demo-key-set-DJANGO_SECRET_KEY-in-production")
-DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
-ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
+def _env_flag(name: str, default: bool) -> bool:
+    return os.environ.get(name, "1" if default else "0") == "1"
+
+
+def _env_list(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+# --- Django security: safe unless asked otherwise ---------------------------------------------
+# A debug page shows settings, the request and the process environment: DEBUG is on only when asked
+# for (DJANGO_DEBUG=1, as `make demo` does).
+DEBUG = _env_flag("DJANGO_DEBUG", False)
+# The key signs sessions and password-reset links: a public default is acceptable only in debug mode.
+DEMO_SECRET_KEY = "insecure-demo-key-set-DJANGO_SECRET_KEY-in-production"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or DEMO_SECRET_KEY
+if not DEBUG and SECRET_KEY == DEMO_SECRET_KEY:
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY is not set: with DJANGO_DEBUG off (the default) a secret key of your own is required "
+        "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(50))'); DJANGO_DEBUG=1 runs the demo's key"
+    )
+ALLOWED_HOSTS = _env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+# Behind the usual TLS-terminating proxy: the origins users reach the admin at (https://emg.example.org)
+# and, if the proxy sets X-Forwarded-Proto, trust in that header (only if the proxy overwrites it).
+CSRF_TRUSTED_ORIGINS = _env_list("DJANGO_CSRF_TRUSTED_ORIGINS")
+if _env_flag("DJANGO_SECURE_PROXY_SSL_HEADER", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Served over HTTPS (the default outside debug mode): plain HTTP is redirected, cookies are sent only
+# over TLS and browsers are told to keep to HTTPS. DJANGO_HTTPS=0 for a plain-HTTP deployment on a
+# trusted network. The monitoring endpoints stay reachable over plain HTTP, for probes inside it.
+HTTPS = _env_flag("DJANGO_HTTPS", not DEBUG)
+SECURE_SSL_REDIRECT = HTTPS
+SECURE_REDIRECT_EXEMPT = [r"^health(/|$)", r"^metrics$"]
+SESSION_COOKIE_SECURE = HTTPS
+CSRF_COOKIE_SECURE = HTTPS
+SECURE_HSTS_SECONDS = _env_int("DJANGO_SECURE_HSTS_SECONDS", 31536000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_flag("DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = _env_flag("DJANGO_SECURE_HSTS_PRELOAD", False)
+# check --deploy warns whenever preload is off; asking browsers to preload is the domain owner's
+# decision (and hard to take back), so it stays opt-in and that one warning is not shown.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+# Error reports (and a debug page, where asked for) mask connection URLs too, not only Django's
+# default names: DATABASE_URL and REDIS_URL carry passwords.
+DEFAULT_EXCEPTION_REPORTER_FILTER = "emg.error_reports.ConnectionUrlsMasked"
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -36,6 +78,9 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    # The admin's CSS and scripts, served by the app (gzip, far-future caching of collected files)
+    # under any WSGI server, with DEBUG off.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -96,11 +141,32 @@ USE_TZ = True
 TIME_ZONE = "UTC"
 LANGUAGE_CODE = "en-gb"
 STATIC_URL = "static/"
+# `manage.py collectstatic` fills it (the app image does at build time); until then WhiteNoise finds
+# the files where the apps keep them, so an install that never collected still has the admin's CSS.
 STATIC_ROOT = VAR_DIR / "static"
+WHITENOISE_USE_FINDERS = True
+# ...and it says, once per process, that the directory is not there yet: expected, not a fault.
+warnings.filterwarnings("ignore", message="No directory at: ")
 
 # --- Event path: Redis carries events from the database to Celery -------------
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", REDIS_URL)
+# The modules that declare triggers (emg.triggers): which model changes start which deployments.
+EMG_TRIGGER_MODULES = ["flows.triggers"]
+# Deployments the runner (flows.serve) serves that no trigger starts, e.g. those other flows start
+# as child flows (flows.child_flows): "<flow name>/<deployment name>" to the flow's dotted path.
+EMG_SERVED_DEPLOYMENTS: dict[str, str] = {}
+# Which runner serves which deployment: each runner (python -m flows.serve) belongs to one group,
+# EMG_RUNNER_GROUP, and serves the deployments routed to it; unrouted ones are the "default" group's.
+# EMG_RUNNER_ROUTES routes them, e.g. "move-results/datamove=data-mover" (comma-separated pairs), so
+# data-mover flows run only on a runner started with EMG_RUNNER_GROUP=data-mover on that host.
+EMG_RUNNER_GROUP = os.environ.get("EMG_RUNNER_GROUP", "default")
+EMG_RUNNER_ROUTES: dict[str, str] = {}
+for _route in _env_list("EMG_RUNNER_ROUTES"):
+    _deployment, _equals, _group = (part.strip() for part in _route.partition("="))
+    if not (_deployment and _equals and _group):
+        raise ImproperlyConfigured(f"EMG_RUNNER_ROUTES: {_route!r} is not '<flow>/<deployment>=<runner group>'")
+    EMG_RUNNER_ROUTES[_deployment] = _group
 # An event not dispatched within this many seconds is published again by the sweep.
 EMG_OUTBOX_GRACE_SECONDS = _env_float("EMG_OUTBOX_GRACE_SECONDS", 30)
 EMG_OUTBOX_SWEEP_SECONDS = _env_float("EMG_OUTBOX_SWEEP_SECONDS", 15)
@@ -171,6 +237,11 @@ from emg.log import LOGGING, LOGGING_CONFIG  # noqa: E402,F401  (one masked JSON
 EMG_MAX_ACTIVE_JOBS = _env_int("EMG_MAX_ACTIVE_JOBS", 100)
 # Submissions per minute, whatever the room under EMG_MAX_ACTIVE_JOBS.
 EMG_MAX_SUBMISSIONS_PER_MINUTE = _env_int("EMG_MAX_SUBMISSIONS_PER_MINUTE", 6)
+# Declared jobs of one shape (same resources and options) at least this many are submitted as one
+# Slurm job array (one sbatch, counted as one submission above); 0 submits every job on its own.
+EMG_ARRAY_MIN_TASKS = _env_int("EMG_ARRAY_MIN_TASKS", 10)
+# The most tasks of one array (Slurm's MaxArraySize, 1001 by default, allows indices up to 1000).
+EMG_ARRAY_MAX_TASKS = _env_int("EMG_ARRAY_MAX_TASKS", 1000)
 
 # --- Crashed and zombie flow runs ------------------------------------------------------------
 # Flow runs send a heartbeat this often while they run (Prefect's minimum is 30 s); a suspended
@@ -208,6 +279,11 @@ EMG_DATAMOVER_PARTITION = os.environ.get("EMG_DATAMOVER_PARTITION") or None
 EMG_RESULTS_DIR = Path(os.environ.get("EMG_RESULTS_DIR", VAR_DIR / "results"))
 # Analysis runs only on an assembly at least this long (total contig bases).
 EMG_MIN_ASSEMBLY_LENGTH = _env_int("EMG_MIN_ASSEMBLY_LENGTH", 5000)
+# Raw-reads QC (flows.read_qc): one job per run; a run passes with at least this many reads and
+# this share of its bases at Phred quality 30 or more.
+EMG_READ_QC_COMMAND = os.environ.get("EMG_READ_QC_COMMAND", f"python3 {BASE_DIR / 'pipelines' / 'read_qc.py'}")
+EMG_QC_MIN_READS = _env_int("EMG_QC_MIN_READS", 100)
+EMG_QC_MIN_Q30_PERCENT = _env_float("EMG_QC_MIN_Q30_PERCENT", 80)
 
 # --- Monitoring -------------------------------------------------------------------------------
 # /health answers from check results at most this old: a burst of callers shares one run of each.

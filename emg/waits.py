@@ -51,7 +51,14 @@ def attach(flow_run_id: UUID, step: str, job_id: int, request_id: int | None) ->
 def live_waits(**filters: Any) -> "QuerySet[JobWait]":
     """Waits that still want their job: of a request that is unfinished and not being cancelled
     (released or not: its flow may re-run and wait again), or open waits of a flow with no request."""
-    live_request = Q(request__cancel_requested_at__isnull=True) & ~Q(request__status__in=AnalysisRequest.FINAL_STATUSES)
+    # `request__isnull=False` first: without it, a wait with no request matches the other two terms
+    # (NULL is neither cancelled nor final), and a released wait of a flow with no request (a child
+    # flow, cancelled) would keep its job wanted for ever.
+    live_request = (
+        Q(request__isnull=False)
+        & Q(request__cancel_requested_at__isnull=True)
+        & ~Q(request__status__in=AnalysisRequest.FINAL_STATUSES)
+    )
     no_request = Q(request__isnull=True, released_at__isnull=True)
     return JobWait.objects.filter(live_request | no_request, **filters)
 

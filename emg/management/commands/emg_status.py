@@ -142,7 +142,7 @@ class Command(BaseCommand):
             "created_at"
         ):
             lines.append(
-                f"event {event.id} (request #{event.request_id}, generation {event.generation}) not dispatched "
+                f"event {event.id} ({event.trigger} {event.run_key}) not dispatched "
                 f"after {age(event.created_at, now)}, published {event.publish_attempts} time(s)"
                 + (f": {event.last_error[:100]}" if event.last_error else "")
             )

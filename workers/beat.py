@@ -10,11 +10,12 @@ even a beat that survived would never send a task again. Here:
 """
 
 import logging
+from datetime import datetime
 from typing import Any
 
 import redis
 from redbeat import RedBeatScheduler
-from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, get_redis
+from redbeat.schedulers import LUA_EXTEND_TO_SCRIPT, RedBeatSchedulerEntry, ensure_conf, get_redis
 
 logger = logging.getLogger(__name__)
 
@@ -44,3 +45,30 @@ class RestartSafeRedBeatScheduler(RedBeatScheduler):
         if not self.lock.acquire(blocking=False):
             raise SystemExit("beat: another beat took the lock while Redis was away; exiting")
         logger.warning("beat: took the beat lock again (Redis lost it)")
+
+
+def send_lags(app, now: datetime) -> dict[str, tuple[float | None, float]]:
+    """For each entry of the beat schedule: seconds since beat last sent it (None if never, or if
+    Redis lost it), and its interval. Read from RedBeat's own records in Redis, which only the beat
+    holding the lock writes, so a live process that no longer sends (stuck, lock lost) shows as late."""
+    lags: dict[str, tuple[float | None, float]] = {}
+    prefix = ensure_conf(app).key_prefix
+    for name, definition in app.conf.beat_schedule.items():
+        interval = float(definition["schedule"])
+        try:
+            entry = RedBeatSchedulerEntry.from_key(prefix + name, app=app)
+        except KeyError:  # not in Redis: never written, or Redis restarted empty
+            lags[name] = (None, interval)
+            continue
+        last = entry.last_run_at
+        lags[name] = (None if last is None else (now - last).total_seconds(), interval)
+    return lags
+
+
+def late_entries(lags: dict[str, tuple[float | None, float]], slack_seconds: float) -> list[str]:
+    """The entries not sent within three intervals (and the slack): what a healthcheck fails on."""
+    return [
+        f"{name}: {'never sent' if lag is None else f'last sent {lag:.0f} s ago'} (every {interval:g} s)"
+        for name, (lag, interval) in lags.items()
+        if lag is None or lag > 3 * interval + slack_seconds
+    ]

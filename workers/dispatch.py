@@ -1,4 +1,13 @@
-"""Turning a run event into exactly one Prefect flow run."""
+"""Turning an outbox event into exactly one Prefect flow run of its trigger's deployment.
+
+Any trigger's (emg.triggers): the event names its trigger, its row and its run key, and carries
+the run's parameters; the trigger says whether the event is still current and what to record
+once the run is made. Runs are created as `run_deployment(..., timeout=0, idempotency_key=key)`
+would: Scheduled for now, with the key, which makes Prefect answer a second create with the run
+it already made. Not linked as a subflow (run_deployment links it only when called inside a flow
+or task run, and we are called from a Celery task), and with no trace label (run_deployment adds
+one only inside a flow run or with OpenTelemetry instrumentation, which is not installed).
+"""
 
 import logging
 import os
@@ -6,7 +15,6 @@ import threading
 import uuid
 
 import httpx
-from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -14,16 +22,14 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterIdempoten
 from prefect.client.schemas.objects import FlowRun
 from prefect.states import Scheduled
 
-from emg import requests
-from emg.models import AnalysisRequest, OutboxEvent
-from flows.deployments import ANALYSIS_DEPLOYMENT
+from emg import tended_runs, triggers
+from emg.models import OutboxEvent
 
 logger = logging.getLogger(__name__)
 
 
 def idempotency_key(event: OutboxEvent) -> str:
-    """Same request and generation, same key: Prefect returns the run it already made."""
-    return f"{settings.EMG_INSTANCE_NAMESPACE}:analysis-request:{event.request_id}:generation:{event.generation}"
+    return triggers.run_idempotency_key(event.trigger, event.run_key)
 
 
 def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
@@ -32,41 +38,50 @@ def dispatch_event(event_id: uuid.UUID | str) -> uuid.UUID | None:
     if event is None:
         logger.warning("event %s does not exist (rolled back or deleted); nothing to dispatch", event_id)
         return None
-    request = AnalysisRequest.objects.select_related("study").get(id=event.request_id)
-    if event.dispatched_at is not None and request.flow_run_id is not None:
-        return request.flow_run_id
-    if request.generation != event.generation or request.status in AnalysisRequest.FINAL_STATUSES:
+    if event.dispatched_at is not None:
+        return event.flow_run_id
+    trigger = triggers.get(event.trigger)
+    if trigger is None:
+        # Left undispatched, for the sweep to publish again: a process started before the trigger
+        # was declared (a rolling deploy) is not the last to see it.
+        logger.error("event %s: no trigger %r is declared here (EMG_TRIGGER_MODULES)", event.id, event.trigger)
+        OutboxEvent.objects.filter(id=event.id).update(last_error=f"unknown trigger {event.trigger!r}"[:2000])
+        return None
+    instance = trigger.load(event.object_id)
+    if instance is None or not trigger.current(instance, event):
         logger.info(
-            "event %s is superseded (request #%s is at generation %s, %s)",
+            "event %s is superseded (%s %s: %s)",
             event.id,
-            request.id,
-            request.generation,
-            request.status,
+            event.trigger,
+            event.run_key,
+            "its object was deleted" if instance is None else "no longer current",
         )
+        # A consumer that died after making the run, whose run then superseded the event (it ended
+        # the request) before this redelivery: the run exists, and is recorded as made.
+        flow_run_id = existing_flow_run_id(event)
         with transaction.atomic():
-            if request.generation == event.generation and request.flow_run_id is None:
-                # A consumer that died after making the run, whose run then ended the request
-                # before this redelivery: the run exists, and the request must still point to it.
-                flow_run_id = existing_flow_run_id(event)
-                if flow_run_id is not None:
-                    requests.attach_flow_run(request.id, event.generation, flow_run_id)
-            OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now())
+            if flow_run_id is not None and instance is not None and trigger.on_dispatched is not None:
+                trigger.on_dispatched(instance, event, flow_run_id)
+            OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now(), flow_run_id=flow_run_id)
         return None
 
-    flow_run = create_flow_run(request, event.generation, idempotency_key(event))
-    with transaction.atomic():
-        requests.attach_flow_run(request.id, event.generation, flow_run.id)
-        OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now(), last_error="")
-    logger.info("request #%s generation %s -> flow run %s", request.id, event.generation, flow_run.id)
-    return flow_run.id
-
-
-def replacement_key(request: AnalysisRequest) -> str:
-    """The key of the run replacing a generation's deleted flow run: one per re-run the request counted."""
-    return (
-        f"{settings.EMG_INSTANCE_NAMESPACE}:analysis-request:{request.id}:generation:{request.generation}"
-        f":replacement:{request.flow_reruns}"
+    flow_run = prefect_connection.create_run(
+        trigger.deployment,
+        parameters=event.parameters,
+        idempotency_key=idempotency_key(event),
+        name=trigger.name_of_run(instance, event),
+        tags=trigger.tags_of_run(instance, event),
     )
+    with transaction.atomic():
+        if trigger.on_dispatched is not None:
+            trigger.on_dispatched(instance, event, flow_run.id)
+        if trigger.recover:
+            tended_runs.track(flow_run.id, f"trigger {trigger.name} (run key {event.run_key})")
+        OutboxEvent.objects.filter(id=event.id).update(
+            dispatched_at=timezone.now(), flow_run_id=flow_run.id, last_error=""
+        )
+    logger.info("%s %s -> flow run %s", event.trigger, event.run_key, flow_run.id)
+    return flow_run.id
 
 
 class PrefectConnection:
@@ -173,26 +188,6 @@ class PrefectConnection:
 
 
 prefect_connection = PrefectConnection()
-
-
-def create_flow_run(request: AnalysisRequest, generation: int, key: str) -> FlowRun:
-    """The flow run of this key: made now, or the one Prefect already made for it.
-
-    What `run_deployment(..., timeout=0, idempotency_key=key)` did, through the process's kept
-    client: a run Scheduled for now, with these parameters, name and tags, and the key, which
-    makes Prefect answer a second create with the run it already made. Not linked as a subflow:
-    run_deployment links it only when called inside a flow or task run, and we are called from a
-    Celery task (no Prefect run context; `flows` never imports `workers`). Nor does it add a trace
-    label: run_deployment adds one only inside a flow run or with OpenTelemetry instrumentation,
-    which is not installed.
-    """
-    return prefect_connection.create_run(
-        ANALYSIS_DEPLOYMENT,
-        parameters={"request_id": request.id, "generation": generation},
-        idempotency_key=key,
-        name=f"{request.study.accession}-request-{request.id}-gen-{generation}",
-        tags=["emg", f"request-{request.id}"],
-    )
 
 
 def flow_run_id_by_key(key: str) -> uuid.UUID | None:

@@ -9,19 +9,22 @@ Each tick, in order (one module per step, under workers/reconcile/):
 3. `job_states`: one batched query for the state of *every* awaited job, changes recorded,
    jobs that ran out of memory or time declared again with more;
 4. `submissions`: declared jobs claimed (a compare-and-set) and submitted, under the cap and the
-   rate limit; a claim whose answer was lost is adopted by its tag or superseded;
+   rate limit, many of one shape as one job array; a claim whose answer was lost is adopted by its
+   tag or superseded;
 5. `orphans`: our Slurm jobs that no row owns (an sbatch answer that came after its claim was
    superseded) are cancelled, in ticks that superseded a claim and every few minutes;
-6. `flow_runs`: suspended runs whose jobs have all ended are resumed (as many a tick as Prefect
+6. `child_runs`: one batched Prefect read of every live child run (flows.child_flows) and its
+   parent: ended children recorded, children of cancelled parents or ended requests cancelled;
+7. `flow_runs`: suspended runs whose jobs (or children) have all ended are resumed (as many a tick as Prefect
    accepts: workers.reconcile.resume_pace); broken ones re-run, and
    drifted ones (deleted from Prefect, Completed while their request is not) get a fresh run;
-7. `usage`: what recently ended jobs used (CPU, memory, wall time), from accounting, once each;
-8. `prune`: released waits and dispatched events of ended requests, once they are old, deleted.
+8. `usage`: what recently ended jobs used (CPU, memory, wall time), from accounting, once each;
+9. `prune`: released waits and dispatched events of ended requests, once they are old, deleted.
 
 One bad job, request or run never stops the others: each step isolates them, and a step that
 fails as a whole is reported without starving the next. Ticks are made exclusive by
 workers.reconcile.lock, but correctness does not rest on that: every write is a compare-and-set
-in emg.jobs / emg.requests / emg.waits, so even overlapping ticks never submit an attempt twice
+in emg.jobs / emg.requests / emg.waits / emg.children, so even overlapping ticks never submit an attempt twice
 (model-checked: docs/protocol/submission.pml).
 """
 
@@ -38,6 +41,7 @@ from prefect.client.orchestration import SyncPrefectClient
 from emg.jobs import UNREADABLE  # noqa: F401  (re-exported: tests and operators name it from here)
 from slurm_adapter import Cluster, PartitionLimits
 from workers.reconcile.cancellations import cancel_requested
+from workers.reconcile.child_runs import tend_child_runs
 from workers.reconcile.flow_runs import tend_flow_runs
 from workers.reconcile.job_states import refresh_job_states
 from workers.reconcile.lock import TickLock
@@ -64,6 +68,8 @@ class TickReport:
     unreadable: dict[str, str] = field(default_factory=dict)
     submitted: list[str] = field(default_factory=list)
     adopted: list[str] = field(default_factory=list)
+    # Job arrays submitted: Slurm's array id, and how many of the submitted jobs are its tasks.
+    arrays: dict[str, int] = field(default_factory=dict)
     rejected: list[int] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)
     claims_superseded: int = 0
@@ -77,6 +83,11 @@ class TickReport:
     given_up: list[int] = field(default_factory=list)
     flow_runs_replaced: list[UUID] = field(default_factory=list)
     released: int = 0
+    # Child runs (ChildRun ids) whose end was recorded, and those given up, this tick.
+    children_ended: list[int] = field(default_factory=list)
+    children_given_up: list[int] = field(default_factory=list)
+    # Runs without a request (emg.tended_runs) no longer tended this tick: ended, or given up.
+    tended_ended: int = 0
     pruned: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -87,6 +98,7 @@ STEPS = (
     refresh_job_states,
     submit_declared_jobs,
     cancel_orphans,
+    tend_child_runs,
     tend_flow_runs,
     record_usage,
     prune_history,
@@ -118,6 +130,8 @@ class Reconciler:
         claim_lease: timedelta | None = None,
         lock: TickLock | None = None,
         resume_pace: ResumePace | None = None,
+        array_min_tasks: int | None = None,
+        array_max_tasks: int | None = None,
     ):
         self.cluster = cluster
         self.prefect = prefect
@@ -130,6 +144,9 @@ class Reconciler:
             claim_lease if claim_lease is not None else timedelta(seconds=settings.EMG_SUBMIT_CLAIM_LEASE_SECONDS)
         )
         self.lock = lock
+        # Job arrays: groups of at least `array_min_tasks` declared jobs of one shape (0: never).
+        self.array_min_tasks = settings.EMG_ARRAY_MIN_TASKS if array_min_tasks is None else array_min_tasks
+        self.array_max_tasks = settings.EMG_ARRAY_MAX_TASKS if array_max_tasks is None else array_max_tasks
         # Without a pace of its own, a fixed `resumes_per_tick` (what a test asks for).
         self.resume_pace = resume_pace or ResumePace(resumes_per_tick, ceiling=resumes_per_tick)
 

@@ -4,11 +4,12 @@ from datetime import timedelta
 from celery import Task, shared_task
 from django.conf import settings
 from django.db import close_old_connections
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Q
 from django.utils import timezone
 
-from emg.models import AnalysisRequest, OutboxEvent
-from emg.outbox import DISPATCH_TASK_NAME, forget_lost_in_flight, publish, record_run_event, settle
+from emg import triggers
+from emg.models import OutboxEvent
+from emg.outbox import DISPATCH_TASK_NAME, forget_lost_in_flight, publish, record, settle
 from workers.dispatch import dispatch_event as dispatch
 from workers.reconcile.ticks import report_summary, run_tick
 
@@ -79,19 +80,22 @@ def sweep_outbox() -> int:
         logger.warning("cannot read which events are in flight (%s)", error)
     for event_id in stale.values_list("id", flat=True)[:500]:
         count += publish(event_id, unless_in_flight=True)
-    # A request saved without its event (bulk_create, a raw update of its generation) still runs.
-    without_event = (
-        AnalysisRequest.objects.unfinished()
-        .filter(created_at__lt=cutoff)
-        .exclude(Exists(OutboxEvent.objects.filter(request=OuterRef("pk"), generation=OuterRef("generation"))))
-    )
-    for request in without_event[:500]:
-        event = record_run_event(request)
-        if event is not None:
-            logger.warning(
-                "request #%s had no run event for generation %s; created one", request.id, request.generation
-            )
-            count += publish(event.id)
+    # Rows saved without their event (bulk_create, a raw UPDATE) still run, for each trigger that
+    # says which they are.
+    for trigger in triggers.all_triggers():
+        if trigger.missing is None:
+            continue
+        for instance in list(trigger.missing(cutoff)[:500]):
+            event = record(trigger, instance)
+            if event is not None:
+                logger.warning(
+                    "%s #%s had no %s event for run %s; created one",
+                    instance._meta.label,
+                    instance.pk,
+                    trigger.name,
+                    event.run_key,
+                )
+                count += publish(event.id)
     if count:
         logger.info("published %s undispatched events", count)
     return count

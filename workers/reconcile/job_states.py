@@ -20,6 +20,7 @@ from emg import jobs
 from emg.models import ClusterJob, ClusterJobState
 from emg.policies import ResubmitPolicy
 from slurm_adapter import ClusterError, JobSpec, JobState, JobStatus, SubmittedJob, UnknownSlurmState
+from workers.reconcile.attempts import find_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +106,7 @@ def confirm_lost(reconciler, job: ClusterJob, status: JobStatus, report) -> JobS
     The status to record, or None to leave the job as it is this tick (the look-up failed).
     """
     try:
-        found = [
-            record
-            for record in reconciler.cluster.find_by_tag(
-                job.tag, spec_name=job.spec["name"], since=job.submission_started_at
-            )
-            if record.job_id == job.slurm_job_id
-        ]
+        found = [record for record in find_attempt(reconciler.cluster, job) if record.job_id == job.slurm_job_id]
     except (ClusterError, ValueError) as error:
         report.errors.append(f"Slurm job {job.slurm_job_id} seems lost; its tag could not be looked up: {error}")
         return None

@@ -5,14 +5,17 @@ attempt that row has superseded, or the row has ended or recorded another job fo
 That happens only when an sbatch answer arrives after its claim was superseded by a tick that
 found nothing by tag, *and* the submitting tick died before cancelling what it queued. A job whose
 tag is the row's current attempt while the row is still claimed is never an orphan: its answer
-may still be on its way.
+may still be on its way. A task of a job array carries the array's tag: its own tag (the attempt
+it was claimed for) is read from the array's list of tags, by its index.
 """
 
 import logging
 import re
 import time
 
-from emg.models import ClusterJob, ClusterJobState
+from emg.models import ARRAY_TAG_PREFIX, ClusterJob, ClusterJobState
+from slurm_adapter.arrays import read_tags, split_task_id
+from workers.reconcile.attempts import array_files_dir
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +33,9 @@ def cancel_orphans(reconciler, report) -> None:
     _last_sweep = time.monotonic()
     live = reconciler.cluster.active_jobs()
     tagged = {}
+    array_tags: dict[str, list[str]] = {}
     for status in live:
-        match = TAG.fullmatch(status.tag or "")
+        match = TAG.fullmatch(attempt_tag(status.job_id, status.tag or "", array_tags))
         if match:
             tagged[status.job_id] = (match["fingerprint"], int(match["row"]), int(match["attempt"]))
     rows = ClusterJob.objects.in_bulk({row for _, row, _ in tagged.values()})
@@ -69,3 +73,18 @@ def is_orphan(row: ClusterJob, job_id: str, attempt: int) -> bool:
     # The row's current attempt, with no Slurm id recorded: in flight while the row is claimed,
     # an orphan once the row has ended without it (rejected, or cancelled before submission).
     return row.state != ClusterJobState.DECLARED
+
+
+def attempt_tag(job_id: str, tag: str, array_tags: dict[str, list[str]]) -> str:
+    """The tag of the attempt a Slurm job is: its own, or for an array's task the one it was claimed
+    under (from the array's files, read once per sweep; "" when they cannot be read)."""
+    task = split_task_id(job_id)
+    if task is None or not tag.startswith(ARRAY_TAG_PREFIX):
+        return tag
+    if tag not in array_tags:
+        try:
+            array_tags[tag] = read_tags(str(array_files_dir(tag)))
+        except (OSError, ValueError):
+            array_tags[tag] = []
+    tags = array_tags[tag]
+    return tags[task[1]] if task[1] < len(tags) else ""

@@ -14,6 +14,7 @@ from collections import Counter
 from django.utils import timezone
 from prefect.client.orchestration import get_client
 
+from emg.connections import once_more_if_disconnected
 from emg.models import ReconcileTick
 from workers.cluster import configured_cluster
 from workers.reconcile.lock import TickLock, process_label
@@ -41,7 +42,13 @@ def run_tick():
         logger.info("a reconcile tick is already running; skipping this one")
         return None
     with lock:
-        tick = ReconcileTick.objects.create(started_at=timezone.now(), worker=process_label())
+        # Creating and finishing the tick row are repeated if a restart cuts them off: the tick's
+        # steps already record their own errors, and its bookkeeping must not fail the task.
+        # (A create repeated after the server had committed it leaves one row never finished.)
+        tick = once_more_if_disconnected(
+            lambda: ReconcileTick.objects.create(started_at=timezone.now(), worker=process_label()),
+            what="starting a reconcile tick",
+        )
         cluster = configured_cluster()
         calls_before = slurm_calls(cluster)
         started = time.monotonic()
@@ -49,16 +56,20 @@ def run_tick():
             report = Reconciler.from_settings(cluster, prefect, lock=lock).tick()
         duration = time.monotonic() - started
         calls = slurm_calls(cluster) - calls_before
-        summary = {
-            **report_summary(report),
-            "duration_seconds": round(duration, 3),
-            "slurm_calls": dict(calls),
-            "totals": running_totals(previous_totals(tick.id), report, calls),
-        }
-        ReconcileTick.objects.filter(id=tick.id).update(
-            finished_at=timezone.now(), report=summary, job_states_read_at=report.job_states_read_at
-        )
-        ReconcileTick.objects.filter(id__lte=tick.id - ReconcileTick.KEEP).delete()
+
+        def finish() -> None:
+            summary = {
+                **report_summary(report),
+                "duration_seconds": round(duration, 3),
+                "slurm_calls": dict(calls),
+                "totals": running_totals(previous_totals(tick.id), report, calls),
+            }
+            ReconcileTick.objects.filter(id=tick.id).update(
+                finished_at=timezone.now(), report=summary, job_states_read_at=report.job_states_read_at
+            )
+            ReconcileTick.objects.filter(id__lte=tick.id - ReconcileTick.KEEP).delete()
+
+        once_more_if_disconnected(finish, what=f"finishing reconcile tick #{tick.id}")
         return report
 
 

@@ -30,6 +30,7 @@ from prefect import flow, get_run_logger  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 
 from emg import requests  # noqa: E402
+from emg.connections import from_the_top_if_disconnected, once_more_if_disconnected  # noqa: E402
 from emg.models import Analysis, AnalysisRequest, Assembly, ClusterJob, Run  # noqa: E402
 from emg.pipeline_options import option_arguments, resolved_options  # noqa: E402
 from emg.policies import ResubmitPolicy, Reuse  # noqa: E402
@@ -199,7 +200,10 @@ def study_runs(request: AnalysisRequest, generation: int) -> list[Run]:
         defer_for_ena(request, generation, error)
     if not run_records:
         raise StepFailed(f"study {accession} has no read runs in ENA: nothing to assemble")
-    runs = store_study_and_runs(request.study, study_record, run_records)
+    # One transaction of upserts: cut off by a database restart, it rolled back whole and is sent again.
+    runs = once_more_if_disconnected(
+        lambda: store_study_and_runs(request.study, study_record, run_records), what=f"storing {accession}'s runs"
+    )
     requests.record_ena_fetch(request.id, generation, [run.accession for run in runs])
     return runs
 
@@ -314,6 +318,7 @@ def move_results(request: AnalysisRequest, jobs: dict[str, ClusterJob]) -> Path:
 
 
 @flow(name=ANALYSIS_FLOW_NAME, persist_result=True)
+@from_the_top_if_disconnected
 def analyse_study(request_id: int, generation: int = 1) -> str:
     logger = get_run_logger()
     request = AnalysisRequest.objects.select_related("study").get(id=request_id)

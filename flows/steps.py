@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from django.db import transaction
+
 from emg.models import ClusterJob, ClusterJobState
 from emg.policies import ResubmitPolicy
 from flows.cluster_jobs import OutputsMissing, manifest_problems, record_manifest, require_job, wait_for_jobs
@@ -113,17 +115,20 @@ def run_cluster_jobs(
         raise ValueError(f"each step of a flow run needs its own name; given more than once: {', '.join(duplicates)}")
     if not steps:
         return []
-    job_ids = [
-        require_job(
-            step.name,
-            step.spec,
-            inputs=[str(path) for path in step.inputs],
-            policy=step.policy,
-            request_id=request_id,
-            outputs=list(step.outputs),
-        )
-        for step in steps
-    ]
+    # One transaction for the whole fan-out: the reconciler sees all of its jobs declared or none,
+    # so one tick submits those of one shape together (as one job array, above EMG_ARRAY_MIN_TASKS).
+    with transaction.atomic():
+        job_ids = [
+            require_job(
+                step.name,
+                step.spec,
+                inputs=[str(path) for path in step.inputs],
+                policy=step.policy,
+                request_id=request_id,
+                outputs=list(step.outputs),
+            )
+            for step in steps
+        ]
     if on_wait is not None:
         declared = ClusterJob.objects.in_bulk(job_ids)
         pending = {step.name: declared[job_id] for step, job_id in zip(steps, job_ids, strict=True)}

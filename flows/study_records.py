@@ -72,13 +72,18 @@ def split_list(value) -> list[str]:
     return [item for item in (value or "").split(";") if item]
 
 
+def read_urls(run: Run) -> list[str]:
+    """The run's read files as URLs (ENA lists them as `host/path`)."""
+    return [f"{settings.EMG_ENA_FASTQ_URL_PREFIX}{path}" for path in run.fastq_ftp]
+
+
 def samplesheet_text(runs: list[Run]) -> str:
     """One row per run, reads as URLs: the format the assembly pipeline (and nf-core) takes."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["sample", "run", "fastq_1", "fastq_2"])
     for run in sorted(runs, key=lambda run: run.accession):
-        urls = [f"{settings.EMG_ENA_FASTQ_URL_PREFIX}{path}" for path in run.fastq_ftp]
+        urls = read_urls(run)
         if not urls:
             continue
         writer.writerow([run.sample.accession, run.accession, urls[0], urls[1] if len(urls) > 1 else ""])

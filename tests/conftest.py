@@ -91,11 +91,15 @@ def ena_server():
 
 @pytest.fixture(scope="session")
 def stack(django_db_setup, prefect_api_url, cluster_backend_env, ena_server, service_logs, tmp_path_factory):
-    """Prefect runner, Celery dispatch worker, tick worker and beat (devstack.Stack), all on the test database."""
+    """Prefect runner, Celery dispatch worker, tick worker and beat (devstack.Stack), all on the test
+    database, on the product's settings and a product of the tests' own (tests/product_settings.py)."""
     database = settings.DATABASES["default"]
     env = dict(os.environ)
     env.update(
-        DJANGO_SETTINGS_MODULE="emg.settings",
+        # The product's and a product of the tests' own (tests.triggerapp), importable from the
+        # checkout also by the processes started from the venv's scripts (celery).
+        DJANGO_SETTINGS_MODULE="tests.product_settings",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         DATABASE_URL=f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}",
         PREFECT_RUNNER_POLL_FREQUENCY="1",
         **cluster_backend_env,
@@ -114,6 +118,24 @@ def stack(django_db_setup, prefect_api_url, cluster_backend_env, ena_server, ser
         yield session_stack
     finally:
         session_stack.stop()
+
+
+@pytest.fixture(scope="module")
+def local_stack(stack, service_logs):
+    """The session stack's twin with its cluster jobs run as local processes (EMG_CLUSTER_BACKEND=local)
+    instead of on Slurm, on the same database, broker and Prefect server: the session stack is
+    paused meanwhile, so the twin's workers and reconciler are the only ones. For a flow's test that
+    needs no cluster (tests/flowkit.py)."""
+    env = {**stack.env, "EMG_CLUSTER_BACKEND": "local"}
+    for name in ("EMG_SLURMRESTD_URL", "EMG_SLURMRESTD_TOKEN_FILE"):
+        env.pop(name, None)
+    with stack.paused():
+        twin = Stack(env, service_logs, label="local")
+        try:
+            twin.start()
+            yield twin
+        finally:
+            twin.stop()
 
 
 def pytest_collection_modifyitems(items):

@@ -6,6 +6,7 @@ from there. Anything already set in the environment wins.
 """
 
 import os
+import secrets
 import tempfile
 import uuid
 
@@ -32,9 +33,13 @@ _defaults = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
     "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+    # Production's defaults (DEBUG off, so a key of the session's own), but over plain HTTP: the
+    # session stack serves localhost without TLS. tests/test_security.py checks the HTTPS defaults.
+    "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+    "DJANGO_HTTPS": "0",
 }
 for _name, _value in _defaults.items():
     os.environ.setdefault(_name, _value)
 os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", os.path.join(os.environ["PREFECT_HOME"], "results"))
 
-from emg.settings import *  # noqa: E402,F403
+from tests.product_settings import *  # noqa: E402,F403

@@ -13,7 +13,19 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from emg.models import AnalysisRequest, ClusterJob, ClusterJobState, JobWait, OutboxEvent, ReconcileTick, Study
+from emg import tended_runs
+from emg.models import (
+    AnalysisRequest,
+    ClusterJob,
+    ClusterJobState,
+    JobWait,
+    OutboxEvent,
+    ReconcileTick,
+    Study,
+    StudyQC,
+    StudyReport,
+    TendedRun,
+)
 from slurm_adapter import JobSpec
 
 pytestmark = pytest.mark.django_db
@@ -86,13 +98,16 @@ def rows(tmp_path):
     )
     wait = wait_for(request, job)
     tick = ReconcileTick.objects.create(started_at=timezone.now(), worker="host:1", report={"checked": 1})
+    tended = TendedRun.objects.create(flow_run_id=uuid.uuid4(), started_by="trigger study-created-qc (run key 1)")
+    tended_runs.count_rerun(tended, "flow run crashed")
     return {
         "study": request.study,
         "request": request,
         "job": job,
         "wait": wait,
-        "event": OutboxEvent.objects.get(request=request),
+        "event": OutboxEvent.objects.of(request).get(),
         "tick": tick,
+        "tended": tended,
     }
 
 
@@ -191,7 +206,7 @@ def test_lists_filter_by_state_and_find_rows_by_slurm_id_or_accession(admin_clie
         assert list(found.result_list) == [rows["request"]], query
 
 
-@pytest.mark.parametrize("model", ["analysisrequest", "clusterjob", "jobwait", "outboxevent"])
+@pytest.mark.parametrize("model", ["analysisrequest", "clusterjob", "jobwait", "outboxevent", "tendedrun"])
 def test_list_pages_make_the_same_number_of_queries_for_many_rows_as_for_one(admin_client, tmp_path, model):
     def queries_for_list() -> int:
         with CaptureQueriesContext(connection) as captured:
@@ -201,6 +216,7 @@ def test_list_pages_make_the_same_number_of_queries_for_many_rows_as_for_one(adm
     def add_row(n: int) -> None:
         request = make_request(accession=f"PRJEB2000{n}", flow_run_id=uuid.uuid4())
         wait_for(request, make_job(tmp_path, name=f"job-{n}", slurm_job_id=str(n)))
+        TendedRun.objects.create(flow_run_id=uuid.uuid4(), started_by=f"child c{n} of flow run {request.flow_run_id}")
 
     add_row(1)
     one = queries_for_list()
@@ -242,7 +258,7 @@ def test_rerun_action_starts_a_new_generation_of_a_failed_request_with_a_new_eve
     failed.refresh_from_db()
     running.refresh_from_db()
     assert (failed.generation, failed.status, failed.flow_run_id) == (2, AnalysisRequest.Status.PENDING, None)
-    assert sorted(OutboxEvent.objects.filter(request=failed).values_list("generation", flat=True)) == [1, 2]
+    assert sorted(OutboxEvent.objects.of(failed).values_list("parameters__generation", flat=True)) == [1, 2]
     assert running.generation == 1
     assert any("still RUNNING" in note for note in notes)
 
@@ -630,3 +646,26 @@ def test_a_jobs_nextflow_trace_is_a_summary_and_a_task_table_sortable_by_any_col
     assert 'href="?trace_sort=name&amp;trace_order=desc#trace">name▲</a>' in sorted_page
     table = sorted_page[sorted_page.index('<table id="trace"') :]
     screenshot(table[: table.index("</table>") + 8], "trace-table")
+
+
+def test_adding_a_study_report_asks_for_the_study_to_be_processed_and_its_qc_pages_render(admin_client, tmp_path):
+    study = Study.objects.create(accession="PRJEB40012")
+
+    response = admin_client.post(reverse("admin:emg_studyreport_add"), {"study": study.id})
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    report = StudyReport.objects.get(study=study)
+    assert OutboxEvent.objects.of(report).get().trigger == "study-report"
+    qc = StudyQC.objects.create(study=study, flow_run_id=uuid.uuid4(), run_accessions=["ERR4801201"])
+    for url in (
+        reverse("admin:emg_studyreport_change", args=[report.id]),
+        reverse("admin:emg_studyqc_changelist"),
+        reverse("admin:emg_studyqc_change", args=[qc.id]),
+    ):
+        assert admin_client.get(url).status_code == 200, url
+    # What the flow writes cannot be written here.
+    admin_client.post(reverse("admin:emg_studyreport_change", args=[report.id]), {"summary": '{"forged": 1}'})
+    report.refresh_from_db()
+    assert report.summary == {}
+    assert admin_client.post(reverse("admin:emg_studyreport_add"), {"study": ""}).status_code == 200  # refused
+    assert StudyReport.objects.count() == 1

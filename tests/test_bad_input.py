@@ -197,7 +197,7 @@ def running_job(slurm_job_id: str, tmp_path, *, submitted_ago: timedelta = timed
 
 
 def sacct_line(job: ClusterJob, state: str, exit_code: str = "0:0") -> str:
-    assert SACCT_FIELDS == ("JobIDRaw", "State", "ExitCode", "Submit", "Start", "End", "Comment")
+    assert SACCT_FIELDS == ("JobID", "State", "ExitCode", "Submit", "Start", "End", "Comment")
     submit = job.submit_time.strftime("%Y-%m-%dT%H:%M:%S")
     return f"{job.slurm_job_id}|{state}|{exit_code}|{submit}|{submit}|Unknown|emg:{job.tag}"
 
@@ -309,7 +309,7 @@ def test_an_answer_from_ena_that_is_not_a_json_list_fails_the_request_clearly_an
 
     with broker_unreachable(), transaction.atomic():
         request = AnalysisRequest.objects.create(study=Study.objects.create(accession=accession))
-        OutboxEvent.objects.filter(request=request).update(dispatched_at=timezone.now())
+        OutboxEvent.objects.of(request).update(dispatched_at=timezone.now())
 
     with http_server(200, content_type, body) as url:
         settings.EMG_ENA_PORTAL_API = url

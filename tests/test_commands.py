@@ -59,8 +59,8 @@ def test_status_lists_requests_and_jobs_and_names_what_is_stuck(tmp_path, reconc
     AnalysisRequest.objects.filter(id=done.id).update(
         status="COMPLETED", finished_at=timezone.now(), status_reason="Slurm job 11 completed"
     )
-    OutboxEvent.objects.filter(request=done).update(dispatched_at=timezone.now())
-    OutboxEvent.objects.filter(request=waiting).update(
+    OutboxEvent.objects.of(done).update(dispatched_at=timezone.now())
+    OutboxEvent.objects.of(waiting).update(
         created_at=long_ago(600), publish_attempts=3, last_error="publish failed: broker down"
     )
     silent = declare(tmp_path, "silent-job")
@@ -78,7 +78,7 @@ def test_status_lists_requests_and_jobs_and_names_what_is_stuck(tmp_path, reconc
     assert re.search(rf"^{ended.id} +ended-job +31338 +FAILED +2 .* #{waiting.id}$", jobs_part, re.M)
     assert "the reconciler has not ticked yet" in stuck_part
     assert (
-        f"request #{waiting.id}, generation 1) not dispatched after 10m, published 3 time(s): publish failed"
+        f"(analysis-request {waiting.id}:generation:1) not dispatched after 10m, published 3 time(s): publish failed"
         in stuck_part
     )
     assert f"job #{silent.id} (Slurm 31337, RUNNING) not checked for 1h" in stuck_part
@@ -116,17 +116,17 @@ def test_requeue_events_publishes_each_undispatched_event_with_progress():
     study = Study.objects.create(accession="PRJEB55502")
     first, second = (AnalysisRequest.objects.create(study=study) for _ in range(2))
     dispatched = AnalysisRequest.objects.create(study=study)
-    OutboxEvent.objects.filter(request=dispatched).update(dispatched_at=timezone.now())
+    OutboxEvent.objects.of(dispatched).update(dispatched_at=timezone.now())
 
     output = run("requeue_events")
 
     lines = output.splitlines()
     for number, request in enumerate((first, second), start=1):
-        event = OutboxEvent.objects.get(request=request)
-        assert f"[{number}/2] event {event.id} request #{request.id} generation 1: published" in lines
+        event = OutboxEvent.objects.of(request).get()
+        assert f"[{number}/2] event {event.id} analysis-request {request.id}:generation:1: published" in lines
         assert event.published_at is not None and event.publish_attempts == 1
     assert lines[-1] == "published 2 of 2 event(s)"
-    assert OutboxEvent.objects.get(request=dispatched).publish_attempts == 0
+    assert OutboxEvent.objects.of(dispatched).get().publish_attempts == 0
 
 
 def test_requeue_events_with_nothing_to_do_says_so():

@@ -34,10 +34,14 @@ CELERY_SERVICES = {"celery-worker", "celery-tick-worker", "celery-beat"}
 PG_PASSWORD = "dummy-pg-password-7f3a9c"
 DJANGO_SECRET = "dummy-django-secret-91c2e4"
 FLOWER_AUTH = "dummy-flower-user:dummy-flower-password-55e1b8"
+REDIS_PASSWORD = "dummy-redis-password-3d8b07"
+PREFECT_AUTH = "dummy-prefect-user:dummy-prefect-password-a4c6f1"
 REQUIRED_ENV = {
     "POSTGRES_PASSWORD": PG_PASSWORD,
     "DJANGO_SECRET_KEY": DJANGO_SECRET,
     "FLOWER_BASIC_AUTH": FLOWER_AUTH,
+    "REDIS_PASSWORD": REDIS_PASSWORD,
+    "PREFECT_API_AUTH_STRING": PREFECT_AUTH,
 }
 
 
@@ -177,7 +181,7 @@ def test_commands(services):
     assert command_text(services["flower"]).startswith("celery -A workers flower --port=5555")
     web = command_text(services["web"])
     assert "python manage.py migrate --noinput &&" in web
-    assert "python manage.py runserver" in web and "0.0.0.0:8000" in web
+    assert "exec gunicorn emg.wsgi:application" in web and "--bind 0.0.0.0:8000" in web
     assert "--appendonly yes" in command_text(services["redis"])
 
 
@@ -203,7 +207,7 @@ def test_app_environment(services):
     for name in APP_SERVICES:
         env = services[name]["environment"]
         assert env["DATABASE_URL"] == f"postgres://postgres:{PG_PASSWORD}@postgres:5432/emg"
-        assert env["REDIS_URL"] == "redis://redis:6379/0"
+        assert env["REDIS_URL"] == f"redis://:{REDIS_PASSWORD}@redis:6379/0"
         assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
         assert env["DJANGO_SECRET_KEY"] == DJANGO_SECRET
         assert env["DJANGO_DEBUG"] == "0"
@@ -240,6 +244,14 @@ def test_shared_volumes(services):
     results = "/var/lib/emg/prefect-results"
     result_volumes = {mounts(services[name]).get(results) for name in ("prefect-worker", *CELERY_SERVICES)}
     assert len(result_volumes) == 1 and None not in result_volumes, result_volumes
+    # Results outlive a container: one named volume where the data-move job writes them and where
+    # the app services read them, at the path the app environment names.
+    assert services["web"]["environment"]["EMG_RESULTS_DIR"] == "/var/lib/emg/results"
+    results_volumes = {
+        mounts(services[name]).get("/var/lib/emg/results")
+        for name in ("slurm", "web", "prefect-worker", *CELERY_SERVICES)
+    }
+    assert len(results_volumes) == 1 and None not in results_volumes, results_volumes
     assert mounts(services["celery-beat"]).get("/var/lib/emg/beat")
     # Munge key and slurm.conf, written by the slurm service, read by the Celery containers.
     slurm = mounts(services["slurm"])
@@ -272,6 +284,11 @@ def test_secrets_appear_only_where_they_belong(config):
         | {("services", name, "environment", "DATABASE_URL") for name in APP_SERVICES},
         DJANGO_SECRET: {("services", name, "environment", "DJANGO_SECRET_KEY") for name in APP_SERVICES},
         FLOWER_AUTH: {("services", "flower", "environment", "FLOWER_BASIC_AUTH")},
+        # Redis's own, and the broker URL of every process that talks to it.
+        REDIS_PASSWORD: {("services", "redis", "environment", "REDIS_PASSWORD")}
+        | {("services", name, "environment", "REDIS_URL") for name in APP_SERVICES | {"flower"}},
+        PREFECT_AUTH: {("services", "prefect-server", "environment", "PREFECT_SERVER_API_AUTH_STRING")}
+        | {("services", name, "environment", "PREFECT_API_AUTH_STRING") for name in APP_SERVICES},
     }
     seen = {secret: set() for secret in allowed}
     for path, value in strings(config):
@@ -301,17 +318,39 @@ def test_no_hard_coded_secrets(services):
             elif SECRET_NAME.search(key) and not key.endswith("_FILE"):
                 assert value in dummies, f"{name}: {key} is not taken from a variable"
             for password in URL_CREDENTIALS.findall(value):
-                assert password == PG_PASSWORD, f"{name}: {key} has a hard-coded password"
+                assert password in (PG_PASSWORD, REDIS_PASSWORD), f"{name}: {key} has a hard-coded password"
 
 
 def test_secrets_in_the_file_are_only_variable_references():
     text = COMPOSE_FILE.read_text()
     for name in REQUIRED_ENV:
-        # Every mention outside comments is a ${NAME...} reference or the variable's own key.
+        # Every mention outside comments is a ${NAME...} reference, a $$NAME the container's shell
+        # expands, or the variable's own key.
         for line in text.splitlines():
             code = line.split("#", 1)[0]
             if name in code:
-                stripped = re.sub(r"\$\{" + name + r"(:?[?-][^}]*)?\}", "", code)
+                stripped = re.sub(r"\$\{" + name + r"(:?[?-][^}]*)?\}|\$\$" + name + r"\b", "", code)
                 assert name not in stripped or re.match(rf"\s*{name}:\s*$", stripped), line
     for match in URL_CREDENTIALS.finditer(text):
         assert match.group(1).startswith("${"), match.group(0)
+
+
+def test_the_slurm_node_where_pipeline_code_runs_reaches_neither_the_databases_nor_redis_nor_prefect(services):
+    networks = {name: set(service.get("networks") or {"default"}) for name, service in services.items()}
+    for guarded in ("postgres", "redis", "prefect-server"):
+        assert networks["slurm"].isdisjoint(networks[guarded]), f"slurm shares a network with {guarded}"
+    # ...while the processes that submit to Slurm, and web's health check, still reach it.
+    for caller in ("celery-tick-worker", "web"):
+        assert networks["slurm"] & networks[caller], f"{caller} cannot reach the slurm node"
+
+
+def test_services_and_their_slurm_jobs_run_as_the_same_unprivileged_user_in_both_images():
+    """Jobs run as whoever submitted them: the app image drops root before any service starts, and
+    the slurm node knows the same user by the same uid."""
+    docker = ROOT / "docker"
+    user = "useradd --system --uid 10001 --user-group"
+    assert user in (docker / "app.Dockerfile").read_text()
+    assert user in (docker / "slurm.Dockerfile").read_text()
+    entrypoint = (docker / "app-entrypoint.sh").read_text().split("\n")
+    commands = [line.strip() for line in entrypoint if line.strip().startswith("exec ")]
+    assert commands[0] == 'exec setpriv --reuid=emg --regid=emg --init-groups "$@"', commands

@@ -5,6 +5,7 @@ connection idle (as a flow waiting on ENA does), then the server restarts (`pg_c
 fast`: every session cut off) and the process queries again, with no request cycle in between.
 """
 
+import os
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ def product_process(script: str, own_postgres: OwnPostgres) -> subprocess.Popen:
     env = {
         "PATH": "/usr/bin:/bin",
         "DJANGO_SETTINGS_MODULE": "emg.settings",
+        # Outside debug mode the product starts only with a secret key: the session's.
+        "DJANGO_SECRET_KEY": os.environ["DJANGO_SECRET_KEY"],
         "DATABASE_URL": own_postgres.url(),
         "EMG_VAR_DIR": str(own_postgres.root),
     }

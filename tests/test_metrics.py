@@ -101,8 +101,8 @@ def test_requests_jobs_and_outbox_figures_are_counts_of_the_rows(client):
     # Two of the four run events were dispatched, 2 s and 40 s after they were written.
     created = timezone.now() - timedelta(minutes=10)
     OutboxEvent.objects.update(created_at=created)
-    OutboxEvent.objects.filter(request=requests[0]).update(dispatched_at=created + timedelta(seconds=2))
-    OutboxEvent.objects.filter(request=requests[1]).update(dispatched_at=created + timedelta(seconds=40))
+    OutboxEvent.objects.of(requests[0]).update(dispatched_at=created + timedelta(seconds=2))
+    OutboxEvent.objects.of(requests[1]).update(dispatched_at=created + timedelta(seconds=40))
 
     job("a", ClusterJobState.RUNNING, "bigmem", slurm_job_id="11", submit_time=timezone.now())
     job(

@@ -53,11 +53,14 @@ def test_saving_a_request_writes_one_run_event_per_generation(django_capture_on_
     assert len(callbacks) == 1
     request.status_reason = "edited"
     request.save()
-    assert OutboxEvent.objects.filter(request=request).count() == 1
+    assert OutboxEvent.objects.of(request).count() == 1
 
     request.generation = 2
     request.save()
-    assert sorted(OutboxEvent.objects.filter(request=request).values_list("generation", flat=True)) == [1, 2]
+    assert sorted(OutboxEvent.objects.of(request).values_list("parameters__generation", flat=True)) == [
+        1,
+        2,
+    ]
 
 
 # --- a status that reads forward ------------------------------------------------------------------

@@ -42,7 +42,7 @@ def tasks_for(client: redis.Redis, event_id) -> int:
 def an_event() -> OutboxEvent:
     """A saved request's event, published as the save's commit would publish it."""
     request = AnalysisRequest.objects.create(study=Study.objects.create(accession="PRJEB55601"))
-    event = OutboxEvent.objects.get(request=request)
+    event = OutboxEvent.objects.of(request).get()
     assert publish(event.id)
     return event
 

@@ -11,8 +11,11 @@ from django.db import IntegrityError, connection, transaction
 from django.urls import reverse
 from django.utils import timezone
 
+from emg import triggers
 from emg.models import AnalysisRequest, ClusterJob, JobWait, OutboxEvent, Study
+from emg.outbox import record
 from emg.pipeline_options import OPTIONS, option_arguments, resolved_options
+from flows.deployments import ANALYSIS_TRIGGER
 from tests.services import broker_unreachable
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -179,13 +182,8 @@ def test_a_bulk_created_invalid_request_ends_failed_with_the_reason_before_anyth
     with broker_unreachable():
         [request] = AnalysisRequest.objects.bulk_create([AnalysisRequest(study=study(), pipeline_options=options)])
         # What the outbox sweep does for a request without an event: it runs.
-        OutboxEvent.objects.create(
-            id=__import__("uuid").uuid4(),
-            topic=OutboxEvent.Topic.RUN_ANALYSIS,
-            request=request,
-            generation=1,
-            dispatched_at=timezone.now(),
-        )
+        event = record(triggers.get(ANALYSIS_TRIGGER), request)
+        OutboxEvent.objects.filter(id=event.id).update(dispatched_at=timezone.now())
 
     assert analyse_study(request_id=request.id) == AnalysisRequest.Status.FAILED
 

@@ -9,17 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from emg.models import TRANSITION_OWNED_JOB_FIELDS, TRANSITION_OWNED_REQUEST_FIELDS, TRANSITION_OWNED_WAIT_FIELDS
+from emg.models import (
+    TRANSITION_OWNED_CHILD_FIELDS,
+    TRANSITION_OWNED_JOB_FIELDS,
+    TRANSITION_OWNED_REQUEST_FIELDS,
+    TRANSITION_OWNED_TENDED_FIELDS,
+    TRANSITION_OWNED_WAIT_FIELDS,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("emg", "flows", "workers", "slurm_adapter")
 # The owners of the columns, and the model code that routes saves around them.
-OWNERS = {"emg/jobs.py", "emg/requests.py", "emg/waits.py", "emg/history.py"}
+OWNERS = {"emg/jobs.py", "emg/requests.py", "emg/waits.py", "emg/children.py", "emg/tended_runs.py", "emg/history.py"}
 # A write through the model's manager is checked against all of that model's owned columns.
 MODEL_FIELDS = {
     "ClusterJob": TRANSITION_OWNED_JOB_FIELDS,
     "AnalysisRequest": TRANSITION_OWNED_REQUEST_FIELDS,
     "JobWait": TRANSITION_OWNED_WAIT_FIELDS,
+    "ChildRun": TRANSITION_OWNED_CHILD_FIELDS,
+    "TendedRun": TRANSITION_OWNED_TENDED_FIELDS,
 }
 # A write through a queryset in a variable (or an assignment to an attribute) cannot be traced to
 # its model here; these names belong to no other model or dict of ours, so they are refused anywhere.
@@ -38,6 +46,11 @@ DISTINCTIVE = frozenset(
         "cancel_requested_at",
         "released_at",
         "suspensions",
+        "child_flow_run_id",
+        "claimed_at",
+        "array_tag",
+        "array_index",
+        "reruns",
     }
 )
 ASSIGNED = DISTINCTIVE | {"status", "generation", "flow_run_id"}
@@ -119,6 +132,11 @@ def test_no_product_module_but_the_owners_writes_a_state_column():
         "waits.update(suspensions=F('suspensions') + 1)",
         "rows.update(history=AppendToHistory(entry))",
         "wait.history = []",
+        "ChildRun.objects.filter(id=1).update(state='CANCELLED')",
+        "ChildRun.objects.filter(id=1).update(outcome='x', ended_at=now)",
+        "rows.update(child_flow_run_id=run_id)",
+        "child.claimed_at = now",
+        "ChildRun.objects.bulk_update(rows, ['released_at'])",
     ],
 )
 def test_the_check_catches_each_kind_of_write(source):
@@ -131,9 +149,10 @@ def test_the_check_catches_each_kind_of_write(source):
         "Study.objects.filter(id=1).update(title='x')",
         "job.trace = {}",
         "row.update(status='COMPLETED', exit=0)",
-        "OutboxEvent.objects.get_or_create(topic=t, request=r, generation=g)",
+        "OutboxEvent.objects.get_or_create(trigger=t, run_key=k, defaults={'parameters': p})",
         "ReconcileTick.objects.filter(id=1).update(finished_at=now)",
         "ClusterJob.objects.create(name=n, state='DECLARED')",
+        "ChildRun.objects.filter(id=1).update(parameters={})",
     ],
 )
 def test_the_check_leaves_other_models_and_dicts_alone(source):

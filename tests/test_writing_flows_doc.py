@@ -25,7 +25,7 @@ def test_the_doc_has_runnable_examples_of_each_kind():
     runnable = [code for _, is_runnable, code in blocks() if is_runnable]
     assert len(runnable) >= 4
     joined = "\n".join(runnable)
-    for name in ("cache_key_fn", "run_cluster_jobs", "ResubmitPolicy(", "def test_"):
+    for name in ("cache_key_fn", "run_cluster_jobs", "run_child_flows", "ResubmitPolicy(", "def test_"):
         assert name in joined, name
 
 

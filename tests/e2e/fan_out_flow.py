@@ -22,6 +22,7 @@ from prefect.deployments.runner import RunnerDeployment  # noqa: E402
 from prefect.runner import Runner  # noqa: E402
 
 from emg.models import ClusterJob  # noqa: E402
+from emg.policies import ResubmitPolicy  # noqa: E402
 from flows.cluster_jobs import JOB_DIR, RESULTS  # noqa: E402
 from flows.steps import ClusterStep, ClusterStepFailed, run_cluster_jobs  # noqa: E402
 from slurm_adapter import JobSpec  # noqa: E402
@@ -31,8 +32,14 @@ FAN_OUT_DEPLOYMENT = f"{FAN_OUT_FLOW}/served"
 OUTPUT = "n.txt"
 
 
-def step(tag: str, index: int, go: str, fails: bool) -> ClusterStep:
+# Memory a hungry job needs: more than every job's first 64 MB, less than the 512 MB of its retry.
+HUNGRY_MB = 200
+
+
+def step(tag: str, index: int, go: str, fails: bool, hungry: bool = False) -> ClusterStep:
     work = f"while [ ! -e {shlex.quote(go)} ]; do sleep 0.2; done\n"
+    if hungry:  # the node's cgroups enforce --mem: a real OUT_OF_MEMORY on the first attempt
+        work += f"python3 -c 'a = bytearray({HUNGRY_MB} * 1024 * 1024); import time; time.sleep(1)'\n"
     if fails:
         work += f"echo 'job {index} of {tag}: record 600 is truncated' >&2\nexit 7\n"
     else:
@@ -44,7 +51,7 @@ def step(tag: str, index: int, go: str, fails: bool) -> ClusterStep:
         time_limit_minutes=10,
         memory_mb=64,
     )
-    return ClusterStep(f"echo[{index}]", spec, outputs=[OUTPUT])
+    return ClusterStep(f"echo[{index}]", spec, policy=ResubmitPolicy(memory_factor=8), outputs=[OUTPUT])
 
 
 def append(journal: str, entry: dict) -> None:
@@ -57,8 +64,8 @@ def result(job: ClusterJob) -> list:
 
 
 @flow(name=FAN_OUT_FLOW)
-def fan_out(tag: str, count: int, failing: list[int], go: str, journal: str) -> str:
-    steps = [step(tag, index, go, index in failing) for index in range(count)]
+def fan_out(tag: str, count: int, failing: list[int], go: str, journal: str, hungry: list[int] | None = None) -> str:
+    steps = [step(tag, index, go, index in failing, index in (hungry or [])) for index in range(count)]
 
     def waiting(pending: dict[str, ClusterJob]) -> None:
         append(journal, {"waiting": {name: job.id for name, job in pending.items()}})

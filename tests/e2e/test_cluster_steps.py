@@ -1,6 +1,7 @@
 """A served flow fans out cluster jobs with flows.steps.run_cluster_jobs, on the session stack and real
 Slurm: one suspension and one resume for all of them, results in the order asked, a failure that
-names its step and carries its log, and a run from the top that declares nothing new."""
+names its step and carries its log, a run from the top that declares nothing new, and a large
+fan-out given to Slurm as one job array whose task that ran out of memory is retried alone."""
 
 import json
 import os
@@ -12,7 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.states import Scheduled
 
 from devstack.processes import ManagedProcess, python_module, wait_until
-from emg.models import ClusterJob, JobWait
+from emg.models import ClusterJob, JobWait, ReconcileTick
 from tests.e2e.fan_out_flow import FAN_OUT_DEPLOYMENT
 from tests.e2e.requests import state_names
 
@@ -41,7 +42,9 @@ def fan_out_deployment(stack):
 class FanOut:
     """One run of the fan-out flow: its jobs wait for `go`; what the flow saw is in its journal."""
 
-    def __init__(self, deployment, tmp_path: Path, count: int, failing: tuple[int, ...] = ()):
+    def __init__(
+        self, deployment, tmp_path: Path, count: int, failing: tuple[int, ...] = (), hungry: tuple[int, ...] = ()
+    ):
         deployment_id, self.runner = deployment
         self.tag = uuid.uuid4().hex[:10]
         # Where the Slurm jobs can see it: the stack's work dir.
@@ -51,6 +54,7 @@ class FanOut:
             "tag": self.tag,
             "count": count,
             "failing": list(failing),
+            "hungry": list(hungry),
             "go": str(self.go),
             "journal": str(self.journal),
         }
@@ -137,3 +141,53 @@ def test_a_failed_job_among_many_fails_the_steps_with_its_name_and_log_once_the_
     assert f"job 3 of {run.tag}: record 600 is truncated" in failed["message"]
     others = [job for job in jobs.values() if job.id != failing.id]
     assert len(others) == 5 and all(job.state == "COMPLETED" for job in others)
+
+
+def sbatch_calls_and_arrays(since_tick: int) -> tuple[int, list[int]]:
+    """The sbatch commands the reconciler ran in its ticks after `since_tick`, and the size of each
+    job array they submitted."""
+    reports = ReconcileTick.objects.filter(id__gt=since_tick, finished_at__isnull=False).values_list(
+        "report", flat=True
+    )
+    calls = sum(int((report.get("slurm_calls") or {}).get("sbatch", 0)) for report in reports)
+    return calls, [int(size) for report in reports for size in (report.get("arrays") or {}).values()]
+
+
+def test_two_hundred_jobs_of_one_shape_go_as_one_array_and_the_task_out_of_memory_is_retried_alone(
+    fan_out_deployment, tmp_path
+):
+    last_tick = ReconcileTick.objects.order_by("-id").values_list("id", flat=True).first() or 0
+    run = FanOut(fan_out_deployment, tmp_path, count=200, hungry=(17,))
+
+    run.wait_for_state("Suspended", timeout=240)
+    [waiting] = run.entries()
+    declared = list(waiting["waiting"].values())
+    assert len(set(declared)) == 200
+    jobs = wait_until(
+        lambda: (found := run.jobs()) and all(job.slurm_job_id for job in found) and found,
+        timeout=60,
+        message="all 200 jobs submitted",
+    )
+    # One array: each job one of its tasks, in the order they were claimed.
+    [array_tag] = {job.array_tag for job in jobs}
+    [array_id] = {job.slurm_job_id.split("_")[0] for job in jobs}
+    assert sorted(job.array_index for job in jobs) == list(range(200))
+    assert all(job.slurm_job_id == f"{array_id}_{job.array_index}" for job in jobs)
+    run.go.touch()
+
+    states = run.wait_for_state("Completed", timeout=240)
+    assert states.count("Suspended") == 1 and states.count("Resuming") == 1, states
+    [_, done] = run.entries()
+    assert done["done"] == [
+        [f"echo[{index}]", job_id, "COMPLETED", str(index)] for index, job_id in enumerate(declared)
+    ]
+    sbatch_calls, arrays = sbatch_calls_and_arrays(last_tick)
+    # The array, and the retry of the one task that ran out of memory: on its own, with more memory.
+    assert (sbatch_calls, arrays) == (2, [200])
+    hungry = ClusterJob.objects.get(id=waiting["waiting"]["echo[17]"])
+    assert (hungry.retries, hungry.spec["memory_mb"], hungry.array_tag) == (1, 512, "")
+    assert hungry.slurm_job_id.isdigit()
+    seen = [entry["state"] for entry in hungry.history]
+    assert "OUT_OF_MEMORY" in seen and seen[-1] == "COMPLETED", hungry.history
+    others = ClusterJob.objects.filter(id__in=declared).exclude(id=hungry.id)
+    assert {(job.retries, job.spec["memory_mb"], job.array_tag) for job in others} == {(0, 64, array_tag)}

@@ -58,12 +58,12 @@ def completed_request(stack, accession: str = "PRJEB40001") -> AnalysisRequest:
 def test_commands_show_requeue_and_reconcile_a_live_request(stack):
     study = Study.objects.create(accession="PRJEB40001")
     with cluster_blocked():
-        with mock.patch("emg.signals.publish_after_commit"):  # as if Redis had lost the event
+        with mock.patch("emg.outbox.publish_after_commit"):  # as if Redis had lost the event
             request = AnalysisRequest.objects.create(study=study)
-        event = OutboxEvent.objects.get(request=request)
+        event = OutboxEvent.objects.of(request).get()
 
         requeued = run("requeue_events")
-        assert f"[1/1] event {event.id} request #{request.id} generation 1: published" in requeued.splitlines()
+        assert f"[1/1] event {event.id} analysis-request {request.id}:generation:1: published" in requeued.splitlines()
 
         wait_until(
             lambda: AnalysisRequest.objects.get(id=request.id).flow_run_id,

@@ -124,12 +124,12 @@ def test_a_database_restart_with_a_flow_mid_fetch_fails_no_flow_run_worker_or_ti
 
     try:
         outcome = wait_until(finished, timeout=COMPLETION_DEADLINE, interval=1, message="every request finished")
+        assert {i: (status, reruns) for i, status, _, reruns, _ in outcome} == {
+            i: (AnalysisRequest.Status.COMPLETED, 0) for i in request_ids
+        }, outcome
     except AssertionError:
-        print(own.logs())
+        print(own.logs())  # which statement the restart cut off, and in which process
         raise
-    assert {i: (status, reruns) for i, status, _, reruns, _ in outcome} == {
-        i: (AnalysisRequest.Status.COMPLETED, 0) for i in request_ids
-    }, outcome
     # The slow flow was mid-fetch: it stored what ENA answered after the restart, on a new connection.
     [(fetched_at,)] = rows(url, f"SELECT ena_fetched_at FROM {requests_table} WHERE id = %s", [request_ids[0]])
     assert fetched_at > back_at

@@ -72,23 +72,44 @@ def flow_run_of(request: AnalysisRequest):
     return wait_until(dispatched, timeout=60, message=f"request #{request.id} has its flow run")
 
 
+# Any number no other session takes: the freeze below holds it, the trigger it installs waits for it.
+WAITING_FREEZE_LOCK = 40_408
+
+
 @contextmanager
-def job_waits_frozen():
-    """No one may write JobWait rows while this holds (readers go on): a flow that has just declared
-    its job blocks on recording its wait, Running, before it can suspend."""
-    with psycopg.connect(database_url()) as connection:
-        connection.execute(f"LOCK TABLE {JobWait._meta.db_table} IN SHARE MODE")
-        yield
-        connection.rollback()
+def waiting_status_frozen(request: AnalysisRequest):
+    """While this holds, marking `request` WAITING blocks (a trigger waits for an advisory lock we hold).
+
+    A flow marks its request WAITING after its step's job and wait are declared and committed
+    (together, in one transaction) and before it suspends: it hangs there, Running, with a job to
+    re-attach to. Once let go, the blocked UPDATE completes, even if its process is dead meanwhile."""
+    table = AnalysisRequest._meta.db_table
+    with psycopg.connect(database_url(), autocommit=True) as connection:
+        connection.execute("SELECT pg_advisory_lock(%s)", [WAITING_FREEZE_LOCK])
+        connection.execute(
+            "CREATE FUNCTION emg_test_hold_waiting() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_advisory_xact_lock({WAITING_FREEZE_LOCK}); RETURN NEW; END $$"
+        )
+        connection.execute(
+            f'CREATE TRIGGER emg_test_hold_waiting BEFORE UPDATE ON "{table}" FOR EACH ROW '
+            f"WHEN (NEW.id = {int(request.id)} AND NEW.status = 'WAITING') EXECUTE FUNCTION emg_test_hold_waiting()"
+        )
+        try:
+            yield
+        finally:
+            # Unlock first: dropping the trigger waits for the blocked UPDATE, which waits for this lock.
+            connection.execute("SELECT pg_advisory_unlock(%s)", [WAITING_FREEZE_LOCK])
+            connection.execute(f'DROP TRIGGER emg_test_hold_waiting ON "{table}"')
+            connection.execute("DROP FUNCTION emg_test_hold_waiting()")
 
 
-def blocked_on_job_wait_insert() -> bool:
+def blocked_marking_waiting() -> bool:
     with psycopg.connect(database_url(), autocommit=True) as connection:
         return bool(
             connection.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query ILIKE %s",
-                [f'INSERT INTO "{JobWait._meta.db_table}"%'],
+                "AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND query ILIKE %s",
+                [f'UPDATE "{AnalysisRequest._meta.db_table}"%'],
             ).fetchone()[0]
         )
 
@@ -101,15 +122,12 @@ def test_runner_killed_while_its_flow_runs_is_found_silent_rerun_in_place_and_re
     flow_run_id = flow_run_of(request)
     wait_until(lambda: flow_state(flow_run_id).is_running(), timeout=60, message="the flow runs")
 
-    # While ENA takes its time, freeze JobWait writes: the flow declares its assembly job and then
-    # hangs, Running, on recording its wait. Kill the whole runner there, then let go.
-    with job_waits_frozen():
-        job = wait_until(
-            lambda: ClusterJob.objects.filter(name=f"emg-assembly-{SLOW_STUDY}").first(),
-            timeout=90,
-            message="the flow declared its assembly job",
-        )
-        wait_until(blocked_on_job_wait_insert, timeout=30, message="the flow waits to record its wait")
+    # While ENA takes its time, freeze the request's WAITING mark: the flow declares its assembly job
+    # and its wait, and then hangs, Running, before it can suspend. Kill the whole runner there, then let go.
+    with waiting_status_frozen(request):
+        wait_until(blocked_marking_waiting, timeout=90, message="the flow hangs marking its request WAITING")
+        job = ClusterJob.objects.get(name=f"emg-assembly-{SLOW_STUDY}")
+        assert JobWait.objects.filter(flow_run_id=flow_run_id, job=job).exists()
         zombie_stack.runner.kill()
         killed_at = timezone.now()
     fetched = ena_server.request_count(SLOW_STUDY)

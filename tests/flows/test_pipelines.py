@@ -381,3 +381,70 @@ def test_the_pipelines_stand_alone_away_from_the_repository(tmp_path):
         assert not re.search(
             r"^\s*(from|import)\s+(emg|flows|workers|slurm_adapter)\b", source.read_text(), re.MULTILINE
         ), source.name
+
+
+def read_qc(run: str, outdir: Path, *fastqs) -> subprocess.CompletedProcess:
+    reads = [part for fastq in fastqs for part in ("--fastq", fastq)]
+    return run_pipeline("/usr/bin/python3", PIPELINES / "read_qc.py", "--run", run, *reads, "--outdir", outdir)
+
+
+def served_reads(ena: FakeEnaServer, run: str) -> list[str]:
+    # As ENA lays its FASTQ out: vol1/fastq/<first 6>/<0 + last 2 digits>/<run>/<run>_<mate>.fastq.gz
+    [record] = httpx.get(
+        f"{ena.base_url}/search",
+        params={"result": "read_run", "query": 'study_accession="PRJEB40012"', "fields": "fastq_ftp", "format": "json"},
+    ).json()[int(run[-2:]) - 1 : int(run[-2:])]
+    assert record["run_accession"] == run
+    return [ena.fastq_url_prefix + entry for entry in record["fastq_ftp"].split(";")]
+
+
+def test_read_qc_measures_a_run_s_reads_from_the_served_files(ena, tmp_path):
+    result = read_qc("ERR4801201", tmp_path / "qc", *served_reads(ena, "ERR4801201"))
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "qc" / "qc_summary.json").read_text())
+    assert (summary["run"], summary["reads"], summary["bases"], summary["mean_length"]) == (
+        "ERR4801201",
+        400,
+        40_000,
+        100,
+    )
+    # Simulated with 0.2% substitutions at Q10, every other base at Q37.
+    assert summary["q30_percent"] > 99 and 36 < summary["mean_quality"] < 37
+    assert 20 < summary["gc_percent"] < 80
+    tasks = parse_trace((tmp_path / "qc" / "pipeline_info" / "execution_trace.txt").read_text())
+    assert [(task.name, task.status) for task in tasks] == [
+        ("FETCH_READS (ERR4801201)", "COMPLETED"),
+        ("READ_QC (ERR4801201)", "COMPLETED"),
+        ("QC_SUMMARY (ERR4801201)", "COMPLETED"),
+    ]
+
+
+def test_read_qc_of_a_degraded_run_reports_its_low_quality(ena, tmp_path):
+    result = read_qc("ERR4801212", tmp_path / "qc", *served_reads(ena, "ERR4801212"))
+
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "qc" / "qc_summary.json").read_text())
+    assert 60 < summary["q30_percent"] < 80  # 30% of its bases at Q10
+
+
+@pytest.mark.parametrize(
+    ("mates", "message"),
+    [
+        (["@r1\nACGT\n+\nIIII\n@r2\nACGT\n+\nIIII\n", "@r1\nACGT\n+\nIIII\n"], "its mates hold different numbers"),
+        (["@r1\nACGT\n+\nIII\n"], "sequence and quality differ in length (4 and 3)"),
+        ([""], "no reads in"),
+    ],
+)
+def test_read_qc_rejects_bad_reads_clearly(tmp_path, mates, message):
+    paths = []
+    for mate, text in enumerate(mates, start=1):
+        path = tmp_path / f"r_{mate}.fastq"
+        path.write_text(text)
+        paths.append(path)
+
+    result = read_qc("ERR1", tmp_path / "qc", *paths)
+
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("read_qc.py: error: ") and message in result.stderr
+    assert not (tmp_path / "qc" / "qc_summary.json").exists()

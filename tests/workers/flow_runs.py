@@ -50,7 +50,7 @@ def request_with_flow_run(prefect: SyncPrefectClient, accession: str) -> Analysi
         AnalysisRequest.objects.filter(id=request.id).update(
             flow_run_id=flow_run_id, status=AnalysisRequest.Status.WAITING
         )
-        OutboxEvent.objects.filter(request=request).update(dispatched_at=timezone.now())
+        OutboxEvent.objects.of(request).update(dispatched_at=timezone.now())
     request.refresh_from_db()
     set_running(prefect, flow_run_id)
     return request

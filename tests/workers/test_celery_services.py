@@ -7,6 +7,9 @@ PostgreSQL and Slurm are real.
 """
 
 import re
+import signal
+import subprocess
+import sys
 from contextlib import contextmanager
 from itertools import pairwise
 
@@ -15,7 +18,7 @@ import pytest
 from django.utils import timezone
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
 
-from devstack.processes import wait_until
+from devstack.processes import ROOT, wait_until
 from emg.models import (
     AnalysisRequest,
     ClusterJob,
@@ -47,7 +50,7 @@ def ran_once(prefect, request: AnalysisRequest, stack) -> None:
     request = final_request(request, stack, timeout=120)
     assert request.flow_run_id is not None, request.status_reason
     assert [run.id for run in flow_runs_of(prefect, request)] == [request.flow_run_id]
-    assert OutboxEvent.objects.get(request=request).dispatched_at is not None
+    assert OutboxEvent.objects.of(request).get().dispatched_at is not None
 
 
 @contextmanager
@@ -68,7 +71,7 @@ def test_requests_saved_while_redis_is_down_each_get_exactly_one_flow_run_once_i
 ):
     own_redis_stack.stop_redis()
     requests = [new_request(f"PRJEB3000{n}") for n in range(5)]
-    events = OutboxEvent.objects.filter(request__in=requests)
+    events = OutboxEvent.objects.of(*requests)
     assert events.count() == 5 and not events.filter(published_at__isnull=False).exists()
 
     own_redis_stack.start_redis()
@@ -79,7 +82,7 @@ def test_requests_saved_while_redis_is_down_each_get_exactly_one_flow_run_once_i
 
 def test_the_same_event_delivered_ten_times_starts_one_flow_run(own_redis_stack, stack, prefect):
     request = new_request("PRJEB30010")  # the first delivery, after commit
-    event = OutboxEvent.objects.get(request=request)
+    event = OutboxEvent.objects.of(request).get()
     for _ in range(9):
         assert publish(event.id)
 
@@ -93,7 +96,7 @@ def test_celery_worker_killed_while_dispatching_has_the_event_redelivered_and_st
 ):
     with broker_unreachable():
         request = new_request("PRJEB30020")
-    event = OutboxEvent.objects.get(request=request)
+    event = OutboxEvent.objects.of(request).get()
     [worker] = [process for process in own_redis_stack.workers if process.running]
 
     with row_locked(request):
@@ -138,3 +141,41 @@ def test_two_beat_processes_never_run_overlapping_ticks_and_submit_each_job_once
         assert (job.state, job.attempts) == (ClusterJobState.COMPLETED, 1)
         assert slurm_jobs_tagged(job.tag, including=[job.slurm_job_id]) == [job.slurm_job_id]
     second_beat.stop()
+
+
+def beat_health(env: dict[str, str], slack: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", "beat_health", "--slack", str(slack)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_beat_health_passes_while_beat_sends_and_fails_once_beat_is_frozen(own_redis_stack):
+    """The beat container's healthcheck reads when RedBeat last sent each task: a beat process that
+    still exists but sends nothing (here SIGSTOPped) is reported late, naming the tick."""
+    env = own_redis_stack.env
+    healthy = wait_until(
+        lambda: (result := beat_health(env, slack=0)).returncode == 0 and result,
+        timeout=30,
+        interval=1,
+        message="beat_health passes while beat sends",
+    )
+    assert "reconcile-cluster-jobs: last sent" in healthy.stdout
+
+    # The module's beat (another test may have started and stopped a second one meanwhile).
+    beat = next(beat for beat in own_redis_stack.beats if beat.running)
+    beat.kill(signal.SIGSTOP)
+    try:
+        late = wait_until(
+            lambda: (result := beat_health(env, slack=0)).returncode != 0 and result,
+            timeout=60,
+            interval=1,
+            message="beat_health fails while beat is frozen",
+        )
+    finally:
+        beat.kill(signal.SIGCONT)
+    assert "beat is late" in late.stderr and "reconcile-cluster-jobs" in late.stderr

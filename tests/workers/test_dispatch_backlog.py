@@ -100,7 +100,7 @@ def test_a_prefect_outage_with_a_backlog_never_grows_the_queue_and_ends_in_one_f
     with BrokerSampler(own_redis_stack) as sampler:
         requests = [new_request(f"PRJEB3{n:04d}") for n in range(100, 100 + EVENTS)]
         runs_never_run.extend(requests)
-        events = OutboxEvent.objects.filter(request__in=requests)
+        events = OutboxEvent.objects.of(*requests)
         outage_started = timezone.now()
 
         # How many events run out of retries within the outage, and are taken over by the sweep,
@@ -149,7 +149,7 @@ def test_a_prefect_outage_with_a_backlog_never_grows_the_queue_and_ends_in_one_f
     own_redis_stack.start_worker()
     for request in requests:
         wait_until(
-            lambda request=request: OutboxEvent.objects.get(request=request).dispatched_at,
+            lambda request=request: OutboxEvent.objects.of(request).get().dispatched_at,
             timeout=180,
             interval=0.5,
             message=f"request #{request.id} dispatched once Prefect answers",

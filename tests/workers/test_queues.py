@@ -125,7 +125,7 @@ def test_ticks_keep_their_interval_and_track_slurm_work_while_dispatch_is_floode
     job.refresh_from_db()
     assert (job.state, job.attempts) == (ClusterJobState.COMPLETED, 1)
     # The backlog was there the whole time: not one event reached Prefect, nearly all still queued.
-    assert not OutboxEvent.objects.filter(request__in=requests, dispatched_at__isnull=False).exists()
+    assert not OutboxEvent.objects.of(*requests).filter(dispatched_at__isnull=False).exists()
     assert flooded_stack.llen(settings.EMG_DISPATCH_QUEUE) >= BACKLOG - 10
     assert flooded_stack.llen(settings.EMG_RECONCILE_QUEUE) <= 1
 
@@ -200,7 +200,7 @@ def test_two_instances_on_one_redis_never_take_each_others_tasks(second_instance
 
     assert client.llen(settings.EMG_DISPATCH_QUEUE) == len(saved)
     assert client.hlen(UNACKED_KEY) == 0  # none of ours was delivered to a worker
-    assert not OutboxEvent.objects.filter(request__in=saved, dispatched_at__isnull=False).exists()
+    assert not OutboxEvent.objects.of(*saved).filter(dispatched_at__isnull=False).exists()
     assert not ReconcileTick.objects.filter(started_at__gte=saved[0].created_at).exists()  # its ticks are its own
     # Its namespace came from its database's name; its schedule and lock live under it.
     other = re.sub(r"[^a-z0-9]+", "-", second_instance.database.lower()).strip("-")

@@ -20,12 +20,13 @@ lock: install
 	touch .venv/.installed
 	$(MAKE) test
 
-# Static checks: lint, types (mypy loads emg.settings, which needs no database), import contracts.
+# Static checks: lint, types (mypy loads emg.settings, which needs no database, and in debug mode no
+# secret key), import contracts.
 # Formatting (`ruff format --check`) is configured but not enforced yet: the code was never reformatted.
 lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	DATABASE_URL=sqlite://:memory: .venv/bin/mypy
+	DJANGO_DEBUG=1 DATABASE_URL=sqlite://:memory: .venv/bin/mypy
 	.venv/bin/lint-imports
 
 services:
@@ -44,7 +45,7 @@ model-check:
 	bash scripts/model-check.sh --planted
 
 test: install slurm-up
-	DJANGO_SETTINGS_MODULE=emg.settings DATABASE_URL=sqlite://:memory: $(PYTHON) manage.py makemigrations --check --dry-run
+	DJANGO_DEBUG=1 DJANGO_SETTINGS_MODULE=emg.settings DATABASE_URL=sqlite://:memory: $(PYTHON) manage.py makemigrations --check --dry-run
 	$(PYTHON) -m pytest -m "not soak" $(PYTEST_ARGS)
 
 # The longer repeats (pytest marker `soak`), kept out of `make test` so CI stays within its time.

@@ -11,10 +11,13 @@ On the local PostgreSQL (`SELECT 1` only, nothing written), with CONN_HEALTH_CHE
 
 import argparse
 import os
+import secrets
 import statistics
 import time
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emg.settings")
+# Settings refuse to start without a key of one's own when DEBUG is off; this run signs nothing.
+os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 
 import django  # noqa: E402

@@ -122,16 +122,16 @@ def measure_save_cost(saves: int) -> dict:
     from django.db.models.signals import post_save
 
     from emg.models import AnalysisRequest, Study
-    from emg.signals import on_analysis_request_saved
+    from emg.triggers import on_saved, saved_receiver_uid
 
-    ours_uid = "emg.analysis_request_run_event"
+    ours_uid = saved_receiver_uid(AnalysisRequest)
     study = Study.objects.create(accession="PRJEB40001")
 
     def use(way: str) -> None:
         post_save.disconnect(sender=AnalysisRequest, dispatch_uid=ours_uid)
         post_save.disconnect(sender=AnalysisRequest, dispatch_uid="bench.seed")
         if way == "ours":
-            post_save.connect(on_analysis_request_saved, sender=AnalysisRequest, dispatch_uid=ours_uid)
+            post_save.connect(on_saved, sender=AnalysisRequest, dispatch_uid=ours_uid, weak=False)
         elif way == "seed":
             post_save.connect(seed_receiver, sender=AnalysisRequest, dispatch_uid="bench.seed")
 
@@ -252,7 +252,7 @@ def measure_burst(n: int) -> dict:
         message=f"all {n} requests have a flow run",
     )
 
-    events = list(OutboxEvent.objects.filter(request_id__in=ids).values_list("created_at", "dispatched_at"))
+    events = list(OutboxEvent.objects.filter(request__id__in=ids).values_list("created_at", "dispatched_at"))
     assert len(events) == n
     latencies = [(dispatched - created).total_seconds() for created, dispatched in events]
     span = (max(d for _, d in events) - min(c for c, _ in events)).total_seconds()
@@ -288,7 +288,7 @@ def measure_paced(n: int, rate: float) -> dict:
         interval=0.2,
         message=f"all {n} paced requests have a flow run",
     )
-    events = list(OutboxEvent.objects.filter(request_id__in=ids).values_list("created_at", "dispatched_at"))
+    events = list(OutboxEvent.objects.filter(request__id__in=ids).values_list("created_at", "dispatched_at"))
     latencies = [(dispatched - created).total_seconds() for created, dispatched in events]
     figures = {
         "paced_n": n,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def configure_environment(**overrides: str) -> None:
     prefect_home = tempfile.mkdtemp(prefix=f"emg-bench-prefect-{SESSION}-")
     os.environ.update(
         DJANGO_SETTINGS_MODULE="emg.settings",
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
         DATABASE_URL=f"postgres://postgres@127.0.0.1:5432/{DATABASE_NAME}",
         REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
         EMG_INSTANCE_NAMESPACE=f"bench-{SESSION}",

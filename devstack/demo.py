@@ -18,6 +18,9 @@ from pathlib import Path
 import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "emg.settings")
+# The demo is a developer's stack on localhost: debug pages and the demo's secret key, unless the
+# environment says otherwise (the product's default is DEBUG off, and then a key of your own).
+os.environ.setdefault("DJANGO_DEBUG", "1")
 django.setup()
 
 from django.conf import settings  # noqa: E402  (needs django.setup())

@@ -2,7 +2,7 @@
 # Entry point of the application image. When EMG_MUNGE_KEY_FILE is set (the Celery
 # worker and beat, which run sbatch/squeue/sacct against the slurm service), it installs
 # that shared munge key and starts munged first, waiting for the key if the slurm
-# service has not written it yet. Then it runs the command.
+# service has not written it yet. Then it runs the command as the user emg.
 set -eu
 
 if [ -n "${EMG_MUNGE_KEY_FILE:-}" ]; then
@@ -32,4 +32,8 @@ if [ -n "${EMG_MUNGE_KEY_FILE:-}" ]; then
     done
 fi
 
+# The services themselves, and the Slurm jobs they submit, run as the unprivileged user of the image.
+if [ "$(id -u)" = 0 ] && id emg >/dev/null 2>&1; then
+    exec setpriv --reuid=emg --regid=emg --init-groups "$@"
+fi
 exec "$@"

@@ -17,7 +17,11 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-client munge \
     && rm -rf /var/lib/apt/lists/* \
     && rm -f /etc/munge/munge.key \
-    && mkdir -p /var/lib/emg/work /var/lib/emg/prefect-results /var/lib/emg/beat /var/lib/emg/munge
+    && mkdir -p /var/lib/emg/work /var/lib/emg/results /var/lib/emg/prefect-results /var/lib/emg/beat /var/lib/emg/munge \
+    # Every service runs as this user (the entrypoint drops root after munge is set up), and so
+    # does every Slurm job it submits: the slurm image has the same user, with the same uid.
+    && useradd --system --uid 10001 --user-group --home-dir /var/lib/emg --no-create-home --shell /usr/sbin/nologin emg \
+    && chown emg:emg /var/lib/emg /var/lib/emg/work /var/lib/emg/results /var/lib/emg/prefect-results /var/lib/emg/beat
 
 # The source stays in /opt/emg as well as being installed: the Prefect runner imports
 # flows by their path relative to its working directory, and manage.py lives here.
@@ -34,8 +38,11 @@ COPY flows ./flows
 COPY slurm_adapter ./slurm_adapter
 COPY pipelines ./pipelines
 RUN pip install --no-deps .
+# The admin's static files, collected once into the image (served by WhiteNoise). Debug mode only
+# for this step, which needs no secret key; nothing of it stays in the image's environment.
+RUN DJANGO_DEBUG=1 DATABASE_URL=sqlite://:memory: python manage.py collectstatic --noinput
 
 COPY --chmod=0755 docker/app-entrypoint.sh /usr/local/bin/emg-entrypoint
 
 ENTRYPOINT ["emg-entrypoint"]
-CMD ["python", "manage.py", "runserver", "--noreload", "0.0.0.0:8000"]
+CMD ["gunicorn", "emg.wsgi:application", "--bind", "0.0.0.0:8000", "--access-logfile", "-"]

@@ -6,11 +6,16 @@ FROM debian:bookworm
 
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        slurm-wlm slurmdbd munge mariadb-server mariadb-client procps \
+        slurm-wlm slurmdbd munge mariadb-server mariadb-client procps python3 \
     && rm -rf /var/lib/apt/lists/* \
     && rm -f /etc/munge/munge.key \
-    && mkdir -p /var/lib/emg/work /var/lib/emg/munge /var/lib/emg/slurm-conf /var/lib/emg-slurm
+    && mkdir -p /var/lib/emg/work /var/lib/emg/results /var/lib/emg/munge /var/lib/emg/slurm-conf /var/lib/emg-slurm \
+    # The user the app services submit as (docker/app.Dockerfile, same uid): its jobs run as it, not
+    # as root, and write the work and results volumes it owns.
+    && useradd --system --uid 10001 --user-group --home-dir /var/lib/emg --no-create-home --shell /usr/sbin/nologin emg \
+    && chown emg:emg /var/lib/emg/work /var/lib/emg/results
 
+# python3: the pipeline stand-ins (and their trace module, pipelines/nextflow_trace.py) are Python.
 # Jobs run the pipeline from here (EMG_PIPELINE_COMMAND in compose.yaml); the
 # application image has it at the same path.
 COPY pipelines /opt/emg/pipelines
